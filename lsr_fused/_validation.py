@@ -1,0 +1,53 @@
+"""Target-range validation: always on for CPU tensors, opt-in for CUDA (it needs a host sync)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_validate_device_targets = False
+
+
+def set_validation(enabled: bool) -> bool:
+    """Check targets of CUDA tensors on the host too, raising ``ValueError`` for a bad class index.
+
+    CPU targets are always checked. On CUDA the check needs a host-device synchronisation, so it is
+    off by default and an out-of-range target gives a NaN loss (a NaN mean) instead. Returns the
+    previous setting, so ``prev = set_validation(True) ... set_validation(prev)`` restores it.
+    """
+    global _validate_device_targets
+    previous = _validate_device_targets
+    _validate_device_targets = bool(enabled)
+    return previous
+
+
+def validation_enabled() -> bool:
+    """Whether CUDA targets are checked on the host (see :func:`set_validation`)."""
+    return _validate_device_targets
+
+
+def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise ``ValueError`` naming the first target that is neither ``ignore_index`` nor a class."""
+    if target.device.type != "cpu" and not _validate_device_targets:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(
+            f"target contains {value}, which is neither ignore_index ({ignore_index}) nor a class "
+            f"index in [0, {num_classes})"
+        )
+
+
+def is_dense(tensor: Tensor) -> bool:
+    """True when the tensor's elements fill its storage span exactly, in some dimension order."""
+    expected_stride = 1
+    for dim in sorted(range(tensor.dim()), key=tensor.stride):
+        size = tensor.size(dim)
+        if size != 1 and tensor.stride(dim) != expected_stride:
+            return False
+        expected_stride *= size
+    return True
+
+
+__all__ = ["check_targets", "is_dense", "set_validation", "validation_enabled"]

@@ -1,0 +1,191 @@
+"""The Triton backend: one online-softmax pass per row forward, one gradient write backward.
+
+Runs compiled on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+The math and the calling contract are documented once, in :mod:`lsr_fused.backends`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._params import RowParams
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _row_offset(row, inner, stride_outer, stride_inner):
+    # Rows enumerate (outer, inner) pairs of a (B, S, C) view; int64 so that N * C past 2**31 works.
+    row = row.to(tl.int64)
+    return (row // inner) * stride_outer + (row % inner) * stride_inner
+
+
+@triton.jit
+def _target_mass(target, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
+                 HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """(w_y, S) for one row: the target's class weight and the total weighted target mass
+    S = b * W + (a - b) * w_y (W = sum of weights, C without weights)."""
+    if HAS_WEIGHT:
+        target_weight = tl.load(weight_ptr + target).to(ACC)
+        total_weight = tl.load(weight_total_ptr).to(ACC)
+    else:
+        target_weight = tl.full([], 1.0, ACC)
+        total_weight = num_classes.to(ACC)
+    return target_weight, other_mass * total_weight + target_extra * target_weight
+
+
+@triton.jit
+def _forward_kernel(
+    logits_ptr, target_ptr, weight_ptr, weight_total_ptr, loss_ptr, lse_ptr,
+    inner, stride_outer, stride_inner, stride_class, num_classes,
+    target_extra, other_mass, z_loss, ignore_index,
+    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
+    # One read of the row: a running (max, sum-exp) pair kept as scalars per block, so each
+    # element costs one exp2, plus the (weighted) sum of logits that the smoothing term needs.
+    running_max = tl.full([], float("-inf"), ACC)
+    running_sum_exp = tl.zeros([], ACC)
+    weighted_logit_sum = tl.zeros([], ACC)
+    for start in range(0, num_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < num_classes
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_class, mask=in_row,
+                    other=float("-inf")).to(ACC)
+        new_max = tl.maximum(running_max, tl.max(x, 0))
+        # While every logit seen is -inf, shift by 0 instead: (-inf) - (-inf) would be NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * _LOG2E) + tl.sum(
+            tl.exp2((x - shift) * _LOG2E), 0
+        )
+        running_max = new_max
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
+            weighted_logit_sum += tl.sum(tl.where(in_row, w * x, 0.0), 0)
+        else:
+            weighted_logit_sum += tl.sum(tl.where(in_row, x, 0.0), 0)
+    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+    lse = shift + tl.log(running_sum_exp)
+
+    target = tl.load(target_ptr + row)
+    ignored = target == ignore_index
+    in_range = (target >= 0) & (target < num_classes)
+    safe_target = tl.where(in_range, target, 0)
+    target_logit = tl.load(row_ptr + safe_target * stride_class).to(ACC)
+    target_weight, total_mass = _target_mass(safe_target, weight_ptr, weight_total_ptr,
+                                             num_classes, target_extra, other_mass,
+                                             HAS_WEIGHT, ACC)
+    # loss = S * lse - b * sum_c w_c x_c - (a - b) * w_y * x_y + z * lse**2; a term whose
+    # coefficient is 0 is dropped, not multiplied, so a masked (-inf) logit cannot make 0 * inf.
+    loss = total_mass * lse
+    loss -= tl.where(other_mass != 0.0, other_mass * weighted_logit_sum, 0.0)
+    loss -= tl.where(target_extra != 0.0, target_extra * target_weight * target_logit, 0.0)
+    loss += tl.where(z_loss != 0.0, z_loss * lse * lse, 0.0)
+    loss = tl.where(in_range, loss, float("nan"))
+    loss = tl.where(ignored, 0.0, loss)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _backward_kernel(
+    grad_loss_ptr, grad_loss_stride, logits_ptr, target_ptr, weight_ptr, weight_total_ptr,
+    lse_ptr, grad_ptr,
+    inner, stride_outer, stride_inner, stride_class, num_classes,
+    target_extra, other_mass, z_loss, ignore_index,
+    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_row = cols < num_classes
+    # grad_ptr shares the logits' strides (the caller guarantees it), so one offset serves both.
+    offsets = _row_offset(row, inner, stride_outer, stride_inner) + cols.to(tl.int64) * stride_class
+
+    target = tl.load(target_ptr + row)
+    ignored = target == ignore_index
+    in_range = (target >= 0) & (target < num_classes)
+    safe_target = tl.where(in_range, target, 0)
+    lse = tl.load(lse_ptr + row).to(ACC)
+    upstream = tl.load(grad_loss_ptr + row.to(tl.int64) * grad_loss_stride).to(ACC)
+    upstream = tl.where(in_range, upstream, float("nan"))
+    upstream = tl.where(ignored, 0.0, upstream)
+    target_weight, total_mass = _target_mass(safe_target, weight_ptr, weight_total_ptr,
+                                             num_classes, target_extra, other_mass,
+                                             HAS_WEIGHT, ACC)
+
+    x = tl.load(logits_ptr + offsets, mask=in_row, other=0.0).to(ACC)
+    softmax = tl.exp2((x - lse) * _LOG2E)
+    # d loss / d x_i = softmax_i * (S + 2 z lse) - b * w_i - (a - b) * w_y * [i == y]
+    grad = softmax * (total_mass + 2.0 * z_loss * lse)
+    if HAS_WEIGHT:
+        grad -= other_mass * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
+    else:
+        grad -= other_mass
+    grad -= tl.where(cols == safe_target, target_extra * target_weight, 0.0)
+    grad *= upstream
+    tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _launch_config(logits: Tensor) -> tuple[int, int, tl.dtype]:
+    """Block size, warps and accumulation dtype for a (B, S, C) logits view."""
+    num_classes = logits.shape[-1]
+    # Long rows: 4096-8192 wide blocks kept enough loads in flight on Hopper; short rows take one
+    # block per row so that the loop runs once.
+    block = min(triton.next_power_of_2(max(num_classes, 16)), 8192 if logits.element_size() <= 2
+                else 4096)
+    num_warps = 4 if block <= 2048 else 8
+    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    return block, num_warps, acc
+
+
+def _weight_args(weight: Tensor | None, weight_total: Tensor | None, logits: Tensor):
+    # Triton needs some pointer even when HAS_WEIGHT is off; the logits pointer is never read then.
+    if weight is None:
+        return logits, logits, False
+    return weight, weight_total, True
+
+
+def forward(logits: Tensor, target: Tensor, weight: Tensor | None, weight_total: Tensor | None,
+            params: RowParams) -> tuple[Tensor, Tensor]:
+    batch, inner, num_classes = logits.shape
+    rows = batch * inner
+    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(rows, dtype=acc_dtype, device=logits.device)
+    lse = torch.empty(rows, dtype=acc_dtype, device=logits.device)
+    if rows == 0:
+        return loss, lse
+    block, num_warps, acc = _launch_config(logits)
+    weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
+    _forward_kernel[(rows,)](
+        logits, target, weight_arg, weight_total_arg, loss, lse,
+        inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
+        params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
+        HAS_WEIGHT=has_weight, BLOCK=block, ACC=acc, num_warps=num_warps,
+    )
+    return loss, lse
+
+
+def backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None,
+             weight_total: Tensor | None, lse: Tensor, params: RowParams,
+             grad_logits: Tensor) -> None:
+    batch, inner, num_classes = logits.shape
+    rows = batch * inner
+    if rows == 0:
+        return
+    if grad_logits.stride() != logits.stride():
+        raise ValueError("grad_logits must share the logits' strides")
+    block, num_warps, acc = _launch_config(logits)
+    block = min(block, 4096)
+    weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
+    grid = (rows, triton.cdiv(num_classes, block))
+    _backward_kernel[grid](
+        grad_loss, grad_loss.stride(0), logits, target, weight_arg, weight_total_arg, lse,
+        grad_logits,
+        inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
+        params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
+        HAS_WEIGHT=has_weight, BLOCK=block, ACC=acc, num_warps=num_warps,
+    )
