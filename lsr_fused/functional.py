@@ -54,18 +54,30 @@ LOSS_DOC = r"""
             returned) for leaf logits, whose storage belongs to the caller.
         backend: ``"auto"`` (CUDA: Triton; CPU: the C++ extension, else ``"torch"``),
             ``"triton"``, ``"cpp"`` or ``"torch"``.
+        process_group: a ``torch.distributed`` group over which the class dimension is sharded
+            (vocabulary parallelism): ``logits`` hold this rank's contiguous slice of the classes,
+            ``weight`` the matching slice, ``target`` global class indices. See
+            :mod:`lsr_fused.distributed`.
 
     Targets outside ``[0, C)`` that are not ``ignore_index`` raise ``ValueError`` on the CPU; on
     CUDA they give a NaN loss unless :func:`lsr_fused.set_validation` turns on the (syncing) check.
 """
 
 
+# Backend availability is a property of the installation, not of the tensors: torch.compile
+# evaluates these once while tracing instead of tracing into imports and builds.
+@torch.compiler.assume_constant_result
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_usable(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@torch.compiler.assume_constant_result
 def _cpp_usable() -> bool:
     try:  # TEMP-INTEGRATION
         return ops.backend_module("cpp").is_available()
@@ -188,8 +200,17 @@ def label_smoothing_cross_entropy(
     z_loss: float = 0.0,
     inplace_backward: bool = False,
     backend: str = "auto",
+    process_group: Optional[object] = None,
 ) -> Tensor:
     check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
+    if process_group is not None:
+        from .distributed import sharded_label_smoothing_cross_entropy
+
+        return sharded_label_smoothing_cross_entropy(
+            logits, target, label_smoothing, ignore_index=ignore_index, reduction=reduction,
+            weight=weight, spread=spread, z_loss=z_loss, inplace_backward=inplace_backward,
+            backend=backend, process_group=process_group,
+        )
     _check_tensors(logits, target, weight, spread)
     backend = _resolve_backend(backend, logits.device)
     rows = _row_view(logits)

@@ -21,6 +21,7 @@ class LabelSmoothingCE(nn.Module):
         z_loss: float = 0.0,
         inplace_backward: bool = False,
         backend: str = "auto",
+        process_group: Optional[object] = None,
     ) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
@@ -30,6 +31,7 @@ class LabelSmoothingCE(nn.Module):
         self.z_loss = z_loss
         self.inplace_backward = inplace_backward
         self.backend = backend
+        self.process_group = process_group
         # A buffer, like nn.CrossEntropyLoss's, so .to(device) and state_dict carry the weights.
         self.register_buffer("weight", weight)
         check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
@@ -48,6 +50,7 @@ class LabelSmoothingCE(nn.Module):
             z_loss=self.z_loss,
             inplace_backward=self.inplace_backward,
             backend=self.backend,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
