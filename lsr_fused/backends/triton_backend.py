@@ -33,7 +33,8 @@ def _target_mass(target, weight_ptr, weight_total_ptr, num_classes, target_extra
         total_weight = tl.load(weight_total_ptr).to(ACC)
     else:
         target_weight = tl.full([], 1.0, ACC)
-        total_weight = num_classes.to(ACC)
+        # (An int argument equal to 1 arrives as a constexpr, which has no .to(): add instead.)
+        total_weight = tl.zeros([], ACC) + num_classes
     return target_weight, other_mass * total_weight + target_extra * target_weight
 
 
