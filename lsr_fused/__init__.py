@@ -5,13 +5,14 @@ Public API:
 * :func:`label_smoothing_cross_entropy` and :class:`LabelSmoothingCE`: log-softmax fused with the
   label-smoothed cross-entropy (Triton on CUDA, a C++ extension or pure PyTorch on the CPU).
 * :func:`set_validation`: opt-in host-side target checks for CUDA tensors.
-* :class:`WarmupScheduler`, :class:`GradualWarmupScheduler`, :func:`linear_scaled_lr`: warmup and the
-  linear scaling rule.
+* :class:`WarmupScheduler`, :class:`GradualWarmupScheduler`, :func:`linear_scaled_lr`: warmup
+  and the linear scaling rule.
 """
 
 from ._validation import set_validation
 from .functional import available_backends, label_smoothing_cross_entropy
 from .module import LabelSmoothingCE
+
 try:  # TEMP-INTEGRATION
     from .scheduler import GradualWarmupScheduler, WarmupScheduler, linear_scaled_lr
 except ImportError:  # TEMP-INTEGRATION

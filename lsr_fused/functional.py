@@ -170,7 +170,8 @@ def _check_tensors(logits, target, weight, spread) -> None:
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
         if tuple(weight.shape) != (num_classes,):
             raise ValueError(
-                f"weight must have shape ({num_classes},) (one per class), got {tuple(weight.shape)}"
+                f"weight must have shape ({num_classes},), one per class, "
+                f"got {tuple(weight.shape)}"
             )
         if weight.device != logits.device:
             raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
@@ -207,9 +208,17 @@ def label_smoothing_cross_entropy(
         from .distributed import sharded_label_smoothing_cross_entropy
 
         return sharded_label_smoothing_cross_entropy(
-            logits, target, label_smoothing, ignore_index=ignore_index, reduction=reduction,
-            weight=weight, spread=spread, z_loss=z_loss, inplace_backward=inplace_backward,
-            backend=backend, process_group=process_group,
+            logits,
+            target,
+            label_smoothing,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            weight=weight,
+            spread=spread,
+            z_loss=z_loss,
+            inplace_backward=inplace_backward,
+            backend=backend,
+            process_group=process_group,
         )
     _check_tensors(logits, target, weight, spread)
     backend = _resolve_backend(backend, logits.device)
@@ -225,8 +234,18 @@ def label_smoothing_cross_entropy(
     # In place needs storage we own: a leaf's data belongs to the caller (and its .grad would
     # alias it), so leaves always get a fresh gradient.
     inplace = bool(inplace_backward) and not (logits.is_leaf and logits.requires_grad)
-    loss, _ = ops.fused_forward(rows, flat_target, weight, weight_total, target_extra, other_mass,
-                                float(z_loss), ignore_index, backend, inplace)
+    loss, _ = ops.fused_forward(
+        rows,
+        flat_target,
+        weight,
+        weight_total,
+        target_extra,
+        other_mass,
+        float(z_loss),
+        ignore_index,
+        backend,
+        inplace,
+    )
     if reduction == "none":
         return loss.view(target.shape)
     if reduction == "sum":

@@ -61,8 +61,18 @@ def fused_forward(
 
 
 @fused_forward.register_fake
-def _(logits, target, weight, weight_total, target_extra, other_mass, z_loss, ignore_index,
-      backend, inplace_backward):
+def _(
+    logits,
+    target,
+    weight,
+    weight_total,
+    target_extra,
+    other_mass,
+    z_loss,
+    ignore_index,
+    backend,
+    inplace_backward,
+):
     rows = logits.shape[0] * logits.shape[1]
     acc = _accumulation_dtype(logits)
     return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
@@ -93,8 +103,19 @@ def fused_backward(
 
 
 @fused_backward.register_fake
-def _(grad_loss, logits, target, weight, weight_total, lse, target_extra, other_mass, z_loss,
-      ignore_index, backend):
+def _(
+    grad_loss,
+    logits,
+    target,
+    weight,
+    weight_total,
+    lse,
+    target_extra,
+    other_mass,
+    z_loss,
+    ignore_index,
+    backend,
+):
     return torch.empty_like(logits)
 
 
@@ -120,14 +141,35 @@ def fused_backward_inplace(
 
 
 @fused_backward_inplace.register_fake
-def _(grad_loss, logits, target, weight, weight_total, lse, target_extra, other_mass, z_loss,
-      ignore_index, backend):
+def _(
+    grad_loss,
+    logits,
+    target,
+    weight,
+    weight_total,
+    lse,
+    target_extra,
+    other_mass,
+    z_loss,
+    ignore_index,
+    backend,
+):
     return None
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    (logits, target, weight, weight_total, target_extra, other_mass, z_loss, ignore_index,
-     backend, inplace_backward) = inputs
+    (
+        logits,
+        target,
+        weight,
+        weight_total,
+        target_extra,
+        other_mass,
+        z_loss,
+        ignore_index,
+        backend,
+        inplace_backward,
+    ) = inputs
     ctx.save_for_backward(logits, target, weight, weight_total, output[1])
     ctx.scalars = (target_extra, other_mass, z_loss, ignore_index, backend)
     ctx.inplace_backward = inplace_backward
@@ -139,13 +181,15 @@ def _backward(ctx, grad_loss: Tensor, grad_lse: Optional[Tensor]):
     if grad_loss is None:
         return (None, *no_grads)
     if ctx.inplace_backward:
-        torch.ops.lsr_fused.backward_(grad_loss, logits, target, weight, weight_total, lse,
-                                      *ctx.scalars)
+        torch.ops.lsr_fused.backward_(
+            grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars
+        )
         # The op declares that it mutates `logits`, which bumps their version counter: any other
         # autograd node that saved these logits now fails loudly instead of reading a gradient.
         return (logits, *no_grads)
-    grad_logits = torch.ops.lsr_fused.backward(grad_loss, logits, target, weight, weight_total,
-                                               lse, *ctx.scalars)
+    grad_logits = torch.ops.lsr_fused.backward(
+        grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars
+    )
     return (grad_logits, *no_grads)
 
 

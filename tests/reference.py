@@ -16,8 +16,17 @@ def smoothed_targets(target: torch.Tensor, num_classes: int, eps: float, spread:
     return one_hot * (1.0 - eps) + (1.0 - one_hot) * (eps / (num_classes - 1))
 
 
-def dense_loss(logits, target, eps=0.1, *, ignore_index=-100, reduction="mean", weight=None,
-               spread="all", z_loss=0.0):
+def dense_loss(
+    logits,
+    target,
+    eps=0.1,
+    *,
+    ignore_index=-100,
+    reduction="mean",
+    weight=None,
+    spread="all",
+    z_loss=0.0,
+):
     """The loss, in float64, from first principles (autograd gives the reference gradient)."""
     x = logits.double()
     if x.dim() == 1:

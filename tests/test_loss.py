@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import dense_loss
 
 import lsr_fused
 from lsr_fused import LabelSmoothingCE, label_smoothing_cross_entropy
-from reference import dense_loss
 
 BACKENDS = lsr_fused.available_backends("cpu")
 # "auto" is the user's default; it must agree too, whatever it picks.
@@ -54,8 +54,9 @@ def run_both(logits, target, *, backend, eps=0.1, **options):
 def assert_close(ours, ref, rel_tol):
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     scale = ref.abs().max().item() if ref.numel() else 1.0
-    torch.testing.assert_close(ours.double(), ref, atol=rel_tol * max(scale, 1.0), rtol=rel_tol,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        ours.double(), ref, atol=rel_tol * max(scale, 1.0), rtol=rel_tol, equal_nan=True
+    )
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -80,9 +81,17 @@ def test_options(backend, spread, weighted, z_loss, reduction):
     logits, target = random_case((11, 23), torch.float32)
     weight = torch.rand(23) + 0.1 if weighted else None
     eps = float(torch.rand(()).item()) * 0.5
-    loss, grad, ref, ref_grad = run_both(logits, target, backend=backend, eps=eps, spread=spread,
-                                         weight=weight, z_loss=z_loss, reduction=reduction,
-                                         ignore_index=-100)
+    loss, grad, ref, ref_grad = run_both(
+        logits,
+        target,
+        backend=backend,
+        eps=eps,
+        spread=spread,
+        weight=weight,
+        z_loss=z_loss,
+        reduction=reduction,
+        ignore_index=-100,
+    )
     assert_close(loss, ref, 2e-6)
     assert_close(grad, ref_grad, 2e-6)
 
@@ -95,8 +104,9 @@ def test_matches_torch_cross_entropy(backend, weighted, reduction, eps):
     logits, target = random_case((8, 5, 3), torch.float32)
     weight = torch.rand(5) + 0.5 if weighted else None
     x = logits.clone().requires_grad_()
-    ours = label_smoothing_cross_entropy(x, target, eps, weight=weight, reduction=reduction,
-                                         backend=backend)
+    ours = label_smoothing_cross_entropy(
+        x, target, eps, weight=weight, reduction=reduction, backend=backend
+    )
     x_ref = logits.clone().requires_grad_()
     ref = F.cross_entropy(x_ref, target, weight=weight, reduction=reduction, label_smoothing=eps)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
@@ -175,10 +185,12 @@ def test_all_targets_ignored(backend, weighted):
     weight = torch.rand(7) if weighted else None
     mean = label_smoothing_cross_entropy(logits, target, weight=weight, backend=backend)
     assert math.isnan(mean.item())
-    total = label_smoothing_cross_entropy(logits, target, weight=weight, reduction="sum",
-                                          backend=backend)
-    per_row = label_smoothing_cross_entropy(logits, target, weight=weight, reduction="none",
-                                            backend=backend)
+    total = label_smoothing_cross_entropy(
+        logits, target, weight=weight, reduction="sum", backend=backend
+    )
+    per_row = label_smoothing_cross_entropy(
+        logits, target, weight=weight, reduction="none", backend=backend
+    )
     assert total.item() == 0.0
     assert torch.equal(per_row, torch.zeros(4))
     (grad,) = torch.autograd.grad(total, logits)
@@ -190,8 +202,7 @@ def test_all_targets_ignored(backend, weighted):
 def test_ignore_index_inside_class_range(backend, ignore_index):
     logits, target = random_case((10, 5), torch.float32, ignore_some=False)
     target[::2] = ignore_index
-    loss, grad, ref, ref_grad = run_both(logits, target, backend=backend,
-                                         ignore_index=ignore_index)
+    loss, grad, ref, ref_grad = run_both(logits, target, backend=backend, ignore_index=ignore_index)
     assert_close(loss, ref, 2e-6)
     assert_close(grad, ref_grad, 2e-6)
 
@@ -255,8 +266,16 @@ def test_gradcheck_float64(backend, spread):
     weight = torch.rand(6, dtype=torch.float64) + 0.2
 
     def loss_fn(x):
-        return label_smoothing_cross_entropy(x, target, 0.2, spread=spread, weight=weight,
-                                             z_loss=0.01, reduction="none", backend=backend)
+        return label_smoothing_cross_entropy(
+            x,
+            target,
+            0.2,
+            spread=spread,
+            weight=weight,
+            z_loss=0.01,
+            reduction="none",
+            backend=backend,
+        )
 
     assert torch.autograd.gradcheck(loss_fn, (logits,))
 
@@ -269,8 +288,7 @@ class TestInplaceBackward:
         target = torch.randint(0, 50, (6,))
         logits = source * 1  # a non-leaf, like the output of a linear layer
         storage = logits.data_ptr()
-        loss = label_smoothing_cross_entropy(logits, target, inplace_backward=True,
-                                             backend=backend)
+        loss = label_smoothing_cross_entropy(logits, target, inplace_backward=True, backend=backend)
         (grad,) = torch.autograd.grad(loss, logits)
         assert grad.data_ptr() == storage
         ref_input = source.detach().double().requires_grad_()
@@ -282,8 +300,9 @@ class TestInplaceBackward:
         linear = torch.nn.Linear(8, 12)
         features = torch.randn(5, 8)
         target = torch.randint(0, 12, (5,))
-        label_smoothing_cross_entropy(linear(features), target, inplace_backward=True,
-                                      backend=backend).backward()
+        label_smoothing_cross_entropy(
+            linear(features), target, inplace_backward=True, backend=backend
+        ).backward()
         inplace_grad = linear.weight.grad.clone()
         linear.weight.grad = None
         F.cross_entropy(linear(features), target, label_smoothing=0.1).backward()
@@ -294,8 +313,9 @@ class TestInplaceBackward:
         source = torch.randn(4, 10, requires_grad=True)
         logits = source * 2
         other = (logits * logits).sum()  # saves `logits` for its own backward
-        loss = label_smoothing_cross_entropy(logits, torch.randint(0, 10, (4,)),
-                                             inplace_backward=True, backend=backend)
+        loss = label_smoothing_cross_entropy(
+            logits, torch.randint(0, 10, (4,)), inplace_backward=True, backend=backend
+        )
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             (loss + other).backward()
 
@@ -304,8 +324,9 @@ class TestInplaceBackward:
         logits = torch.randn(4, 10, requires_grad=True)
         before = logits.detach().clone()
         target = torch.randint(0, 10, (4,))
-        label_smoothing_cross_entropy(logits, target, inplace_backward=True,
-                                      backend=backend).backward()
+        label_smoothing_cross_entropy(
+            logits, target, inplace_backward=True, backend=backend
+        ).backward()
         assert torch.equal(logits.detach(), before)
         ref = before.clone().requires_grad_()
         F.cross_entropy(ref, target, label_smoothing=0.1).backward()

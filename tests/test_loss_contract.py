@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import dense_loss
 
 import lsr_fused
 from lsr_fused import label_smoothing_cross_entropy
 from lsr_fused._params import RowParams
 from lsr_fused.ops import backend_module
-from reference import dense_loss
 
 BACKENDS = lsr_fused.available_backends("cpu")
 ALL_BACKENDS = [*BACKENDS, "auto"]
@@ -79,8 +79,16 @@ def test_bad_options_name_the_argument(options, error, name):
         (torch.randn(3, 0), torch.tensor([0, 1, 2]), ValueError, "class"),
         ([[0.0, 1.0]], torch.tensor([0]), TypeError, "logits"),
     ],
-    ids=["float target", "short target", "spatial target", "vector logits", "int logits",
-         "scalar logits", "no classes", "list logits"],
+    ids=[
+        "float target",
+        "short target",
+        "spatial target",
+        "vector logits",
+        "int logits",
+        "scalar logits",
+        "no classes",
+        "list logits",
+    ],
 )
 def test_bad_tensors_name_the_argument(logits, target, error, name):
     with pytest.raises(error, match=name):
@@ -89,8 +97,9 @@ def test_bad_tensors_name_the_argument(logits, target, error, name):
 
 def test_single_class_with_spread_others_is_rejected():
     with pytest.raises(ValueError, match="spread='others'"):
-        label_smoothing_cross_entropy(torch.randn(3, 1), torch.zeros(3, dtype=torch.long),
-                                      spread="others")
+        label_smoothing_cross_entropy(
+            torch.randn(3, 1), torch.zeros(3, dtype=torch.long), spread="others"
+        )
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -104,8 +113,18 @@ def test_custom_ops_pass_opcheck(backend):
     logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 6, -100, 3, 2, 1])
     weight = torch.rand(7, dtype=torch.float64)
-    args = (logits, target, weight, weight.sum().reshape(1), 0.8, 0.2 / 7, 1e-3, -100, backend,
-            False)
+    args = (
+        logits,
+        target,
+        weight,
+        weight.sum().reshape(1),
+        0.8,
+        0.2 / 7,
+        1e-3,
+        -100,
+        backend,
+        False,
+    )
     torch.library.opcheck(torch.ops.lsr_fused.forward.default, args)
 
 
@@ -172,8 +191,9 @@ def test_cuda_no_host_sync_and_graph_capture(inplace):
 
     def step():
         logits = logits_source * 1.0
-        loss = label_smoothing_cross_entropy(logits, target, 0.1, weight=weight, z_loss=1e-4,
-                                             inplace_backward=inplace)
+        loss = label_smoothing_cross_entropy(
+            logits, target, 0.1, weight=weight, z_loss=1e-4, inplace_backward=inplace
+        )
         (grad,) = torch.autograd.grad(loss, logits)
         return loss, grad
 
@@ -197,20 +217,28 @@ def test_cuda_no_host_sync_and_graph_capture(inplace):
     torch.testing.assert_close(graph_grad, expected_grad)
 
 
+def _compiled_variants(kernel) -> int:
+    """How many binaries Triton holds for a kernel (its cache layout differs between releases)."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton release keeps its kernel cache elsewhere")
+    return sum(len(entry[0]) for entry in caches.values())
+
+
 @cuda_only
 def test_cuda_new_smoothing_value_does_not_recompile():
     from lsr_fused.backends import triton_backend
 
-    logits = torch.randn(8, 300, device="cuda")
+    logits = torch.randn(8, 300, device="cuda", requires_grad=True)
     target = torch.randint(0, 300, (8,), device="cuda")
-    label_smoothing_cross_entropy(logits, target, 0.1, backend="triton")
-    before = sum(len(c) for c in triton_backend._forward_kernel.device_caches[0][0].values()) \
-        if hasattr(triton_backend._forward_kernel, "device_caches") else None
+    label_smoothing_cross_entropy(logits, target, 0.1, backend="triton").backward()
+    before = _compiled_variants(triton_backend._forward_kernel)
+    before_backward = _compiled_variants(triton_backend._backward_kernel)
     for eps in (0.05, 0.2, 0.3):
-        label_smoothing_cross_entropy(logits, target, eps, z_loss=eps / 10, backend="triton")
-    if before is not None:
-        after = sum(len(c) for c in triton_backend._forward_kernel.device_caches[0][0].values())
-        assert after == before
+        loss = label_smoothing_cross_entropy(logits, target, eps, z_loss=eps / 10)
+        loss.backward()
+    assert _compiled_variants(triton_backend._forward_kernel) == before
+    assert _compiled_variants(triton_backend._backward_kernel) == before_backward
 
 
 @cuda_only

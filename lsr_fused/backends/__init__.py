@@ -6,10 +6,11 @@ Every backend implements the same two functions over a *row view* of the logits:
     logits: ``(B, S, C)`` float16/bfloat16/float32/float64, any strides; row ``r = b * S + s``.
     target: ``(B * S,)`` int64, contiguous.
     weight: ``(C,)`` in the accumulation dtype (float32, float64 for float64 logits) or None.
-    weight_total: ``(1,)`` tensor holding ``weight.sum()`` (None without weight). It stays a tensor so
-    that CUDA callers never read it on the host.
+    weight_total: ``(1,)`` tensor holding ``weight.sum()`` (None without weight). It stays a
+    tensor so that CUDA callers never read it on the host.
     params: :class:`lsr_fused._params.RowParams`.
-    Returns the per-row loss and the per-row log-sum-exp, both ``(B * S,)`` in the accumulation dtype.
+    Returns the per-row loss and the per-row log-sum-exp, both ``(B * S,)`` in the accumulation
+    dtype.
 
 ``backward(grad_loss, logits, target, weight, weight_total, lse, params, grad_logits) -> None``
     grad_loss: ``(B * S,)`` accumulation dtype, any stride (a broadcast stride of 0 is common).

@@ -30,8 +30,9 @@ def _row_chunks(logits: Tensor):
         yield outer_start * inner, outer_stop * inner, chunk
 
 
-def _row_terms(x: Tensor, target: Tensor, weight: Tensor | None, weight_total: Tensor | None,
-               params: RowParams):
+def _row_terms(
+    x: Tensor, target: Tensor, weight: Tensor | None, weight_total: Tensor | None, params: RowParams
+):
     """Shared per-row quantities: clamped target, masks, w_y and the total target mass S."""
     num_classes = x.shape[-1]
     ignored = target == params.ignore_index
@@ -47,8 +48,13 @@ def _row_terms(x: Tensor, target: Tensor, weight: Tensor | None, weight_total: T
     return safe_target, ignored, invalid, target_weight, total_mass
 
 
-def forward(logits: Tensor, target: Tensor, weight: Tensor | None, weight_total: Tensor | None,
-            params: RowParams) -> tuple[Tensor, Tensor]:
+def forward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    weight_total: Tensor | None,
+    params: RowParams,
+) -> tuple[Tensor, Tensor]:
     acc = _accumulation_dtype(logits)
     rows = target.numel()
     loss = torch.empty(rows, dtype=acc, device=logits.device)
@@ -80,9 +86,16 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, weight_total:
     return loss, lse
 
 
-def backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None,
-             weight_total: Tensor | None, lse: Tensor, params: RowParams,
-             grad_logits: Tensor) -> None:
+def backward(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    weight_total: Tensor | None,
+    lse: Tensor,
+    params: RowParams,
+    grad_logits: Tensor,
+) -> None:
     acc = _accumulation_dtype(logits)
     num_classes = logits.shape[-1]
     inner = logits.shape[1]
@@ -103,5 +116,6 @@ def backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor |
         row_scale = torch.where(invalid, float("nan"), row_scale)
         grad.mul_(row_scale.unsqueeze(-1))
         outer_start, outer_stop = start // max(inner, 1), stop // max(inner, 1)
-        grad_logits[outer_start:outer_stop].copy_(grad.view(outer_stop - outer_start, inner,
-                                                            num_classes))
+        grad_logits[outer_start:outer_stop].copy_(
+            grad.view(outer_stop - outer_start, inner, num_classes)
+        )

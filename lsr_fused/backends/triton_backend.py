@@ -24,8 +24,16 @@ def _row_offset(row, inner, stride_outer, stride_inner):
 
 
 @triton.jit
-def _target_mass(target, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
-                 HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+def _target_mass(
+    target,
+    weight_ptr,
+    weight_total_ptr,
+    num_classes,
+    target_extra,
+    other_mass,
+    HAS_WEIGHT: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """(w_y, S) for one row: the target's class weight and the total weighted target mass
     S = b * W + (a - b) * w_y (W = sum of weights, C without weights)."""
     if HAS_WEIGHT:
@@ -40,10 +48,24 @@ def _target_mass(target, weight_ptr, weight_total_ptr, num_classes, target_extra
 
 @triton.jit
 def _forward_kernel(
-    logits_ptr, target_ptr, weight_ptr, weight_total_ptr, loss_ptr, lse_ptr,
-    inner, stride_outer, stride_inner, stride_class, num_classes,
-    target_extra, other_mass, z_loss, ignore_index,
-    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    weight_total_ptr,
+    loss_ptr,
+    lse_ptr,
+    inner,
+    stride_outer,
+    stride_inner,
+    stride_class,
+    num_classes,
+    target_extra,
+    other_mass,
+    z_loss,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + _row_offset(row, inner, stride_outer, stride_inner)
@@ -55,8 +77,9 @@ def _forward_kernel(
     for start in range(0, num_classes, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < num_classes
-        x = tl.load(row_ptr + cols.to(tl.int64) * stride_class, mask=in_row,
-                    other=float("-inf")).to(ACC)
+        x = tl.load(
+            row_ptr + cols.to(tl.int64) * stride_class, mask=in_row, other=float("-inf")
+        ).to(ACC)
         new_max = tl.maximum(running_max, tl.max(x, 0))
         # While every logit seen is -inf, shift by 0 instead: (-inf) - (-inf) would be NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -77,9 +100,16 @@ def _forward_kernel(
     in_range = (target >= 0) & (target < num_classes)
     safe_target = tl.where(in_range, target, 0)
     target_logit = tl.load(row_ptr + safe_target * stride_class).to(ACC)
-    target_weight, total_mass = _target_mass(safe_target, weight_ptr, weight_total_ptr,
-                                             num_classes, target_extra, other_mass,
-                                             HAS_WEIGHT, ACC)
+    target_weight, total_mass = _target_mass(
+        safe_target,
+        weight_ptr,
+        weight_total_ptr,
+        num_classes,
+        target_extra,
+        other_mass,
+        HAS_WEIGHT,
+        ACC,
+    )
     # loss = S * lse - b * sum_c w_c x_c - (a - b) * w_y * x_y + z * lse**2; a term whose
     # coefficient is 0 is dropped, not multiplied, so a masked (-inf) logit cannot make 0 * inf.
     loss = total_mass * lse
@@ -94,11 +124,26 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    grad_loss_ptr, grad_loss_stride, logits_ptr, target_ptr, weight_ptr, weight_total_ptr,
-    lse_ptr, grad_ptr,
-    inner, stride_outer, stride_inner, stride_class, num_classes,
-    target_extra, other_mass, z_loss, ignore_index,
-    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    grad_loss_ptr,
+    grad_loss_stride,
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    weight_total_ptr,
+    lse_ptr,
+    grad_ptr,
+    inner,
+    stride_outer,
+    stride_inner,
+    stride_class,
+    num_classes,
+    target_extra,
+    other_mass,
+    z_loss,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -114,9 +159,16 @@ def _backward_kernel(
     upstream = tl.load(grad_loss_ptr + row.to(tl.int64) * grad_loss_stride).to(ACC)
     upstream = tl.where(in_range, upstream, float("nan"))
     upstream = tl.where(ignored, 0.0, upstream)
-    target_weight, total_mass = _target_mass(safe_target, weight_ptr, weight_total_ptr,
-                                             num_classes, target_extra, other_mass,
-                                             HAS_WEIGHT, ACC)
+    target_weight, total_mass = _target_mass(
+        safe_target,
+        weight_ptr,
+        weight_total_ptr,
+        num_classes,
+        target_extra,
+        other_mass,
+        HAS_WEIGHT,
+        ACC,
+    )
 
     x = tl.load(logits_ptr + offsets, mask=in_row, other=0.0).to(ACC)
     softmax = tl.exp2((x - lse) * _LOG2E)
@@ -136,8 +188,9 @@ def _launch_config(logits: Tensor) -> tuple[int, int, tl.dtype]:
     num_classes = logits.shape[-1]
     # Long rows: 4096-8192 wide blocks kept enough loads in flight on Hopper; short rows take one
     # block per row so that the loop runs once.
-    block = min(triton.next_power_of_2(max(num_classes, 16)), 8192 if logits.element_size() <= 2
-                else 4096)
+    block = min(
+        triton.next_power_of_2(max(num_classes, 16)), 8192 if logits.element_size() <= 2 else 4096
+    )
     num_warps = 4 if block <= 2048 else 8
     acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
     return block, num_warps, acc
@@ -150,8 +203,13 @@ def _weight_args(weight: Tensor | None, weight_total: Tensor | None, logits: Ten
     return weight, weight_total, True
 
 
-def forward(logits: Tensor, target: Tensor, weight: Tensor | None, weight_total: Tensor | None,
-            params: RowParams) -> tuple[Tensor, Tensor]:
+def forward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    weight_total: Tensor | None,
+    params: RowParams,
+) -> tuple[Tensor, Tensor]:
     batch, inner, num_classes = logits.shape
     rows = batch * inner
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -162,17 +220,39 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, weight_total:
     block, num_warps, acc = _launch_config(logits)
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
     _forward_kernel[(rows,)](
-        logits, target, weight_arg, weight_total_arg, loss, lse,
-        inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
-        params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
-        HAS_WEIGHT=has_weight, BLOCK=block, ACC=acc, num_warps=num_warps,
+        logits,
+        target,
+        weight_arg,
+        weight_total_arg,
+        loss,
+        lse,
+        inner,
+        logits.stride(0),
+        logits.stride(1),
+        logits.stride(2),
+        num_classes,
+        params.target_extra,
+        params.other_mass,
+        params.z_loss,
+        params.ignore_index,
+        HAS_WEIGHT=has_weight,
+        BLOCK=block,
+        ACC=acc,
+        num_warps=num_warps,
     )
     return loss, lse
 
 
-def backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None,
-             weight_total: Tensor | None, lse: Tensor, params: RowParams,
-             grad_logits: Tensor) -> None:
+def backward(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    weight_total: Tensor | None,
+    lse: Tensor,
+    params: RowParams,
+    grad_logits: Tensor,
+) -> None:
     batch, inner, num_classes = logits.shape
     rows = batch * inner
     if rows == 0:
@@ -184,9 +264,25 @@ def backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Tensor |
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
     grid = (rows, triton.cdiv(num_classes, block))
     _backward_kernel[grid](
-        grad_loss, grad_loss.stride(0), logits, target, weight_arg, weight_total_arg, lse,
+        grad_loss,
+        grad_loss.stride(0),
+        logits,
+        target,
+        weight_arg,
+        weight_total_arg,
+        lse,
         grad_logits,
-        inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
-        params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
-        HAS_WEIGHT=has_weight, BLOCK=block, ACC=acc, num_warps=num_warps,
+        inner,
+        logits.stride(0),
+        logits.stride(1),
+        logits.stride(2),
+        num_classes,
+        params.target_extra,
+        params.other_mass,
+        params.z_loss,
+        params.ignore_index,
+        HAS_WEIGHT=has_weight,
+        BLOCK=block,
+        ACC=acc,
+        num_warps=num_warps,
     )

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: parity on the card first, then the benchmark table.
+#   bash benchmarks/gpu_check.sh [extra bench_loss.py arguments]
+# Prints the card, runs the CUDA tests (parity, no host sync, CUDA graph capture, recompilation),
+# then benchmarks/bench_loss.py on the GPU shapes. Results land in benchmarks/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+$PY -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -3
+$PY -m pytest -q -x tests/test_cuda_parity.py tests/test_loss_contract.py -k "cuda" 2>&1 | tail -15
+parity=${PIPESTATUS[0]}
+$PY benchmarks/bench_loss.py --device cuda "$@"
+exit $parity

@@ -1,0 +1,67 @@
+"""The parity suite on a real GPU: every backend usable on CUDA against the dense reference.
+
+Skipped without CUDA; on a GPU machine `benchmarks/gpu_check.sh` runs it before benchmarking.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from reference import dense_loss
+
+import lsr_fused
+from lsr_fused import label_smoothing_cross_entropy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+BACKENDS = lsr_fused.available_backends("cuda") if torch.cuda.is_available() else []
+SHAPES = [(7, 37), (5, 32000), (3, 70001), (4, 6, 3, 5), (1, 1)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+OPTIONS = [
+    dict(),
+    dict(reduction="none"),
+    dict(reduction="sum", spread="others"),
+    dict(weight=True, z_loss=1e-3),
+    dict(weight=True, spread="others", reduction="none"),
+    dict(inplace_backward=True),
+    dict(inplace_backward=True, weight=True, reduction="sum"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("shape", "dtype", "options"),
+    list(itertools.product(SHAPES, DTYPES, OPTIONS)),
+    ids=lambda value: str(value).replace(" ", ""),
+)
+def test_cuda_matches_dense_reference(backend, shape, dtype, options):
+    options = dict(options)
+    if shape[1] == 1 and options.get("spread") == "others":
+        pytest.skip("spread='others' needs two classes")
+    generator = torch.Generator(device="cuda").manual_seed(hash((shape, str(dtype))) % 2**31)
+    num_classes = shape[1]
+    logits = (torch.randn(shape, device="cuda", generator=generator) * 3).to(dtype)
+    target = torch.randint(
+        0, num_classes, shape[:1] + shape[2:], device="cuda", generator=generator
+    )
+    target.view(-1)[::3] = -100
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(num_classes, device="cuda", generator=generator) + 0.1
+    source = logits.clone().requires_grad_()
+    ours_input = source * 1  # a non-leaf, so that inplace_backward really runs in place
+    loss = label_smoothing_cross_entropy(ours_input, target, 0.1, backend=backend, **options)
+    upstream = torch.rand_like(loss)
+    (grad,) = torch.autograd.grad(loss, ours_input, upstream)
+    ref_input = logits.double().requires_grad_()
+    ref = dense_loss(ref_input, target, 0.1, **options)
+    (ref_grad,) = torch.autograd.grad(ref, ref_input, upstream.double())
+    loss_tol = 1e-10 if dtype == torch.float64 and backend != "triton" else 1e-5
+    torch.testing.assert_close(
+        loss.double(), ref, atol=loss_tol * max(1.0, ref.abs().max()), rtol=loss_tol, equal_nan=True
+    )
+    grad_scale = ref_grad.abs().max().item()
+    grad_tol = {torch.float64: 1e-7, torch.float32: 1e-5}.get(dtype, 1e-2)
+    torch.testing.assert_close(
+        grad.double(), ref_grad, atol=grad_tol * max(grad_scale, 1e-30), rtol=grad_tol
+    )
