@@ -170,8 +170,7 @@ def _check_tensors(logits, target, weight, spread) -> None:
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
         if tuple(weight.shape) != (num_classes,):
             raise ValueError(
-                f"weight must have shape ({num_classes},), one per class, "
-                f"got {tuple(weight.shape)}"
+                f"weight must have shape ({num_classes},), one per class, got {tuple(weight.shape)}"
             )
         if weight.device != logits.device:
             raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
@@ -234,29 +233,44 @@ def label_smoothing_cross_entropy(
     # In place needs storage we own: a leaf's data belongs to the caller (and its .grad would
     # alias it), so leaves always get a fresh gradient.
     inplace = bool(inplace_backward) and not (logits.is_leaf and logits.requires_grad)
-    loss, _ = ops.fused_forward(
-        rows,
-        flat_target,
-        weight,
-        weight_total,
-        target_extra,
-        other_mass,
-        float(z_loss),
-        ignore_index,
-        backend,
-        inplace,
-    )
+    scalars = (target_extra, other_mass, float(z_loss), ignore_index, backend)
+    denominator = None
+    if reduction == "mean":
+        denominator = _mean_denominator(flat_target, weight, ignore_index, num_classes, acc_dtype)
+    training = torch.is_grad_enabled() and logits.requires_grad
+    if training and not inplace and reduction != "none" and ops.writes_grad_in_forward(backend):
+        # The upstream gradient of each row is 1 / denominator (mean) or 1 (sum) when the caller
+        # runs loss.backward(); the forward pass writes the gradient for that value right away.
+        if denominator is None:
+            grad_guess = torch.ones(1, dtype=acc_dtype, device=logits.device)
+        else:
+            grad_guess = (1.0 / denominator).reshape(1)
+        loss, _, _ = ops.fused_forward_with_grad(
+            rows, flat_target, weight, weight_total, grad_guess, *scalars
+        )
+    else:
+        loss, _ = ops.fused_forward(rows, flat_target, weight, weight_total, *scalars, inplace)
     if reduction == "none":
         return loss.view(target.shape)
     if reduction == "sum":
         return loss.sum()
+    return loss.sum() / denominator
+
+
+def _mean_denominator(
+    flat_target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    num_classes: int,
+    acc_dtype: torch.dtype,
+) -> Tensor:
+    """Sum of ``weight[target]`` over non-ignored elements (their count without weights)."""
     counted = flat_target != ignore_index
     if weight is None:
-        denominator = counted.sum(dtype=acc_dtype)
-    else:
-        safe_target = flat_target.clamp(0, num_classes - 1)
-        denominator = (weight.gather(0, safe_target) * counted).sum()
-    return loss.sum() / denominator
+        return counted.sum(dtype=acc_dtype)
+    # Clamped so that a bad target cannot index out of bounds; its loss is NaN anyway.
+    safe_target = flat_target.clamp(0, num_classes - 1)
+    return (weight.gather(0, safe_target) * counted).sum()
 
 
 label_smoothing_cross_entropy.__doc__ = (

@@ -1,10 +1,14 @@
 """Registration of the fused kernels as torch custom ops, with fake implementations and autograd.
 
-Three ops, all over a ``(B, S, C)`` row view of the logits (see :mod:`lsr_fused.backends`):
+All ops work on a ``(B, S, C)`` row view of the logits (see :mod:`lsr_fused.backends`):
 
-* ``lsr_fused::forward``    -> ``(loss, lse)`` per row
-* ``lsr_fused::backward``   -> a new gradient tensor
-* ``lsr_fused::backward_``  -> writes the gradient into the logits (``inplace_backward=True``)
+* ``lsr_fused::forward``            -> ``(loss, lse)`` per row
+* ``lsr_fused::forward_with_grad``  -> ``(loss, lse, grad)``: a training step's forward that also
+  writes the gradient for an expected upstream value ``grad_guess`` (Triton backend)
+* ``lsr_fused::backward``           -> a new gradient tensor
+* ``lsr_fused::backward_``          -> writes the gradient into the logits (``inplace_backward``)
+* ``lsr_fused::redo_gradient_``     -> rewrites, in a ``forward_with_grad`` gradient, the rows
+  whose real upstream differs from the guess (none, usually: then it touches no memory)
 
 Being custom ops, they are opaque to ``torch.compile`` (no graph break, no tracing into Triton) and
 free of host synchronisation, so CUDA graphs can capture them.
@@ -37,21 +41,27 @@ def backend_module(name: str) -> ModuleType:
     return torch_backend
 
 
+def writes_grad_in_forward(backend: str) -> bool:
+    """Whether ``backend`` can write the gradient during the forward pass."""
+    return getattr(backend_module(backend), "WRITES_GRAD_IN_FORWARD", False)
+
+
 def _accumulation_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def _row_outputs(logits: Tensor) -> tuple[Tensor, Tensor]:
+    rows = logits.shape[0] * logits.shape[1]
+    acc = _accumulation_dtype(logits)
+    return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
+
+
+# The scalar tail shared by every op: (target_extra, other_mass, z_loss, ignore_index, backend).
+# fmt: off
 @torch.library.custom_op("lsr_fused::forward", mutates_args=())
 def fused_forward(
-    logits: Tensor,
-    target: Tensor,
-    weight: Optional[Tensor],
-    weight_total: Optional[Tensor],
-    target_extra: float,
-    other_mass: float,
-    z_loss: float,
-    ignore_index: int,
-    backend: str,
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], weight_total: Optional[Tensor],
+    target_extra: float, other_mass: float, z_loss: float, ignore_index: int, backend: str,
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per-row label-smoothed cross-entropy and log-sum-exp; see :mod:`lsr_fused.backends`."""
@@ -61,39 +71,39 @@ def fused_forward(
 
 
 @fused_forward.register_fake
-def _(
-    logits,
-    target,
-    weight,
-    weight_total,
-    target_extra,
-    other_mass,
-    z_loss,
-    ignore_index,
-    backend,
-    inplace_backward,
-):
-    rows = logits.shape[0] * logits.shape[1]
-    acc = _accumulation_dtype(logits)
-    return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
+def _(logits, target, weight, weight_total, *scalars):
+    return _row_outputs(logits)
+
+
+@torch.library.custom_op("lsr_fused::forward_with_grad", mutates_args=())
+def fused_forward_with_grad(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], weight_total: Optional[Tensor],
+    grad_guess: Tensor, target_extra: float, other_mass: float, z_loss: float, ignore_index: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``lsr_fused::forward`` that also returns the gradient for upstream ``grad_guess``."""
+    check_targets(target, logits.shape[-1], ignore_index)
+    params = RowParams(target_extra, other_mass, z_loss, ignore_index)
+    # empty_like keeps the strides of a dense tensor, which the kernels rely on.
+    grad_logits = torch.empty_like(logits)
+    loss, lse = backend_module(backend).forward(
+        logits, target, weight, weight_total, params, grad_logits, grad_guess
+    )
+    return loss, lse, grad_logits
+
+
+@fused_forward_with_grad.register_fake
+def _(logits, target, weight, weight_total, grad_guess, *scalars):
+    return (*_row_outputs(logits), torch.empty_like(logits))
 
 
 @torch.library.custom_op("lsr_fused::backward", mutates_args=())
 def fused_backward(
-    grad_loss: Tensor,
-    logits: Tensor,
-    target: Tensor,
-    weight: Optional[Tensor],
-    weight_total: Optional[Tensor],
-    lse: Tensor,
-    target_extra: float,
-    other_mass: float,
-    z_loss: float,
-    ignore_index: int,
-    backend: str,
+    grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+    weight_total: Optional[Tensor], lse: Tensor, target_extra: float, other_mass: float,
+    z_loss: float, ignore_index: int, backend: str,
 ) -> Tensor:
     """Gradient of the per-row losses with respect to the logits, as a new tensor."""
-    # empty_like keeps the strides of a dense tensor, which the kernels rely on.
     grad_logits = torch.empty_like(logits)
     params = RowParams(target_extra, other_mass, z_loss, ignore_index)
     backend_module(backend).backward(
@@ -103,35 +113,15 @@ def fused_backward(
 
 
 @fused_backward.register_fake
-def _(
-    grad_loss,
-    logits,
-    target,
-    weight,
-    weight_total,
-    lse,
-    target_extra,
-    other_mass,
-    z_loss,
-    ignore_index,
-    backend,
-):
+def _(grad_loss, logits, *rest):
     return torch.empty_like(logits)
 
 
 @torch.library.custom_op("lsr_fused::backward_", mutates_args=("logits",))
 def fused_backward_inplace(
-    grad_loss: Tensor,
-    logits: Tensor,
-    target: Tensor,
-    weight: Optional[Tensor],
-    weight_total: Optional[Tensor],
-    lse: Tensor,
-    target_extra: float,
-    other_mass: float,
-    z_loss: float,
-    ignore_index: int,
-    backend: str,
+    grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+    weight_total: Optional[Tensor], lse: Tensor, target_extra: float, other_mass: float,
+    z_loss: float, ignore_index: int, backend: str,
 ) -> None:
     """Same as ``lsr_fused::backward`` but overwrites ``logits`` with the gradient."""
     params = RowParams(target_extra, other_mass, z_loss, ignore_index)
@@ -141,56 +131,93 @@ def fused_backward_inplace(
 
 
 @fused_backward_inplace.register_fake
-def _(
-    grad_loss,
-    logits,
-    target,
-    weight,
-    weight_total,
-    lse,
-    target_extra,
-    other_mass,
-    z_loss,
-    ignore_index,
-    backend,
-):
+def _(*args):
     return None
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    (
-        logits,
-        target,
-        weight,
-        weight_total,
-        target_extra,
-        other_mass,
-        z_loss,
-        ignore_index,
-        backend,
-        inplace_backward,
-    ) = inputs
+@torch.library.custom_op("lsr_fused::redo_gradient_", mutates_args=("grad_logits",))
+def redo_gradient(
+    grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+    weight_total: Optional[Tensor], lse: Tensor, grad_guess: Tensor, grad_logits: Tensor,
+    target_extra: float, other_mass: float, z_loss: float, ignore_index: int, backend: str,
+) -> None:
+    """Recompute the rows of ``grad_logits`` whose ``grad_loss`` differs from ``grad_guess``."""
+    params = RowParams(target_extra, other_mass, z_loss, ignore_index)
+    backend_module(backend).backward(
+        grad_loss, logits, target, weight, weight_total, lse, params, grad_logits, grad_guess
+    )
+
+
+@redo_gradient.register_fake
+def _(*args):
+    return None
+# fmt: on
+
+_NO_GRADS = (None,) * 9
+
+
+def _setup_forward(ctx, inputs, output) -> None:
+    logits, target, weight, weight_total, *scalars, inplace_backward = inputs
     ctx.save_for_backward(logits, target, weight, weight_total, output[1])
-    ctx.scalars = (target_extra, other_mass, z_loss, ignore_index, backend)
+    ctx.scalars = tuple(scalars)
     ctx.inplace_backward = inplace_backward
 
 
-def _backward(ctx, grad_loss: Tensor, grad_lse: Optional[Tensor]):
+def _backward_forward(ctx, grad_loss: Optional[Tensor], grad_lse: Optional[Tensor]):
     logits, target, weight, weight_total, lse = ctx.saved_tensors
-    no_grads = (None,) * 9
     if grad_loss is None:
-        return (None, *no_grads)
+        return (None, *_NO_GRADS)
     if ctx.inplace_backward:
         torch.ops.lsr_fused.backward_(
             grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars
         )
         # The op declares that it mutates `logits`, which bumps their version counter: any other
         # autograd node that saved these logits now fails loudly instead of reading a gradient.
-        return (logits, *no_grads)
+        return (logits, *_NO_GRADS)
     grad_logits = torch.ops.lsr_fused.backward(
         grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars
     )
-    return (grad_logits, *no_grads)
+    return (grad_logits, *_NO_GRADS)
 
 
-fused_forward.register_autograd(_backward, setup_context=_setup_context)
+fused_forward.register_autograd(_backward_forward, setup_context=_setup_forward)
+
+
+def _setup_forward_with_grad(ctx, inputs, output) -> None:
+    logits, target, weight, weight_total, grad_guess, *scalars = inputs
+    ctx.save_for_backward(logits, target, weight, weight_total, output[1], grad_guess)
+    ctx.scalars = tuple(scalars)
+    # Kept off save_for_backward on purpose: the backward mutates it (redo_gradient_), which
+    # would trip the saved-tensor version check. It is handed out once; a second backward
+    # (retain_graph) computes a fresh gradient instead of overwriting one autograd already holds.
+    ctx.grad_buffer = output[2]
+
+
+def _backward_forward_with_grad(ctx, grad_loss, grad_lse, grad_of_grad):
+    logits, target, weight, weight_total, lse, grad_guess = ctx.saved_tensors
+    no_grads = (None,) * 9
+    if grad_loss is None:
+        return (None, *no_grads)
+    grad_buffer, ctx.grad_buffer = ctx.grad_buffer, None
+    if grad_buffer is None:
+        grad_logits = torch.ops.lsr_fused.backward(
+            grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars
+        )
+        return (grad_logits, *no_grads)
+    torch.ops.lsr_fused.redo_gradient_(
+        grad_loss,
+        logits,
+        target,
+        weight,
+        weight_total,
+        lse,
+        grad_guess,
+        grad_buffer,
+        *ctx.scalars,
+    )
+    return (grad_buffer, *no_grads)
+
+
+fused_forward_with_grad.register_autograd(
+    _backward_forward_with_grad, setup_context=_setup_forward_with_grad
+)

@@ -11,6 +11,7 @@ from reference import dense_loss
 
 import lsr_fused
 from lsr_fused import LabelSmoothingCE, label_smoothing_cross_entropy
+from lsr_fused._params import RowParams
 
 BACKENDS = lsr_fused.available_backends("cpu")
 # "auto" is the user's default; it must agree too, whatever it picks.
@@ -349,3 +350,75 @@ def test_module_rejects_bad_options_at_construction():
         LabelSmoothingCE(reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
         LabelSmoothingCE(label_smoothing=-0.1)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (CUDA or TRITON_INTERPRET=1)")
+class TestGradientInForward:
+    """The Triton training path writes the gradient in forward for the expected upstream value."""
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum"])
+    @pytest.mark.parametrize("upstream", [1.0, 3.0, 0.0])
+    def test_any_upstream_gives_the_exact_gradient(self, monkeypatch, reduction, upstream):
+        calls = []
+        original = lsr_fused.functional.ops.fused_forward_with_grad
+        monkeypatch.setattr(
+            lsr_fused.functional.ops,
+            "fused_forward_with_grad",
+            lambda *args: calls.append(1) or original(*args),
+        )
+        logits, target = random_case((6, 300), torch.float32)
+        weight = torch.rand(300) + 0.5
+        x = logits.clone().requires_grad_()
+        loss = label_smoothing_cross_entropy(
+            x, target, 0.1, weight=weight, reduction=reduction, backend="triton"
+        )
+        (loss * upstream).backward()
+        assert calls, "the training path was not taken"
+        ref_input = logits.double().requires_grad_()
+        ref = dense_loss(ref_input, target, 0.1, weight=weight, reduction=reduction)
+        (ref * upstream).backward()
+        assert_close(x.grad, ref_input.grad, 2e-6)
+
+    def test_second_backward_does_not_corrupt_the_first_gradient(self):
+        logits, target = random_case((5, 40), torch.float32)
+        x = logits.clone().requires_grad_()
+        loss = label_smoothing_cross_entropy(x, target, 0.1, backend="triton")
+        (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+        kept = first.clone()
+        (second,) = torch.autograd.grad(loss * 2.0, x)
+        ref_input = logits.double().requires_grad_()
+        (ref,) = torch.autograd.grad(dense_loss(ref_input, target), ref_input)
+        assert torch.equal(first, kept)
+        assert_close(first, ref, 2e-6)
+        assert_close(second, 2.0 * ref, 2e-6)
+
+    def test_backward_touches_only_rows_whose_upstream_differs(self):
+        from lsr_fused.backends import triton_backend
+
+        logits = torch.randn(4, 1, 30)
+        target = torch.tensor([1, 2, 3, 4])
+        params = RowParams(0.9, 0.1 / 30, 0.0, -100)
+        _, lse = triton_backend.forward(logits, target, None, None, params)
+        guess = torch.tensor([0.25])
+        grad_loss = torch.tensor([0.25, 0.5, 0.25, 1.0])
+        sentinel = torch.full_like(logits, 7.0)
+        triton_backend.backward(grad_loss, logits, target, None, None, lse, params, sentinel, guess)
+        assert torch.equal(sentinel[[0, 2]], torch.full((2, 1, 30), 7.0))
+        fresh = torch.empty_like(logits)
+        triton_backend.backward(grad_loss, logits, target, None, None, lse, params, fresh)
+        torch.testing.assert_close(sentinel[[1, 3]], fresh[[1, 3]])
+
+    def test_compiled_training_step(self):
+        torch._dynamo.reset()
+        model = torch.nn.Linear(6, 20)
+        features, target = torch.randn(7, 6), torch.randint(0, 20, (7,))
+
+        @torch.compile(fullgraph=True, backend="aot_eager")
+        def step(inputs, labels):
+            return label_smoothing_cross_entropy(model(inputs), labels, 0.1, backend="triton")
+
+        step(features, target).backward()
+        compiled_grad = model.weight.grad.clone()
+        model.zero_grad()
+        F.cross_entropy(model(features), target, label_smoothing=0.1).backward()
+        torch.testing.assert_close(compiled_grad, model.weight.grad)
