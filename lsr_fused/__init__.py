@@ -12,11 +12,7 @@ Public API:
 from ._validation import set_validation
 from .functional import available_backends, label_smoothing_cross_entropy
 from .module import LabelSmoothingCE
-
-try:  # TEMP-INTEGRATION
-    from .scheduler import GradualWarmupScheduler, WarmupScheduler, linear_scaled_lr
-except ImportError:  # TEMP-INTEGRATION
-    pass
+from .scheduler import GradualWarmupScheduler, WarmupScheduler, linear_scaled_lr
 
 __version__ = "0.1.0"
 

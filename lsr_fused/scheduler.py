@@ -10,14 +10,14 @@ Closed forms
 For a group with ``warmup_steps`` :math:`W`, shape and ``start_factor`` :math:`s`, the factor is
 :math:`1` for :math:`t \ge W` and, for :math:`0 \le t < W`, with progress :math:`p`:
 
-==============  ============================================  ==================================
-shape           :math:`f(t)`                                  ``start_factor=None`` means
-==============  ============================================  ==================================
-``constant``    :math:`s`                                     :math:`s = 0.1` (ResNet: 0.01, 0.1)
-``linear``      :math:`s + (1 - s)\,p`                        :math:`s = 0`, :math:`p = (t+1)/W`
-``cosine``      :math:`s + (1 - s)\,(1 - \cos \pi p) / 2`     :math:`s = 0`, :math:`p = (t+1)/W`
-``exponential`` :math:`s^{\,1 - p}`  (geometric, needs s > 0)   :math:`s = 0.01`, :math:`p = (t+1)/W`
-==============  ============================================  ==================================
+===============  ==========================================  ===================================
+shape            :math:`f(t)`                                ``start_factor=None`` means
+===============  ==========================================  ===================================
+``constant``     :math:`s`                                   :math:`s = 0.1` (ResNet: 0.01, 0.1)
+``linear``       :math:`s + (1 - s)\,p`                      :math:`s = 0`, :math:`p = (t+1)/W`
+``cosine``       :math:`s + (1 - s)\,(1 - \cos \pi p) / 2`   :math:`s = 0`, :math:`p = (t+1)/W`
+``exponential``  :math:`s^{1 - p}` (geometric; s > 0)        :math:`s = 0.01`, :math:`p = (t+1)/W`
+===============  ==========================================  ===================================
 
 With an explicit ``start_factor`` the progress is :math:`p = t / W`, so :math:`f(0) = s` exactly
 and the ramp reaches 1 at :math:`t = W`, the first step after the warmup (the same convention as
@@ -28,21 +28,24 @@ the progress is :math:`p = (t + 1) / W`: this is the Bag-of-Tricks ramp
 already runs at the full lr. ``W = 1`` with ``start_factor=None`` is therefore no warmup at all.
 ``warmup_steps=0`` always means no warmup (the factor is 1 from the start).
 
-The factor reaches exactly 1.0 at the end of every ramp (the progress is clamped to 1 and the
-formulas are evaluated so that :math:`s + (1-s) \cdot 1` rounds to 1), so the lr at the end of
-warmup is bit-for-bit the base lr. Each step evaluates the closed form at the integer step count;
-nothing is accumulated, so a million steps give the same value as the formula.
+The factor is exactly 1.0 wherever :math:`p \ge 1` (it is selected, not computed), and exactly
+:math:`s` at :math:`p = 0`, so the lr at the end of the warmup is bit-for-bit the base lr. Each
+step evaluates the closed form at the integer step count; nothing is accumulated, so a million
+steps give the same value as the formula.
 
 Decisions where the issue is silent
 -----------------------------------
 * **Vectorized state.** Base lrs, warmup lengths, start factors and progress offsets are float64
   tensors (on the CPU for float lrs, on the lrs' device for tensor lrs) and one tensor expression
-  gives every group's lr. Float lrs are written with one ``tolist()`` and a dict store per group;
-  tensor lrs are written in place with ``torch._foreach_copy_`` into the very tensors the optimizer
-  holds (same object, same storage), with no ``.item()`` and no host-device synchronisation, so a
-  CUDA-graph-captured ``capturable=True`` step follows the lr between replays. All groups must hold
-  the same kind of lr (all floats, or all tensors on one device); groups that share one lr tensor
-  must share their warmup settings.
+  gives every group's lr. When all groups share one setting (the usual case) the factor is one
+  number, computed by the same formula, and the expression is just ``base * f`` (a Python float
+  when the float base lrs are all equal too, e.g. a single group). Float lrs are written with one
+  ``tolist()`` and a dict store per group; tensor lrs are written in place (one copy into an
+  lr-dtype staging vector, then ``torch._foreach_copy_`` from views of it made once) into the very
+  tensors the optimizer holds (same object, same storage), with no ``.item()`` and no host-device
+  synchronisation, so a CUDA-graph-captured ``capturable=True`` step follows the lr between
+  replays. All groups must hold the same kind of lr (all floats, or all tensors on one
+  device); groups that share one lr tensor must share their warmup settings.
 * **get_last_lr()** reads the optimizer, so it always equals the lrs the next optimizer step uses
   (also after a manual change or a plateau reduction). Tensor lrs are returned as detached clones,
   as torch's schedulers do, so the result never aliases the optimizer's tensors.
@@ -51,10 +54,11 @@ Decisions where the issue is silent
 * **after, compose="sequential"**: the hand-off step is :math:`T = \max_g W_g`. For :math:`t < T`
   the lr is :math:`\text{base}_g f_g(t)`; at :math:`t = T` the optimizer gets the after-scheduler's
   own step-0 lrs (what it set when it was built, normally the base lrs: no dip, no jump); the call
-  that makes :math:`t = T + k` steps the after-scheduler for the :math:`k`-th time. Groups with a
-  shorter warmup hold their base lr until :math:`T`. The after-scheduler is stepped once per call,
-  in the same unit as the warmup: to pair a per-iteration warmup with a per-epoch schedule, express
-  that schedule in iterations (e.g. ``StepLR(step_size=30 * iters_per_epoch)``).
+  that makes :math:`t = T + k` steps the after-scheduler for the :math:`k`-th time, so its own
+  step count (and milestones) start at the hand-off. Groups with a shorter warmup hold their base
+  lr until :math:`T`. The after-scheduler is stepped once per call, in the same unit as the
+  warmup: to pair a per-iteration warmup with a per-epoch schedule, express that schedule in
+  iterations (e.g. ``StepLR(step_size=30 * iters_per_epoch)``).
 * **after, compose="multiply"**: the after-scheduler is stepped on every call from the start and
   the optimizer gets :math:`f_g(t)\,a_g(t)`, where :math:`a_g(t)` is the after-scheduler's own lr.
   The warmup factor is divided back out before each after-step, so chainable schedulers (which
@@ -70,8 +74,9 @@ Decisions where the issue is silent
 * **No ordering heuristic.** ``LRScheduler.__init__`` is not called: it wraps ``optimizer.step``
   to warn when ``scheduler.step()`` comes first, a heuristic with false positives (a GradScaler
   that skips the first steps, steps replayed from a CUDA graph). Here the schedule is defined per
-  call, the warning is never emitted, and ``optimizer.step`` is left unwrapped. Correct use emits
-  no warnings at all; the deprecated ``epoch`` argument of ``step`` does not exist.
+  call, the warning is never emitted (nor by the after-scheduler, whose first step is ours to
+  order), and ``optimizer.step`` is left unwrapped by this class. Correct use emits no warnings at
+  all; the deprecated ``epoch`` argument of ``step`` does not exist.
 * **state_dict()** holds plain data (lists of Python numbers and strings, plus the
   after-scheduler's own ``state_dict()``, deep-copied), loadable with
   ``torch.load(..., weights_only=True)``. It includes the lrs the optimizer holds, which
@@ -106,14 +111,15 @@ import copy
 import inspect
 import math
 import numbers
+import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any, Literal, SupportsFloat, Union
+from typing import Any, Literal, SupportsFloat
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 __all__ = ["GradualWarmupScheduler", "WarmupScheduler", "linear_scaled_lr"]
 
@@ -124,8 +130,11 @@ _SHAPES: tuple[str, ...] = ("constant", "linear", "exponential", "cosine")
 # start_factor used when the caller passes None; the ramped shapes also shift progress by one step.
 _DEFAULT_START_FACTOR = {"constant": 0.1, "linear": 0.0, "exponential": 0.01, "cosine": 0.0}
 _STATE_FORMAT = 1
-
-PerGroup = Union[Any, Sequence[Any]]
+# The two messages of LRScheduler.step()'s check that optimizer.step() ran first.
+_ORDER_WARNINGS = (
+    r"(Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+    r"|Seems like `optimizer\.step\(\)` has been overridden)"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,9 +155,9 @@ def _per_group(name: str, value: Any, num_groups: int) -> tuple[list[Any], bool]
     Returns the per-group list and whether ``value`` was a scalar (needed to pick up groups added
     later). Strings are scalars here, so ``shape="linear"`` is not read as six shapes.
     """
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, Tensor)):
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         return [value] * num_groups, True
-    values = value.tolist() if isinstance(value, Tensor) else list(value)
+    values = list(value)
     if len(values) != num_groups:
         raise ValueError(
             f"{name} has {len(values)} entries but the optimizer has {num_groups} param groups; "
@@ -184,19 +193,32 @@ def _check_start_factor(value: object, shape: str) -> float | None:
 
 
 def _ramp(shape: str, start: Tensor, rise: Tensor, progress: Tensor) -> Tensor:
-    """Factor of every group for one shape; ``progress`` is clamped to [0, 1] and may be consumed.
+    """Factor of every group for one shape, valid for progress in [0, 1); consumes ``progress``.
 
-    ``rise`` is ``1 - start`` (``(1 - start) / 2`` for cosine). Every branch is exactly 1 at
-    progress 1: ``start + fl(1 - start)`` rounds to 1 for start in [0, 1], cos(fl(pi)) is -1.0
-    and ``start ** 0`` is 1.
+    ``rise`` is ``1 - start`` (``(1 - start) / 2`` for cosine). At progress 0 every shape gives
+    exactly ``start`` (cos 0 is 1, ``start ** 1`` is ``start``); progress >= 1 is the caller's,
+    which selects 1 there instead of trusting ``cos(fl(pi))`` to round to -1 on every device.
     """
     if shape == "linear":
         return torch.addcmul(start, rise, progress)
     if shape == "constant":
-        return torch.addcmul(start, rise, progress.floor_())
+        return start.clone()
     if shape == "cosine":
         return torch.addcmul(start, rise, progress.mul_(math.pi).cos_().neg_().add_(1.0))
     return torch.pow(start, progress.neg_().add_(1.0))  # exponential: start ** (1 - p)
+
+
+def _scalar_ramp(shape: str, start: float, rise: float, progress: float) -> float:
+    """:func:`_ramp` for one setting shared by every group, evaluated in the same order."""
+    if progress >= 1.0:
+        return 1.0
+    if shape == "linear":
+        return start + rise * progress
+    if shape == "constant":
+        return start
+    if shape == "cosine":
+        return start + rise * (1.0 - math.cos(math.pi * progress))
+    return start ** (1.0 - progress)
 
 
 class WarmupScheduler(LRScheduler):
@@ -220,12 +242,14 @@ class WarmupScheduler(LRScheduler):
             ``"multiply"`` (the warmup factor scales ``after``'s lrs from step 0).
         last_step: index of the last step already taken (torch's ``last_epoch``); -1 starts fresh.
 
-    Example (Goyal et al.: batch 8192, 5 epochs of gradual warmup, then step decay)::
+    Example (Goyal et al.: batch 8192, 5 epochs of gradual warmup, decay at epochs 30, 60, 80)::
 
+        n = len(loader)  # iterations per epoch; the scheduler steps per iteration
         lr = linear_scaled_lr(0.1, 8192)  # 3.2
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        decay = torch.optim.lr_scheduler.MultiStepLR(opt, [30 * n, 60 * n, 80 * n], 0.1)
-        sched = WarmupScheduler(opt, 5 * n, after=decay)  # n = iterations per epoch
+        # With compose="sequential" the follower counts from the hand-off, here epoch 5.
+        decay = torch.optim.lr_scheduler.MultiStepLR(opt, [25 * n, 55 * n, 75 * n], 0.1)
+        sched = WarmupScheduler(opt, 5 * n, after=decay)
         for batch in loader:
             ...
             opt.step()
@@ -237,9 +261,9 @@ class WarmupScheduler(LRScheduler):
         optimizer: Optimizer,
         warmup_steps: int | Sequence[int],
         *,
-        start_factor: float | None | Sequence[float | None] = None,
+        start_factor: float | Sequence[float | None] | None = None,
         shape: WarmupShape | Sequence[WarmupShape] = "linear",
-        after: LRScheduler | None = None,
+        after: LRScheduler | ReduceLROnPlateau | None = None,
         compose: Compose = "sequential",
         last_step: int = -1,
     ) -> None:
@@ -254,7 +278,8 @@ class WarmupScheduler(LRScheduler):
         if not _is_int(last_step) or last_step < -1:
             raise ValueError(f"last_step must be an int >= -1, got {last_step!r}")
         if after is not None:
-            if not isinstance(after, LRScheduler):
+            # ReduceLROnPlateau only became an LRScheduler subclass in later torch releases.
+            if not isinstance(after, (LRScheduler, ReduceLROnPlateau)):
                 raise ValueError(
                     "after must be a torch.optim.lr_scheduler.LRScheduler (ReduceLROnPlateau "
                     f"included), got {type(after)}"
@@ -273,7 +298,7 @@ class WarmupScheduler(LRScheduler):
         self._warmup_steps = [_check_warmup_steps("warmup_steps", w) for w in step_list]
         self._shapes = [_check_shape(s) for s in shape_list]
         self._start_factors = [
-            _check_start_factor(s, sh) for s, sh in zip(factor_list, self._shapes)
+            _check_start_factor(s, sh) for s, sh in zip(factor_list, self._shapes, strict=True)
         ]
         # Settings for groups added later; only possible when nothing was given per group.
         self._template: dict[str, Any] | None = None
@@ -296,6 +321,8 @@ class WarmupScheduler(LRScheduler):
             )
 
         self._tensor_lrs, self._device = self._lr_kind(groups)
+        self._stage: Tensor | None = None  # lr-dtype copy of the values written to tensor lrs
+        self._stage_views: list[Tensor] = []
         self._check_shared_lr_tensors()
         for i, group in enumerate(groups):
             if last_step == -1:
@@ -312,7 +339,8 @@ class WarmupScheduler(LRScheduler):
         self._after_lrs: Tensor | None = None  # a(t) of compose="multiply", unscaled
         if after is not None:
             self._after_start = self._scale_after_start(self._read_lrs())
-            self._after_lrs = self._after_start.clone()
+            if compose == "multiply":
+                self._after_lrs = self._after_start.clone()
 
         self._num_groups = num_groups
         self._rebuild_tensors()
@@ -354,10 +382,6 @@ class WarmupScheduler(LRScheduler):
         if self._tensor_lrs:
             return list(self._base.unbind(0))
         return self._base.tolist()
-
-    @base_lrs.setter
-    def base_lrs(self, value: list[float | Tensor]) -> None:
-        raise AttributeError("base_lrs of a WarmupScheduler is read-only; see load_state_dict()")
 
     @property
     def warmup_steps(self) -> list[int]:
@@ -423,7 +447,7 @@ class WarmupScheduler(LRScheduler):
 
         if after is None or self.compose == "sequential":
             if t < end:
-                self._write(self._factors(t).mul_(self._base))
+                self._write_warmup(t)
             elif t == end:
                 self._write(self._after_start if self._after_start is not None else self._base)
             elif steps_after:
@@ -440,7 +464,7 @@ class WarmupScheduler(LRScheduler):
             if t < end:
                 self._after_lrs = self._read_lrs()
         if t < end:
-            self._write(self._factors(t).mul_(self._after_lrs))  # type: ignore[arg-type]
+            self._write(self._warm(t, self._after_lrs))  # type: ignore[arg-type]
         elif scaled:
             self._write(self._after_lrs)  # type: ignore[arg-type]
 
@@ -463,7 +487,7 @@ class WarmupScheduler(LRScheduler):
         self._apply_current()
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain-data state (``torch.load(..., weights_only=True)`` loads it), ``after`` included."""
+        """Plain-data state (``torch.load(..., weights_only=True)`` loads it), after's included."""
         return {
             "format": _STATE_FORMAT,
             "last_epoch": self.last_epoch,
@@ -503,9 +527,7 @@ class WarmupScheduler(LRScheduler):
                 "with the same after= as the saved one"
             )
         self._warmup_steps = [int(w) for w in state_dict["warmup_steps"]]
-        self._start_factors = [
-            None if s is None else float(s) for s in state_dict["start_factor"]
-        ]
+        self._start_factors = [None if s is None else float(s) for s in state_dict["start_factor"]]
         self._shapes = [str(s) for s in state_dict["shape"]]
         self._template = copy.deepcopy(state_dict["template"])
         self._base = self._to_vector(state_dict["base_lrs"])
@@ -568,15 +590,23 @@ class WarmupScheduler(LRScheduler):
         """Store one float64 lr per group into the optimizer; tensor lrs in place, no sync."""
         groups = self.optimizer.param_groups
         if self._tensor_lrs:
-            torch._foreach_copy_([g["lr"] for g in groups], list(lrs.unbind(0)))
+            targets = [g["lr"] for g in groups]
+            stage = self._stage
+            if stage is None or stage.numel() != len(targets) or stage.dtype != targets[0].dtype:
+                # Views made once: unbind() per step would cost a Python object per group.
+                stage = self._stage = torch.empty_like(lrs, dtype=targets[0].dtype)
+                self._stage_views = list(stage.unbind(0))
+            stage.copy_(lrs)
+            torch._foreach_copy_(targets, self._stage_views)
         else:
-            for group, lr in zip(groups, lrs.tolist()):
+            for group, lr in zip(groups, lrs.tolist(), strict=True):
                 group["lr"] = lr
 
     def _rebuild_tensors(self) -> None:
         """Derive the tensors of the factor expression from the per-group settings."""
         starts, offsets, spans = [], [], []
-        for steps, start, shape in zip(self._warmup_steps, self._start_factors, self._shapes):
+        settings = zip(self._warmup_steps, self._start_factors, self._shapes, strict=True)
+        for steps, start, shape in settings:
             starts.append(_DEFAULT_START_FACTOR[shape] if start is None else start)
             shifted = start is None and shape != "constant"
             # W = 0: progress (t + 1) / 1 >= 1 at every t, so the factor is 1 throughout.
@@ -589,6 +619,22 @@ class WarmupScheduler(LRScheduler):
         rise = 1.0 - self._start
         self._rise = rise
         self._half_rise = rise * 0.5
+        # When every group has the same setting (the usual case) the factor is one number: the
+        # step then costs one tensor op instead of five, which is most of the time for few groups.
+        distinct = set(zip(self._shapes, starts, offsets, spans, strict=True))
+        self._shared: tuple[str, float, float, float, float] | None = None
+        if len(distinct) == 1:
+            shape, start, offset, span = distinct.pop()
+            rise_of_shape = (1.0 - start) * 0.5 if shape == "cosine" else 1.0 - start
+            self._shared = (shape, start, rise_of_shape, offset, span)
+        # Float lrs that are all equal on top of that (one group, or groups split only for weight
+        # decay) make the lr one Python float: no tensor op at all. b * f rounds the same in
+        # Python as in a float64 tensor, so both paths give identical values.
+        self._shared_base: float | None = None
+        if self._shared is not None and not self._tensor_lrs:
+            bases = self._base.tolist()
+            if all(b == bases[0] for b in bases):
+                self._shared_base = bases[0]
         present = sorted(set(self._shapes), key=_SHAPES.index)
         self._masks = [
             (shape, torch.tensor([s == shape for s in self._shapes], device=device))
@@ -596,18 +642,42 @@ class WarmupScheduler(LRScheduler):
         ]
         self._warmup_end = max(self._warmup_steps, default=0)
 
+    def _write_warmup(self, t: int) -> None:
+        """Write ``base * f(t)`` into every group."""
+        shared_base = self._shared_base
+        if shared_base is None:
+            self._write(self._warm(t, self._base))
+            return
+        lr = shared_base * self._shared_factor(t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _shared_factor(self, t: int) -> float:
+        shape, start, rise, offset, span = self._shared  # type: ignore[misc]
+        return _scalar_ramp(shape, start, rise, (t + offset) / span)
+
+    def _warm(self, t: int, lrs: Tensor) -> Tensor:
+        """``lrs * f(t)`` for every group, as a fresh float64 tensor."""
+        if self._shared is not None:
+            return torch.mul(lrs, self._shared_factor(t))
+        return self._factors(t).mul_(lrs)
+
     def _factors(self, t: int) -> Tensor:
         """f_g(t) of every group as one float64 tensor (a fresh tensor the caller may modify)."""
-        progress = torch.add(self._offset, t).div_(self._span).clamp_(max=1.0)
+        progress = torch.add(self._offset, t).div_(self._span)
+        done = progress >= 1.0
         if len(self._masks) == 1:
             shape = self._masks[0][0]
             rise = self._half_rise if shape == "cosine" else self._rise
-            return _ramp(shape, self._start, rise, progress)
-        factors = torch.ones_like(progress)
-        for shape, mask in self._masks:
-            rise = self._half_rise if shape == "cosine" else self._rise
-            factors = torch.where(mask, _ramp(shape, self._start, rise, progress.clone()), factors)
-        return factors
+            factors = _ramp(shape, self._start, rise, progress)
+        else:
+            factors = torch.ones_like(progress)
+            for shape, mask in self._masks:
+                rise = self._half_rise if shape == "cosine" else self._rise
+                ramp = _ramp(shape, self._start, rise, progress.clone())
+                factors = torch.where(mask, ramp, factors)
+        # Exactly 1 once the ramp is complete, so the lr lands on the base lr bit for bit.
+        return factors.masked_fill_(done, 1.0)
 
     def _after_steps_at(self, t: int) -> bool:
         """Whether the call that reaches step t steps the after-scheduler."""
@@ -618,21 +688,27 @@ class WarmupScheduler(LRScheduler):
         return True
 
     def _step_after(self, metrics: SupportsFloat | None) -> None:
-        if metrics is None:
-            self.after.step()  # type: ignore[union-attr]
-        else:
-            self.after.step(metrics=metrics)  # type: ignore[union-attr, call-arg]
+        after = self.after
+        kwargs = {} if metrics is None else {"metrics": metrics}
+        if getattr(after, "_step_count", None) != 1:
+            after.step(**kwargs)  # type: ignore[union-attr]
+            return
+        # torch's ordering heuristic runs on a scheduler's first step only. The call order is
+        # ours to define (see "No ordering heuristic" above), so it is silenced there too.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_ORDER_WARNINGS, category=UserWarning)
+            after.step(**kwargs)  # type: ignore[union-attr]
 
     def _apply_current(self) -> None:
         """Write the lrs of the current step after construction or a change of the warmup end."""
         t, end = self.last_epoch, self._warmup_end
         if self.after is not None and self.compose == "multiply":
             if t < end:
-                self._write(self._factors(t).mul_(self._after_lrs))  # type: ignore[arg-type]
+                self._write(self._warm(t, self._after_lrs))  # type: ignore[arg-type]
             else:
                 self._write(self._after_lrs)  # type: ignore[arg-type]
         elif t < end:
-            self._write(self._factors(t).mul_(self._base))
+            self._write_warmup(t)
         elif t == end and self._after_start is not None:
             self._write(self._after_start)
         elif self.after is None:
@@ -678,7 +754,7 @@ class WarmupScheduler(LRScheduler):
         self._check_shared_lr_tensors()
         self._rebuild_tensors()
         if self.last_epoch < self._warmup_end:
-            self._write(self._factors(self.last_epoch).mul_(self._base))
+            self._write_warmup(self.last_epoch)
 
 
 class GradualWarmupScheduler(WarmupScheduler):
