@@ -202,8 +202,9 @@ def label_smoothing_cross_entropy(
     backend: str = "auto",
     process_group: Optional[object] = None,
 ) -> Tensor:
-    check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
     if process_group is not None:
+        # The sharded path checks its options inside a collective exchange, so that one rank's
+        # bad argument raises on every rank instead of leaving the others waiting.
         from .distributed import sharded_label_smoothing_cross_entropy
 
         return sharded_label_smoothing_cross_entropy(
@@ -219,6 +220,7 @@ def label_smoothing_cross_entropy(
             backend=backend,
             process_group=process_group,
         )
+    check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
     _check_tensors(logits, target, weight, spread)
     backend = _resolve_backend(backend, logits.device)
     rows = _row_view(logits)

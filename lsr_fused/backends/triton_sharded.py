@@ -1,0 +1,210 @@
+"""Triton kernels of the class-sharded (vocabulary-parallel) loss: see :mod:`lsr_fused.distributed`.
+
+Two passes over this rank's ``(B, S, C_local)`` row view, both free of host synchronisation:
+
+* :func:`shard_stats`: one online-softmax read per row giving the row's local max, sum-exp (relative
+  to that max, or to 0 while it is -inf), ``sum_c w_c x_c``, and the target's logit and weight when
+  the target falls in this shard (0 otherwise).
+* :func:`shard_grad`: one write per element,
+  ``grad_i = exp(x_i - lse) * A - B * w_i - T * [i == local target]`` with per-row
+  ``(lse, A, B, T)`` prepared by the caller (upstream gradient, masses and masks folded in).
+
+Everything per call is a runtime value (no recompilation for a new N or mass); offsets are int64.
+Runs compiled on CUDA tensors and on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _row_start(row, inner, stride_outer, stride_inner):
+    row = row.to(tl.int64)
+    return (row // inner) * stride_outer + (row % inner) * stride_inner
+
+
+@triton.jit
+def _stats_kernel(
+    logits_ptr,
+    local_target_ptr,
+    weight_ptr,
+    out_ptr,
+    num_rows,
+    inner,
+    stride_outer,
+    stride_inner,
+    stride_class,
+    num_classes,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + _row_start(row, inner, stride_outer, stride_inner)
+    running_max = tl.full([], float("-inf"), ACC)
+    running_sum_exp = tl.zeros([], ACC)
+    weighted_sum = tl.zeros([], ACC)
+    for start in range(0, num_classes, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < num_classes
+        x = tl.load(
+            row_ptr + cols.to(tl.int64) * stride_class, mask=in_row, other=float("-inf")
+        ).to(ACC)
+        new_max = tl.maximum(running_max, tl.max(x, 0))
+        # While every logit seen is -inf, shift by 0: (-inf) - (-inf) would be NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * _LOG2E) + tl.sum(
+            tl.exp2((x - shift) * _LOG2E), 0
+        )
+        running_max = new_max
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
+            weighted_sum += tl.sum(tl.where(in_row, w * x, 0.0), 0)
+        else:
+            weighted_sum += tl.sum(tl.where(in_row, x, 0.0), 0)
+
+    local_target = tl.load(local_target_ptr + row)
+    here = local_target >= 0
+    safe_target = tl.where(here, local_target, 0)
+    target_logit = tl.load(row_ptr + safe_target * stride_class, mask=here, other=0.0).to(ACC)
+    if HAS_WEIGHT:
+        target_weight = tl.load(weight_ptr + safe_target, mask=here, other=0.0).to(ACC)
+    else:
+        target_weight = tl.where(here, 1.0, 0.0).to(ACC)
+
+    # out is (5, num_rows); stepping the pointer keeps every offset in 64-bit address arithmetic.
+    out = out_ptr + row.to(tl.int64)
+    tl.store(out, running_max)
+    out += num_rows
+    tl.store(out, running_sum_exp)
+    out += num_rows
+    tl.store(out, weighted_sum)
+    out += num_rows
+    tl.store(out, target_logit)
+    out += num_rows
+    tl.store(out, target_weight)
+
+
+@triton.jit
+def _grad_kernel(
+    logits_ptr,
+    grad_ptr,
+    local_target_ptr,
+    weight_ptr,
+    coef_ptr,
+    num_rows,
+    inner,
+    stride_outer,
+    stride_inner,
+    stride_class,
+    num_classes,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_row = cols < num_classes
+    # grad_ptr shares the logits' strides (the caller guarantees it), so one offset serves both.
+    offsets = _row_start(row, inner, stride_outer, stride_inner) + cols.to(tl.int64) * stride_class
+
+    coef = coef_ptr + row.to(tl.int64)
+    lse = tl.load(coef).to(ACC)
+    coef += num_rows
+    softmax_scale = tl.load(coef).to(ACC)
+    coef += num_rows
+    other_scale = tl.load(coef).to(ACC)
+    coef += num_rows
+    target_scale = tl.load(coef).to(ACC)
+    local_target = tl.load(local_target_ptr + row)
+
+    x = tl.load(logits_ptr + offsets, mask=in_row, other=0.0).to(ACC)
+    grad = tl.exp2((x - lse) * _LOG2E) * softmax_scale
+    if HAS_WEIGHT:
+        grad -= other_scale * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
+    else:
+        grad -= other_scale
+    grad -= tl.where(cols == local_target, target_scale, 0.0)
+    tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _launch_config(logits: Tensor, limit: int) -> tuple[int, int, tl.dtype]:
+    block = min(triton.next_power_of_2(max(logits.shape[-1], 16)), limit)
+    num_warps = 4 if block <= 2048 else 8
+    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    return block, num_warps, acc
+
+
+def shard_stats(
+    logits: Tensor, local_target: Tensor, weight: Optional[Tensor], out: Tensor
+) -> None:
+    """Fill ``out`` ``(5, rows)`` (accumulation dtype, contiguous) with the per-row shard
+    statistics; ``local_target`` ``(rows,)`` int64 holds ``y - offset`` or -1 (not here)."""
+    batch, inner, num_classes = logits.shape
+    num_rows = batch * inner
+    if num_rows == 0:
+        return
+    if num_classes == 0:  # an empty shard: nothing to read, and no pointer worth passing
+        out.zero_()
+        out[0].fill_(float("-inf"))
+        return
+    block, num_warps, acc = _launch_config(logits, 8192 if logits.element_size() <= 2 else 4096)
+    _stats_kernel[(num_rows,)](
+        logits,
+        local_target,
+        logits if weight is None else weight,  # never read without HAS_WEIGHT
+        out,
+        num_rows,
+        inner,
+        logits.stride(0),
+        logits.stride(1),
+        logits.stride(2),
+        num_classes,
+        HAS_WEIGHT=weight is not None,
+        BLOCK=block,
+        ACC=acc,
+        num_warps=num_warps,
+    )
+
+
+def shard_grad(
+    logits: Tensor,
+    local_target: Tensor,
+    weight: Optional[Tensor],
+    coefs: Tensor,
+    grad_logits: Tensor,
+) -> None:
+    """Write this shard's gradient into ``grad_logits`` (the logits' strides; may be ``logits``)
+    from the per-row ``coefs`` ``(4, rows)`` = ``(lse, A, B, T)``, contiguous."""
+    batch, inner, num_classes = logits.shape
+    num_rows = batch * inner
+    if num_rows == 0 or num_classes == 0:
+        return
+    if grad_logits.stride() != logits.stride():
+        raise ValueError("grad_logits must share the logits' strides")
+    block, num_warps, acc = _launch_config(logits, 4096)
+    _grad_kernel[(num_rows, triton.cdiv(num_classes, block))](
+        logits,
+        grad_logits,
+        local_target,
+        logits if weight is None else weight,  # never read without HAS_WEIGHT
+        coefs,
+        num_rows,
+        inner,
+        logits.stride(0),
+        logits.stride(1),
+        logits.stride(2),
+        num_classes,
+        HAS_WEIGHT=weight is not None,
+        BLOCK=block,
+        ACC=acc,
+        num_warps=num_warps,
+    )

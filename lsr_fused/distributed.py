@@ -1,0 +1,539 @@
+"""Vocabulary-parallel label-smoothed cross-entropy: the class dimension sharded over a group.
+
+With tensor parallelism the output layer is often split along the classes: rank ``k`` of a
+``torch.distributed`` group holds logits for its contiguous slice ``[offset_k, offset_k + C_k)`` of
+the ``C = sum_k C_k`` classes (slices may be uneven, empty included; they are ordered by rank in
+the group). :func:`sharded_label_smoothing_cross_entropy` (reached through
+``label_smoothing_cross_entropy(..., process_group=pg)`` or ``LabelSmoothingCE(...,
+process_group=pg)``) returns exactly the loss of the unsharded logits on every rank, and each rank
+receives the gradient of its own slice. The smoothing masses use the *global* class count, so
+``spread="all"`` and ``spread="others"`` both match the single-device result.
+
+Per row, with the math of :mod:`lsr_fused.backends` (``b = other_mass``, ``a - b = target_extra``)::
+
+    rank k, one fused pass over its slice (Triton kernel or chunked torch):
+        m_k   = max_c x_c           s_k = sum_c exp(x_c - m_k)      t_k = sum_c w_c x_c
+        xy_k  = x_y if y is in the slice else 0      wy_k = w_y likewise (1 without weights)
+    all_reduce(MAX):  M = max_k m_k                                   (N values)
+    all_reduce(SUM):  sum_k s_k exp(m_k - M), sum_k t_k, sum_k xy_k, sum_k wy_k, and once
+                      W = sum_k sum(w_k)                              (4 N + 1 values)
+    every rank:       lse = M + log(sum_exp), S = b W + (a - b) w_y,
+                      loss = S lse - b t - (a - b) w_y x_y + z lse^2
+
+Backward needs no communication: every rank holds the per-row ``lse``, ``S`` and ``w_y`` and writes
+its slice in one pass, ``g (softmax_i (S + 2 z lse) - b w_i - (a - b) w_y [i == y - offset])``.
+The logits are never gathered: the collectives carry O(N) statistics only.
+
+Before any of that, each call all-gathers a small description of every rank's arguments (shard
+width, target shape, dtype, options, and on the CPU the target range and a checksum of the
+targets). Ranks that disagree, or a rank whose arguments are invalid, make *every* rank raise the
+same ``ValueError`` instead of leaving the others blocked in a collective. On groups that carry CPU
+tensors (gloo, or torch's default ``"cpu:gloo,cuda:nccl"`` pair) this exchange is host-only and
+costs no device synchronisation; on an NCCL-only group it goes through the device and costs one
+small device-to-host copy per call (initialise the group with both backends to avoid it).
+
+The shard sizes (hence ``C`` and this rank's offset) come out of that same exchange, on every call,
+so no cache can go stale when shapes change between calls.
+
+Backends: ``"triton"`` runs the kernels of :mod:`lsr_fused.backends.triton_sharded` (CUDA, or CPU
+tensors under ``TRITON_INTERPRET=1``); ``"torch"`` is a chunked composite whose temporaries are
+bounded by a fixed number of elements, whatever the size of the logits. ``"auto"`` picks Triton on
+CUDA and the torch composite elsewhere; ``"cpp"`` maps to the torch composite (the C++ extension
+has no sharded kernels).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import functional as _functional
+from ._params import smoothing_masses
+from ._validation import validation_enabled
+
+_CHUNK_ELEMENTS = 1 << 22
+# Target dimensions described individually in the exchange; any further ones are folded into a
+# product (logits with more than 9 dimensions are still checked, slightly less precisely).
+_SHAPE_SLOTS = 8
+
+__all__ = ["sharded_label_smoothing_cross_entropy"]
+
+
+# --------------------------------------------------------------------------------------------
+# The torch composite: the two per-rank passes written with ATen ops over row chunks.
+# --------------------------------------------------------------------------------------------
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(logits: Tensor):
+    """Yield ``(start_row, stop_row, outer_start, outer_stop, chunk)``, chunk ``(rows, C)``."""
+    batch, inner, num_classes = logits.shape
+    outer_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, inner * num_classes))
+    for outer_start in range(0, batch, outer_per_chunk):
+        outer_stop = min(batch, outer_start + outer_per_chunk)
+        chunk = logits[outer_start:outer_stop].reshape(-1, num_classes)
+        yield outer_start * inner, outer_stop * inner, outer_start, outer_stop, chunk
+
+
+def _empty_shard_stats(out: Tensor) -> None:
+    out.zero_()
+    out[0].fill_(float("-inf"))
+
+
+def torch_shard_stats(
+    logits: Tensor, local_target: Tensor, weight: Optional[Tensor], out: Tensor
+) -> None:
+    """Fill ``out`` ``(5, rows)`` with each row's (max, sum-exp relative to the max, sum w x, x_y,
+    w_y) over this shard; ``local_target`` is ``y - offset``, or -1 where the target is elsewhere.
+    The sum-exp is relative to 0 instead where the max is -inf."""
+    if logits.shape[-1] == 0:
+        _empty_shard_stats(out)
+        return
+    for start, stop, _, _, chunk in _row_chunks(logits):
+        x = chunk.to(out.dtype)
+        row_max = x.amax(dim=-1)
+        shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+        out[0, start:stop] = row_max
+        out[1, start:stop] = (x - shift.unsqueeze(-1)).exp().sum(dim=-1)
+        out[2, start:stop] = x.sum(dim=-1) if weight is None else x @ weight
+        here = local_target[start:stop] >= 0
+        safe = torch.where(here, local_target[start:stop], 0)
+        out[3, start:stop] = torch.where(here, x.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
+        if weight is None:
+            out[4, start:stop] = here.to(out.dtype)
+        else:
+            out[4, start:stop] = torch.where(here, weight.gather(0, safe), 0.0)
+
+
+def torch_shard_grad(
+    logits: Tensor,
+    local_target: Tensor,
+    weight: Optional[Tensor],
+    coefs: Tensor,
+    grad_logits: Tensor,
+) -> None:
+    """Write ``exp(x_i - lse) A - B w_i - T [i == local_target]`` per row into ``grad_logits``
+    (same strides as ``logits``, possibly ``logits`` itself); ``coefs`` is ``(4, rows)`` holding
+    ``(lse, A, B, T)``."""
+    _, inner, num_classes = logits.shape
+    if num_classes == 0:
+        return
+    for start, stop, outer_start, outer_stop, chunk in _row_chunks(logits):
+        x = chunk.to(coefs.dtype)
+        lse, scale, other, target_coef = (c[start:stop].unsqueeze(-1) for c in coefs)
+        grad = (x - lse).exp_().mul_(scale)
+        if weight is None:
+            grad.sub_(other)
+        else:
+            grad.addcmul_(other, weight, value=-1.0)
+        here = local_target[start:stop] >= 0
+        safe = torch.where(here, local_target[start:stop], 0).unsqueeze(-1)
+        grad.scatter_add_(-1, safe, torch.where(here.unsqueeze(-1), -target_coef, 0.0))
+        grad_logits[outer_start:outer_stop].copy_(
+            grad.view(outer_stop - outer_start, inner, num_classes)
+        )
+
+
+def _kernels(backend: str):
+    """``(stats, grad)`` functions of a resolved backend name (``"triton"`` or ``"torch"``)."""
+    if backend == "triton":
+        from .backends import triton_sharded
+
+        return triton_sharded.shard_stats, triton_sharded.shard_grad
+    return torch_shard_stats, torch_shard_grad
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement between ranks: one small all_gather, every call, before any O(N) collective.
+# --------------------------------------------------------------------------------------------
+
+_REDUCTION_CODES = {name: i for i, name in enumerate(_functional.REDUCTIONS)}
+_SPREAD_CODES = {name: i for i, name in enumerate(_functional.SPREADS)}
+_DTYPE_CODES = {dtype: i for i, dtype in enumerate(_functional._FLOAT_DTYPES)}
+
+# Header columns of a description row, then the columns every rank must agree on.
+_ERROR, _WIDTH, _TARGET_MIN, _TARGET_MAX, _CHECKED, _CHECKSUM = range(6)
+_AGREED_START = 6
+_AGREED_NAMES = (
+    "the number of logits dimensions",
+    "the number of rows (elements of target)",
+    *("the target shape",) * _SHAPE_SLOTS,
+    "the logits dtype",
+    "whether weight is given",
+    "reduction",
+    "spread",
+    "ignore_index",
+    "label_smoothing",
+    "z_loss",
+)
+_DESCRIPTION_LENGTH = _AGREED_START + len(_AGREED_NAMES)
+
+
+def _float_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _target_summary(flat_target: Tensor, ignore_index: int) -> tuple[int, int, int, int]:
+    """``(checked, min, max, checksum)`` of the non-ignored targets, read on the host only where
+    that costs no device sync (CPU) or the user asked for it (:func:`lsr_fused.set_validation`)."""
+    if flat_target.device.type != "cpu" and not validation_enabled():
+        return 0, 0, -1, 0
+    kept = flat_target[flat_target != ignore_index]
+    low, high = (int(kept.min()), int(kept.max())) if kept.numel() else (0, -1)
+    # Order-sensitive; int64 overflow wraps identically on every rank.
+    positions = torch.arange(flat_target.numel(), device=flat_target.device) % 65521 + 1
+    checksum = int((flat_target * positions).sum()) if flat_target.numel() else 0
+    return 1, low, high, checksum
+
+
+def _describe(logits, flat_target, target_shape, weight, options) -> list[int]:
+    label_smoothing, ignore_index, reduction, spread, z_loss = options
+    shape = list(target_shape)
+    if len(shape) > _SHAPE_SLOTS:
+        folded = 1
+        for size in shape[_SHAPE_SLOTS - 1 :]:
+            folded *= size
+        shape = [*shape[: _SHAPE_SLOTS - 1], folded]
+    shape += [-1] * (_SHAPE_SLOTS - len(shape))
+    checked, low, high, checksum = _target_summary(flat_target, ignore_index)
+    description = [0, _class_width(logits), low, high, checked, checksum]
+    description += [logits.dim(), flat_target.numel(), *shape, _DTYPE_CODES[logits.dtype]]
+    description += [int(weight is not None), _REDUCTION_CODES[reduction], _SPREAD_CODES[spread]]
+    description += [ignore_index, _float_bits(label_smoothing), _float_bits(z_loss)]
+    return description
+
+
+def _carries_cpu(group) -> bool:
+    """Whether collectives on ``group`` accept CPU tensors (so the exchange needs no device)."""
+    try:  # per-device mapping such as "cpu:gloo,cuda:nccl" (the default of init_process_group())
+        name = str(dist.get_backend_config(group)).lower()
+    except (AttributeError, RuntimeError, ValueError):  # pragma: no cover - older torch
+        name = str(dist.get_backend(group)).lower()
+    if ":" in name:
+        return any(part.split(":")[0].strip() == "cpu" for part in name.split(","))
+    return "cpu" in dist.Backend.backend_capability.get(name, ())
+
+
+def _exchange_device(group, logits) -> torch.device:
+    if _carries_cpu(group):
+        return torch.device("cpu")
+    if isinstance(logits, Tensor) and logits.device.type != "cpu":
+        return logits.device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _exchange(group, description: list[int], device: torch.device) -> list[list[int]]:
+    mine = torch.tensor(description, dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    return [row.tolist() for row in table]
+
+
+def _disagreement(table: list[list[int]]) -> Optional[str]:
+    columns = list(zip(*table, strict=True))
+    for index, name in enumerate(_AGREED_NAMES):
+        values = columns[_AGREED_START + index]
+        if len(set(values)) == 1:
+            continue
+        first = _AGREED_START
+        if name == "the target shape":
+            values = [
+                tuple(s for s in row[first + 2 : first + 2 + _SHAPE_SLOTS] if s >= 0)
+                for row in table
+            ]
+        elif name in ("label_smoothing", "z_loss"):
+            values = [_bits_float(v) for v in values]
+        elif name == "reduction":
+            values = [_functional.REDUCTIONS[v] for v in values]
+        elif name == "spread":
+            values = [_functional.SPREADS[v] for v in values]
+        elif name == "the logits dtype":
+            values = [str(_functional._FLOAT_DTYPES[v]) for v in values]
+        elif name == "whether weight is given":
+            values = [bool(v) for v in values]
+        per_rank = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(values))
+        return f"ranks disagree on {name} ({per_rank})"
+    if all(row[_CHECKED] for row in table) and len({row[_CHECKSUM] for row in table}) > 1:
+        return "ranks hold different targets (every rank must pass the same global class indices)"
+    return None
+
+
+def _agree(group, logits, flat_target, target_shape, weight, options, local_error):
+    """Exchange descriptions; raise the same ``ValueError`` on every rank unless all agree.
+
+    Returns ``(num_classes, offset)``: the global class count and this rank's first class.
+    """
+    if local_error is None:
+        try:
+            description = _describe(logits, flat_target, target_shape, weight, options)
+        except (TypeError, ValueError, KeyError) as exc:  # pragma: no cover - defensive
+            local_error = exc
+    if local_error is not None:
+        description = [1] + [0] * (_DESCRIPTION_LENGTH - 1)
+    table = _exchange(group, description, _exchange_device(group, logits))
+    if local_error is not None:
+        raise local_error
+    prefix = "sharded label_smoothing_cross_entropy: "
+    failed = [rank for rank, row in enumerate(table) if row[_ERROR]]
+    if failed:
+        raise ValueError(
+            f"{prefix}rank(s) {failed} of the process group rejected their arguments (see the "
+            "error raised there)"
+        )
+    problem = _disagreement(table)
+    if problem is not None:
+        raise ValueError(prefix + problem)
+    widths = [row[_WIDTH] for row in table]
+    num_classes = sum(widths)
+    rank = dist.get_rank(group)
+    offset = sum(widths[:rank])
+    _, ignore_index, _, spread, _ = options
+    if num_classes == 0:
+        raise ValueError(f"{prefix}the shards hold no classes at all (C == 0)")
+    if spread == "others" and num_classes == 1:
+        raise ValueError(f"{prefix}spread='others' needs at least 2 classes (C == 1)")
+    for row in table:
+        if row[_CHECKED] and (row[_TARGET_MIN] < 0 or row[_TARGET_MAX] >= num_classes):
+            value = row[_TARGET_MIN] if row[_TARGET_MIN] < 0 else row[_TARGET_MAX]
+            raise ValueError(
+                f"{prefix}target contains {value}, which is neither ignore_index "
+                f"({ignore_index}) nor a class index in [0, {num_classes})"
+            )
+    return num_classes, offset
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks of the sharded case (raised on every rank through the exchange).
+# --------------------------------------------------------------------------------------------
+
+
+def _class_width(logits: Tensor) -> int:
+    return logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+
+
+def _check_local(logits, target, weight) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+    if logits.dtype not in _functional._FLOAT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least 1 dimension (this rank's classes)")
+    expected = tuple(logits.shape[:1] + logits.shape[2:]) if logits.dim() > 1 else ()
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match this rank's logits shape "
+            f"{tuple(logits.shape)}: expected {expected}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if weight is not None:
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a Tensor or None, got {type(weight).__name__}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating point, got {weight.dtype}")
+        width = _class_width(logits)
+        if tuple(weight.shape) != (width,):
+            raise ValueError(
+                f"weight must be this rank's slice of the class weights, shape ({width},), got "
+                f"{tuple(weight.shape)}"
+            )
+        if weight.device != logits.device:
+            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "triton":
+        if not _functional._triton_usable(device):
+            raise ValueError(
+                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors, and "
+                f"an installed triton (logits are on {device})"
+            )
+        return "triton"
+    if backend == "auto" and device.type == "cuda" and _functional._triton_usable(device):
+        return "triton"
+    return "torch"  # "torch", "cpp" (no sharded C++ kernels) and "auto" off CUDA
+
+
+def _resolve_group(process_group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "process_group was given but torch.distributed is not initialised "
+            "(call torch.distributed.init_process_group first)"
+        )
+    group = dist.group.WORLD if process_group is None else process_group
+    if dist.get_rank(group) < 0:
+        raise ValueError("this process is not a member of process_group")
+    return group
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd.
+# --------------------------------------------------------------------------------------------
+
+
+class _ShardedRows(torch.autograd.Function):
+    """Per-row sharded loss over a ``(B, S, C_local)`` row view; returns ``(loss, w_y)``."""
+
+    @staticmethod
+    def forward(ctx, rows, flat_target, local_target, weight, setup):
+        group, backend, num_classes, masses, z_loss, ignore_index, _ = setup
+        target_extra, other_mass = masses
+        stats_fn, _ = _kernels(backend)
+        acc = _accumulation_dtype(rows.dtype)
+        num_rows = flat_target.numel()
+        # [max | sum-exp | sum w x | x_y | w_y | W]: the last 4 N + 1 go through one SUM.
+        stats = torch.empty(5 * num_rows + 1, dtype=acc, device=rows.device)
+        local = stats[: 5 * num_rows].view(5, num_rows)
+        if num_rows:  # every rank agrees on num_rows, so all skip the collectives together
+            stats_fn(rows, local_target, weight, local)
+            stats[5 * num_rows] = 0.0 if weight is None else weight.sum()
+            global_max = local[0].clone()
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+            # exp(m_k - M) <= 1; a shard whose max is -inf contributes exp(-inf) = 0.
+            shift = torch.where(global_max == float("-inf"), 0.0, global_max)
+            local[1].mul_(torch.exp(local[0] - shift))
+            dist.all_reduce(stats[num_rows:], op=dist.ReduceOp.SUM, group=group)
+        else:
+            shift = stats[:0]
+        sum_exp, weighted_sum, target_logit, target_weight = local[1:]
+        total_weight = float(num_classes) if weight is None else stats[5 * num_rows]
+        lse = shift + torch.log(sum_exp)
+        total_mass = other_mass * total_weight + target_extra * target_weight
+        loss = total_mass * lse
+        # As on one device: a term whose coefficient is 0 is dropped, not multiplied by inf.
+        if other_mass != 0.0:
+            loss = loss - other_mass * weighted_sum
+        if target_extra != 0.0:
+            loss = loss - target_extra * target_weight * target_logit
+        if z_loss != 0.0:
+            loss = loss + z_loss * lse * lse
+        ignored = flat_target == ignore_index
+        in_range = (flat_target >= 0) & (flat_target < num_classes)
+        loss = torch.where(in_range, loss, float("nan"))
+        loss = torch.where(ignored, 0.0, loss)
+        target_weight = target_weight.clone()
+        ctx.mark_non_differentiable(target_weight)
+        ctx.save_for_backward(
+            rows, local_target, weight, lse, total_mass, target_weight, ignored, in_range
+        )
+        ctx.setup = setup
+        return loss, target_weight
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_target_weight):
+        rows, local_target, weight, lse, total_mass, target_weight, ignored, in_range = (
+            ctx.saved_tensors
+        )
+        _, backend, _, (target_extra, other_mass), z_loss, _, inplace = ctx.setup
+        _, grad_fn = _kernels(backend)
+        upstream = grad_loss.to(lse.dtype)
+        upstream = torch.where(in_range, upstream, float("nan"))
+        upstream = torch.where(ignored, 0.0, upstream)
+        # d loss / d x_i = softmax_i (S + 2 z lse) - b w_i - (a - b) w_y [i == y], times g.
+        coefs = torch.stack(
+            [
+                lse,
+                upstream * (total_mass + 2.0 * z_loss * lse),
+                upstream * other_mass,
+                upstream * (target_extra * target_weight),
+            ]
+        )
+        grad_rows = rows if inplace else torch.empty_like(rows)
+        grad_fn(rows, local_target, weight, coefs, grad_rows)
+        if inplace:
+            # Anything else that saved these logits now fails loudly instead of reading a gradient.
+            torch.autograd.graph.increment_version(rows)
+        return grad_rows, None, None, None, None
+
+
+def sharded_label_smoothing_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    label_smoothing: float = 0.1,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    weight: Optional[Tensor] = None,
+    spread: str = "all",
+    z_loss: float = 0.0,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    process_group=None,
+) -> Tensor:
+    """Label-smoothed cross-entropy of logits sharded along the classes over ``process_group``.
+
+    Args:
+        logits: this rank's contiguous slice of the classes, ``(N, C_local)``, ``(C_local,)`` or
+            ``(N, C_local, d1, ..., dk)``; ``C_local`` may differ between ranks (0 included).
+            Slices are ordered by rank in the group: rank 0 holds the first classes.
+        target: global class indices in ``[0, C)`` (or ``ignore_index``), the same on every rank.
+        weight: this rank's ``(C_local,)`` slice of the class weights, or None on every rank.
+        process_group: the group over which the classes are split (``None``: the default group).
+        label_smoothing, ignore_index, reduction, spread, z_loss, inplace_backward: as in
+            :func:`lsr_fused.label_smoothing_cross_entropy`, with the smoothing masses of the
+            global class count ``C``.
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked
+            composite); ``"auto"`` is Triton on CUDA, else ``"torch"``; ``"cpp"`` runs ``"torch"``.
+
+    Returns:
+        The loss of the unsharded computation, identical on every rank (``reduction="none"``: the
+        shape of ``target``); backward gives each rank the gradient of its slice.
+
+    Raises:
+        ValueError on every rank of the group when ranks disagree on shapes, dtype or options,
+        when any rank's arguments are invalid, or (CPU targets, or with
+        :func:`lsr_fused.set_validation`) when a target is outside ``[0, C)``.
+    """
+    group = _resolve_group(process_group)
+    options = (label_smoothing, ignore_index, reduction, spread, z_loss)
+    local_error = None
+    flat_target = None
+    try:
+        _functional.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
+        _check_local(logits, target, weight)
+        resolved = _resolve_backend(backend, logits.device)
+        flat_target = target.reshape(-1).to(torch.int64)
+    except (TypeError, ValueError) as exc:
+        local_error = exc
+    num_classes, offset = _agree(
+        group, logits, flat_target, getattr(target, "shape", ()), weight, options, local_error
+    )
+
+    rows = _functional._row_view(logits)
+    acc = _accumulation_dtype(logits.dtype)
+    if weight is not None:
+        weight = weight.to(acc).contiguous()
+    local_target = flat_target - offset
+    local_target = torch.where(
+        (local_target >= 0) & (local_target < rows.shape[-1]), local_target, -1
+    )
+    masses = smoothing_masses(float(label_smoothing), num_classes, spread)
+    # In place needs storage we own: leaves always get a fresh gradient (as on one device).
+    inplace = bool(inplace_backward) and not (logits.is_leaf and logits.requires_grad)
+    setup = (group, resolved, num_classes, masses, float(z_loss), ignore_index, inplace)
+    loss, target_weight = _ShardedRows.apply(rows, flat_target, local_target, weight, setup)
+    if reduction == "none":
+        return loss.view(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    counted = flat_target != ignore_index
+    if weight is None:
+        denominator = counted.sum(dtype=acc)
+    else:
+        denominator = (target_weight * counted).sum()
+    return loss.sum() / denominator
