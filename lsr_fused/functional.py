@@ -78,11 +78,8 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _cpp_usable() -> bool:
-    try:  # TEMP-INTEGRATION
-        return ops.backend_module("cpp").is_available()
-    except ImportError:  # TEMP-INTEGRATION
-        return False
+def _cpp_usable(device_type: str) -> bool:
+    return ops.backend_module("cpp").is_available(device_type)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -91,7 +88,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     names = []
     if _triton_usable(device):
         names.append("triton")
-    if _cpp_usable():
+    if _cpp_usable(device.type):
         names.append("cpp")
     names.append("torch")
     if device.type == "cpu" and "triton" in names:
@@ -104,13 +101,13 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda" and _triton_usable(device):
             return "triton"
-        return "cpp" if _cpp_usable() else "torch"
+        return "cpp" if _cpp_usable(device.type) else "torch"
     if backend == "triton" and not _triton_usable(device):
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors, and an "
             f"installed triton (logits are on {device})"
         )
-    if backend == "cpp" and not _cpp_usable():
+    if backend == "cpp" and not _cpp_usable(device.type):
         reason = ops.backend_module("cpp").unavailable_reason()
         raise ValueError(f"backend='cpp' is unavailable: {reason}")
     return backend

@@ -1,0 +1,301 @@
+"""The compiled backend: the row kernels of ``csrc/`` exposed as ``torch.ops.lsr_fused_C.*``.
+
+Loading is lazy (nothing happens when :mod:`lsr_fused` is imported) and happens once, on the first
+call to :func:`is_available`, :func:`unavailable_reason`, :func:`forward` or :func:`backward`:
+
+1. ``import lsr_fused._C``, the extension built by ``setup.py`` (``pip install .``);
+2. otherwise, when the sources are present (a source checkout), compile them just in time with
+   :func:`torch.utils.cpp_extension.load` into a cache directory keyed by a hash of the sources, the
+   compiler flags and the torch/Python versions (``$LSR_FUSED_CACHE_DIR``, else
+   ``$XDG_CACHE_HOME/lsr_fused``, else ``~/.cache/lsr_fused``), printing one line to stderr. Set
+   ``LSR_FUSED_NO_JIT=1`` to skip this step;
+3. otherwise the backend is unavailable and :func:`unavailable_reason` says why.
+
+The ops (schemas in ``csrc/ops.cpp``)::
+
+    lsr_fused_C::forward(Tensor logits, Tensor target, Tensor? weight, Tensor? weight_total,
+                         float target_extra, float other_mass, float z_loss, int ignore_index)
+        -> (Tensor loss, Tensor lse)
+    lsr_fused_C::backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight,
+                          Tensor? weight_total, Tensor lse, float target_extra, float other_mass,
+                          float z_loss, int ignore_index, Tensor(a!) grad_logits) -> ()
+
+On the CPU a target outside ``[0, C)`` (other than ``ignore_index``) raises ``ValueError``; on CUDA
+it gives NaN loss and gradient rows.
+
+CPU tuning knobs (environment variables, read by the compiled code):
+
+* ``LSR_FUSED_CPU_CAPABILITY=default|avx2|avx512``: cap the kernel variant (see
+  :func:`set_cpu_capability`);
+* ``LSR_FUSED_STREAM_MIN_BYTES``: gradients at least this large (default 32 MiB) that do not alias
+  the logits are written with non-temporal stores; a negative value disables them;
+* ``LSR_FUSED_THP=0``: do not ask for transparent huge pages on a large, freshly allocated gradient
+  (Linux ``madvise(MADV_HUGEPAGE)``; it only changes how fast its first write page-faults).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .._params import RowParams
+
+_OP_NAMESPACE = "lsr_fused_C"
+_SOURCE_ROOT = Path(__file__).resolve().parents[2] / "csrc"
+# Link order matters: the baseline kernels come before the ISA variants (csrc/cpu/isa_prelude.h).
+_JIT_CPU_SOURCES = (
+    "ops.cpp",
+    "cpu/kernel_default.cpp",
+    "cpu/kernel_avx2.cpp",
+    "cpu/kernel_avx512.cpp",
+)
+_JIT_CUDA_SOURCES = ("cuda/ops_cuda.cpp", "cuda/kernels.cu")
+_JIT_HEADERS = (
+    "lsr_args.h",
+    "ops_common.h",
+    "cpu/kernel_impl.h",
+    "cpu/isa_prelude.h",
+    "cuda/launch.h",
+)
+_JIT_CFLAGS = ("-O3", "-fvisibility-inlines-hidden")
+# at::parallel_for is a header template: without OpenMP it compiles to a serial loop when torch
+# uses its OpenMP backend.
+_JIT_OPENMP_FLAGS = ("-fopenmp",)
+_JIT_CUDA_CFLAGS = ("-O3", "--expt-relaxed-constexpr")
+
+_lock = threading.RLock()
+_state: dict[str, object] = {"tried": False, "loaded": False, "reason": None, "how": None}
+
+
+def _ops_registered() -> bool:
+    return hasattr(getattr(torch.ops, _OP_NAMESPACE), "forward")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cache_root() -> Path:
+    explicit = os.environ.get("LSR_FUSED_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "lsr_fused"
+
+
+def _jit_digest(sources: tuple[str, ...], flags: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for part in (torch.__version__, str(torch.version.cuda), sys.version, platform.machine()):
+        h.update(part.encode())
+        h.update(b"\0")
+    for flag in flags:
+        h.update(flag.encode())
+        h.update(b"\0")
+    for rel in sorted(set(sources) | set(_JIT_HEADERS)):
+        path = _SOURCE_ROOT / rel
+        h.update(rel.encode())
+        h.update(b"\0")
+        h.update(path.read_bytes() if path.exists() else b"<missing>")
+    return h.hexdigest()[:16]
+
+
+def _jit_wants_cuda() -> bool:
+    if os.environ.get("LSR_FUSED_FORCE_CUDA", "").strip() == "0":
+        return False
+    if _env_flag("LSR_FUSED_FORCE_CUDA"):
+        return True
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+
+
+def _jit_build(with_cuda: bool) -> None:
+    from torch.utils.cpp_extension import load
+
+    sources = _JIT_CPU_SOURCES + (_JIT_CUDA_SOURCES if with_cuda else ())
+    use_openmp = torch.backends.openmp.is_available() and sys.platform != "darwin"
+    cflags = _JIT_CFLAGS + (_JIT_OPENMP_FLAGS if use_openmp else ())
+    ldflags = _JIT_OPENMP_FLAGS if use_openmp else ()
+    flags = cflags + ldflags + (_JIT_CUDA_CFLAGS if with_cuda else ())
+    digest = _jit_digest(sources, flags)
+    build_dir = _cache_root() / f"{'cuda' if with_cuda else 'cpu'}-{digest}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    name = f"lsr_fused_C_jit_{digest}"
+    if not any(build_dir.glob(f"{name}.*")):  # a cached build is just loaded, silently
+        print(
+            f"lsr_fused: compiling the C++ backend just in time into {build_dir} "
+            "(first use only, about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
+    load(
+        name=name,
+        sources=[str(_SOURCE_ROOT / rel) for rel in sources],
+        extra_cflags=list(cflags) + (["-DLSR_FUSED_WITH_CUDA=1"] if with_cuda else []),
+        extra_ldflags=list(ldflags),
+        extra_cuda_cflags=list(_JIT_CUDA_CFLAGS) if with_cuda else None,
+        extra_include_paths=[str(_SOURCE_ROOT)],
+        build_directory=str(build_dir),
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=_env_flag("LSR_FUSED_VERBOSE_BUILD"),
+    )
+
+
+def _load() -> tuple[bool, str | None, str | None]:
+    """Try every way of getting the ops; return (loaded, reason if not, how if so)."""
+    if _ops_registered():  # e.g. loaded by hand with torch.ops.load_library
+        return True, None, "already registered"
+    try:
+        importlib.import_module("lsr_fused._C")
+    except ImportError as exc:
+        prebuilt_error = f"lsr_fused._C could not be imported ({exc})"
+    else:
+        if _ops_registered():
+            return True, None, "lsr_fused._C"
+        prebuilt_error = "lsr_fused._C was imported but registered no lsr_fused_C ops"
+
+    if _env_flag("LSR_FUSED_NO_JIT"):
+        return False, f"{prebuilt_error}; just-in-time build disabled by LSR_FUSED_NO_JIT", None
+    missing = [rel for rel in _JIT_CPU_SOURCES if not (_SOURCE_ROOT / rel).is_file()]
+    if missing:
+        return False, f"{prebuilt_error}; no C++ sources for a just-in-time build ({missing})", None
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return False, f"{prebuilt_error}; no C++ compiler ({compiler!r} not found)", None
+
+    attempts = [True, False] if _jit_wants_cuda() else [False]
+    errors = []
+    for with_cuda in attempts:
+        try:
+            _jit_build(with_cuda)
+        except Exception as exc:  # compiler errors, missing headers, ninja missing, ...
+            text = str(exc).strip().splitlines()
+            summary = text[-1] if text else ""
+            errors.append(
+                f"{'CUDA' if with_cuda else 'CPU'} build: {type(exc).__name__}: {summary}"
+            )
+            if _ops_registered():  # loaded despite a late error
+                break
+            continue
+        if _ops_registered():
+            return True, None, f"just-in-time build ({'CPU+CUDA' if with_cuda else 'CPU'})"
+        errors.append("the just-in-time library registered no lsr_fused_C ops")
+    if _ops_registered():
+        return True, None, "just-in-time build"
+    return False, f"{prebuilt_error}; just-in-time build failed: {'; '.join(errors)}", None
+
+
+def _ensure_loaded() -> bool:
+    if _state["tried"]:
+        return bool(_state["loaded"])
+    with _lock:
+        if not _state["tried"]:
+            loaded, reason, how = _load()
+            _state.update(loaded=loaded, reason=reason, how=how, tried=True)
+    return bool(_state["loaded"])
+
+
+def is_available(device: torch.device | str | None = None) -> bool:
+    """Whether the compiled ops can be used (building them just in time if needed).
+
+    With ``device``, also whether kernels exist for that device type (``"cpu"`` or ``"cuda"``).
+    """
+    if not _ensure_loaded():
+        return False
+    if device is None:
+        return True
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{_OP_NAMESPACE}::forward", key)
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`is_available` is False (``None`` when the backend is available)."""
+    _ensure_loaded()
+    return None if _state["loaded"] else str(_state["reason"])
+
+
+def load_source() -> str | None:
+    """How the ops were obtained (``"lsr_fused._C"``, ``"just-in-time build (CPU)"``, ...)."""
+    _ensure_loaded()
+    return _state["how"]  # type: ignore[return-value]
+
+
+def _require() -> None:
+    if not _ensure_loaded():
+        raise RuntimeError(f"lsr_fused C++ backend unavailable: {_state['reason']}")
+
+
+def cpu_capability() -> str:
+    """The CPU kernel variant in use: ``"default"``, ``"avx2"`` or ``"avx512"``."""
+    _require()
+    return torch.ops.lsr_fused_C.cpu_capability()
+
+
+def set_cpu_capability(name: str) -> str:
+    """Select the CPU kernel variant (``"default"``, ``"avx2"``, ``"avx512"`` or ``"auto"``).
+
+    Returns the previous one; raises ``ValueError`` when the variant is unsupported here. The
+    initial choice is the best supported one, capped by ``$LSR_FUSED_CPU_CAPABILITY``.
+    """
+    _require()
+    return torch.ops.lsr_fused_C.set_cpu_capability(name)
+
+
+def forward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    weight_total: Tensor | None,
+    params: RowParams,
+) -> tuple[Tensor, Tensor]:
+    _require()
+    loss, lse = torch.ops.lsr_fused_C.forward(
+        logits,
+        target,
+        weight,
+        weight_total,
+        float(params.target_extra),
+        float(params.other_mass),
+        float(params.z_loss),
+        int(params.ignore_index),
+    )
+    return loss, lse
+
+
+def backward(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    weight_total: Tensor | None,
+    lse: Tensor,
+    params: RowParams,
+    grad_logits: Tensor,
+) -> None:
+    _require()
+    torch.ops.lsr_fused_C.backward(
+        grad_loss,
+        logits,
+        target,
+        weight,
+        weight_total,
+        lse,
+        float(params.target_extra),
+        float(params.other_mass),
+        float(params.z_loss),
+        int(params.ignore_index),
+        grad_logits,
+    )
