@@ -41,9 +41,9 @@ def backend_module(name: str) -> ModuleType:
     return torch_backend
 
 
-def writes_grad_in_forward(backend: str) -> bool:
-    """Whether ``backend`` can write the gradient during the forward pass."""
-    return getattr(backend_module(backend), "WRITES_GRAD_IN_FORWARD", False)
+def writes_grad_in_forward(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` can write the gradient during the forward pass on ``device_type``."""
+    return device_type in getattr(backend_module(backend), "WRITES_GRAD_IN_FORWARD", ())
 
 
 def _accumulation_dtype(logits: Tensor) -> torch.dtype:

@@ -16,11 +16,11 @@ Every backend implements the same two functions over a *row view* of the logits:
     grad_loss: ``(B * S,)`` accumulation dtype, any stride (a broadcast stride of 0 is common).
     grad_logits: ``(B, S, C)`` output written in place; it may be ``logits`` itself.
 
-Optional extension (a backend that sets ``WRITES_GRAD_IN_FORWARD = True``): ``forward`` also takes
-``grad_logits`` and ``grad_guess`` (a ``(1,)`` tensor), and then writes the gradient for an upstream
-value of ``grad_guess`` in every row during the forward pass; ``backward`` takes ``grad_guess`` too
-and then rewrites only the rows whose ``grad_loss`` differs from it. Correctness never depends on
-the guess; only the second pass's cost does.
+Optional extension, for the device types a backend lists in ``WRITES_GRAD_IN_FORWARD``:
+``forward`` also takes ``grad_logits`` and ``grad_guess`` (a ``(1,)`` tensor) and then writes the
+gradient for an upstream value of ``grad_guess`` in every row during the forward pass; ``backward``
+takes ``grad_guess`` too and then rewrites only the rows whose ``grad_loss`` differs from it.
+Correctness never depends on the guess; only the cost of the second pass does.
 
 Per row, with ``x`` the logits, ``y`` the target, ``w`` the class weights (all ones without weight),
 ``W = sum(w)``, ``a - b = target_extra``, ``b = other_mass`` and ``z = z_loss``::

@@ -16,7 +16,7 @@ from .._params import RowParams
 _LOG2E = 1.4426950408889634
 
 # Training steps get their gradient from the forward pass (see _forward_kernel, WRITE_GRAD).
-WRITES_GRAD_IN_FORWARD = True
+WRITES_GRAD_IN_FORWARD = frozenset({"cuda", "cpu"})
 
 
 @triton.jit
