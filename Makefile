@@ -3,6 +3,7 @@
 #   make test    installs what is missing, builds the package, runs ruff and the test suite
 # The virtual environment sees system packages, so a machine's own (CUDA) torch is used when it
 # has one; only where torch is absent does it install torch==2.13.0 (the CPU wheel on this disk).
+# ruff and triton are pinned to the releases the checks and the interpreter tests were written for.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,11 +16,11 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+$(STAMP): pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install numpy pytest ruff ninja matplotlib
-	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton
+	$(PY) -m pip install numpy pytest ruff==0.17.6 ninja matplotlib
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton==3.9.0
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
