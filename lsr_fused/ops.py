@@ -161,6 +161,7 @@ def _setup_forward(ctx, inputs, output) -> None:
     ctx.save_for_backward(logits, target, weight, weight_total, output[1])
     ctx.scalars = tuple(scalars)
     ctx.inplace_backward = inplace_backward
+    ctx.set_materialize_grads(False)
 
 
 def _backward_forward(ctx, grad_loss: Optional[Tensor], grad_lse: Optional[Tensor]):
@@ -187,6 +188,8 @@ def _setup_forward_with_grad(ctx, inputs, output) -> None:
     logits, target, weight, weight_total, grad_guess, *scalars = inputs
     ctx.save_for_backward(logits, target, weight, weight_total, output[1], grad_guess)
     ctx.scalars = tuple(scalars)
+    # Unused outputs (lse, the gradient buffer) must not get zero-filled logits-sized gradients.
+    ctx.set_materialize_grads(False)
     # Kept off save_for_backward on purpose: the backward mutates it (redo_gradient_), which
     # would trip the saved-tensor version check. It is handed out once; a second backward
     # (retain_graph) computes a fresh gradient instead of overwriting one autograd already holds.

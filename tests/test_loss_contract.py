@@ -261,3 +261,33 @@ def test_cuda_parity_with_cpu_reference(dtype):
     torch.testing.assert_close(loss.double(), ref, atol=1e-4, rtol=1e-5)
     tol = 1e-6 if dtype == torch.float32 else 1e-2 * ref_grad.abs().max().item()
     torch.testing.assert_close(grad.double(), ref_grad, atol=tol, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_training_step_allocates_one_gradient_and_no_zero_fill(backend, reduction):
+    # Autograd would zero-fill a logits-sized gradient for each unused output (lse, the gradient
+    # buffer) unless the ops opt out: a silent extra allocation and memset per step.
+    source = torch.randn(64, 2000, requires_grad=True)
+    logits = source * 1.0
+    target = torch.randint(0, 2000, (64,))
+    logits_bytes = logits.numel() * logits.element_size()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        loss = label_smoothing_cross_entropy(logits, target, reduction=reduction, backend=backend)
+        torch.autograd.grad(loss.sum(), logits)
+    zero_fills = [
+        e.key
+        for e in prof.key_averages()
+        if e.key in ("aten::zeros", "aten::zero_", "aten::zeros_like")
+        and e.cpu_memory_usage >= logits_bytes
+    ]
+    assert not zero_fills
+    big_allocations = [
+        e
+        for e in prof.events()
+        # The allocating leaves (empty_like and friends call one of these).
+        if e.key in ("aten::empty", "aten::empty_strided") and e.cpu_memory_usage >= logits_bytes
+    ]
+    assert len(big_allocations) <= 1, [e.key for e in big_allocations]
