@@ -149,6 +149,11 @@ def main() -> None:
         print(
             f"final accuracy {counts[0].item() / counts[1].item():.3f} ({elapsed:.1f}s)", flush=True
         )
+    # Release DDP (its reducer holds the process group) while the group is still registered:
+    # otherwise the group can be destroyed from the reducer's destructor with the GIL held, while
+    # gloo's worker thread waits for the GIL to free a finished work item (a teardown deadlock).
+    del model, optimizer, scheduler
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -20,7 +20,7 @@ WRITES_GRAD_IN_FORWARD = frozenset({"cuda", "cpu"})
 
 
 @triton.jit
-def _row_offset(row, inner, stride_outer, stride_inner):
+def row_offset(row, inner, stride_outer, stride_inner):
     # Rows enumerate (outer, inner) pairs of a (B, S, C) view; int64 so that N * C past 2**31 works.
     row = row.to(tl.int64)
     return (row // inner) * stride_outer + (row % inner) * stride_inner
@@ -81,17 +81,16 @@ def _gradient_block(
 
 
 @triton.jit
-def _forward_kernel(
-    logits_ptr, target_ptr, weight_ptr, weight_total_ptr, loss_ptr, lse_ptr, grad_ptr, guess_ptr,
-    inner, stride_outer, stride_inner, stride_class, num_classes,
-    target_extra, other_mass, z_loss, ignore_index,
-    HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+def online_row_stats(
+    row_ptr, stride_class, num_classes, weight_ptr,
+    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    row_offset = _row_offset(row, inner, stride_outer, stride_inner)
-    row_ptr = logits_ptr + row_offset
-    # One read of the row: a running (max, sum-exp) pair kept as scalars per block, so each
-    # element costs one exp2, plus the (weighted) sum of logits that the smoothing term needs.
+    """One read of a row: (max, sum of exp(x - max), sum of w * x), -inf safe.
+
+    The running (max, sum-exp) pair is kept as scalars per block, so each element costs one exp2;
+    while every logit seen is -inf the shift is 0 instead of -inf, whose difference would be NaN.
+    The returned sum-exp is relative to the max, or to 0 when the whole row is -inf.
+    """
     running_max = tl.full([], float("-inf"), ACC)
     running_sum_exp = tl.zeros([], ACC)
     weighted_logit_sum = tl.zeros([], ACC)
@@ -102,7 +101,6 @@ def _forward_kernel(
             row_ptr + cols.to(tl.int64) * stride_class, mask=in_row, other=float("-inf")
         ).to(ACC)
         new_max = tl.maximum(running_max, tl.max(x, 0))
-        # While every logit seen is -inf, shift by 0 instead: (-inf) - (-inf) would be NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * _LOG2E) + tl.sum(
             tl.exp2((x - shift) * _LOG2E), 0
@@ -115,6 +113,22 @@ def _forward_kernel(
             weighted_logit_sum += tl.sum(w * x_or_zero, 0)
         else:
             weighted_logit_sum += tl.sum(x_or_zero, 0)
+    return running_max, running_sum_exp, weighted_logit_sum
+
+
+@triton.jit
+def _forward_kernel(
+    logits_ptr, target_ptr, weight_ptr, weight_total_ptr, loss_ptr, lse_ptr, grad_ptr, guess_ptr,
+    inner, stride_outer, stride_inner, stride_class, num_classes,
+    target_extra, other_mass, z_loss, ignore_index,
+    HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_start = row_offset(row, inner, stride_outer, stride_inner)
+    row_ptr = logits_ptr + row_start
+    running_max, running_sum_exp, weighted_logit_sum = online_row_stats(
+        row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT, BLOCK, ACC
+    )
     shift = tl.where(running_max == float("-inf"), 0.0, running_max)
     lse = shift + tl.log(running_sum_exp)
 
@@ -144,7 +158,7 @@ def _forward_kernel(
         for start in range(0, num_classes, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             in_row = cols < num_classes
-            offsets = row_offset + cols.to(tl.int64) * stride_class
+            offsets = row_start + cols.to(tl.int64) * stride_class
             x = tl.load(logits_ptr + offsets, mask=in_row, other=0.0).to(ACC)
             grad = _gradient_block(
                 x, cols, in_row, lse, softmax_scale, safe_target, target_term, other_mass,
@@ -173,7 +187,7 @@ def _backward_kernel(
         row_end = tl.where(upstream != tl.load(guess_ptr).to(ACC), num_classes, 0)
         in_row = cols < row_end
     # grad_ptr shares the logits' strides (the caller guarantees it), so one offset serves both.
-    offsets = _row_offset(row, inner, stride_outer, stride_inner) + cols.to(tl.int64) * stride_class
+    offsets = row_offset(row, inner, stride_outer, stride_inner) + cols.to(tl.int64) * stride_class
     safe_target, ignored, in_range = _target_status(target_ptr, row, num_classes, ignore_index)
     upstream = _row_upstream(upstream, ignored, in_range)
     lse = tl.load(lse_ptr + row).to(ACC)

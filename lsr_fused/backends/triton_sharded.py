@@ -22,13 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_backend import online_row_stats, row_offset
+
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _row_start(row, inner, stride_outer, stride_inner):
-    row = row.to(tl.int64)
-    return (row // inner) * stride_outer + (row % inner) * stride_inner
 
 
 @triton.jit
@@ -48,28 +44,10 @@ def _stats_kernel(
     ACC: tl.constexpr,
 ):
     row = tl.program_id(0)
-    row_ptr = logits_ptr + _row_start(row, inner, stride_outer, stride_inner)
-    running_max = tl.full([], float("-inf"), ACC)
-    running_sum_exp = tl.zeros([], ACC)
-    weighted_sum = tl.zeros([], ACC)
-    for start in range(0, num_classes, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        in_row = cols < num_classes
-        x = tl.load(
-            row_ptr + cols.to(tl.int64) * stride_class, mask=in_row, other=float("-inf")
-        ).to(ACC)
-        new_max = tl.maximum(running_max, tl.max(x, 0))
-        # While every logit seen is -inf, shift by 0: (-inf) - (-inf) would be NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * _LOG2E) + tl.sum(
-            tl.exp2((x - shift) * _LOG2E), 0
-        )
-        running_max = new_max
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-            weighted_sum += tl.sum(tl.where(in_row, w * x, 0.0), 0)
-        else:
-            weighted_sum += tl.sum(tl.where(in_row, x, 0.0), 0)
+    row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
+    running_max, running_sum_exp, weighted_sum = online_row_stats(
+        row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT, BLOCK, ACC
+    )
 
     local_target = tl.load(local_target_ptr + row)
     here = local_target >= 0
@@ -114,7 +92,7 @@ def _grad_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_row = cols < num_classes
     # grad_ptr shares the logits' strides (the caller guarantees it), so one offset serves both.
-    offsets = _row_start(row, inner, stride_outer, stride_inner) + cols.to(tl.int64) * stride_class
+    offsets = row_offset(row, inner, stride_outer, stride_inner) + cols.to(tl.int64) * stride_class
 
     coef = coef_ptr + row.to(tl.int64)
     lse = tl.load(coef).to(ACC)
