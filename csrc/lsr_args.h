@@ -54,13 +54,19 @@ struct RowArgs {
   const void* lse_in = nullptr;
   int64_t lse_stride = 1;
 
-  // Backward output (B, S, C), same element type as the logits, may alias them.
+  // Backward output (B, S, C), same element type as the logits, may alias them. Also a forward
+  // output when set there: the forward then writes the gradient for upstream *grad_guess.
   void* grad = nullptr;
   int64_t grad_stride_b = 0;
   int64_t grad_stride_s = 0;
   int64_t grad_stride_c = 1;
   // CPU: write grad with non-temporal stores (a large output that does not alias the logits).
   bool stream_grad = false;
+
+  // (1,) accumulation type or nullptr. Forward (with grad): the upstream value to write the
+  // gradient for. Backward: rows whose grad_loss equals it are left untouched (the forward wrote
+  // them already). Read on the device, never on the host, for CUDA.
+  const void* grad_guess = nullptr;
 
   LSR_HOST_DEVICE int64_t rows() const { return batch * inner; }
 };

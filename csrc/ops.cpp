@@ -1,9 +1,14 @@
 // Op schemas (lsr_fused_C::*), the CPU implementation and the Meta (shape-only) implementation.
 //
 //   forward(logits, target, weight?, weight_total?, target_extra, other_mass, z_loss,
-//           ignore_index) -> (loss, lse)
+//           ignore_index, grad_logits!? = None, grad_guess? = None) -> (loss, lse)
 //   backward(grad_loss, logits, target, weight?, weight_total?, lse, target_extra, other_mass,
-//            z_loss, ignore_index, grad_logits!) -> ()
+//            z_loss, ignore_index, grad_logits!, grad_guess? = None) -> ()
+//
+// Gradient in forward (training steps): given grad_logits and the (1,) grad_guess, forward also
+// writes every row's gradient for upstream grad_guess, each row right after its statistics while
+// it is still cached; backward given the same grad_guess then rewrites only the rows whose
+// grad_loss differs from it (and reads nothing of the others).
 //
 // The CPU kernels are compiled once per instruction set (csrc/cpu/) and selected at runtime.
 #include <ATen/Parallel.h>
@@ -183,10 +188,18 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
                                                const std::optional<at::Tensor>& weight,
                                                const std::optional<at::Tensor>& weight_total,
                                                double target_extra, double other_mass,
-                                               double z_loss, int64_t ignore_index) {
+                                               double z_loss, int64_t ignore_index,
+                                               const std::optional<at::Tensor>& grad_logits,
+                                               const std::optional<at::Tensor>& grad_guess) {
   RowArgs args;
   PreparedInputs keep = prepare_inputs(logits, target, weight, weight_total, args);
   set_scalars(args, target_extra, other_mass, z_loss, ignore_index);
+  const bool write_grad = check_forward_grad_args(grad_logits, grad_guess);
+  at::Tensor guess;
+  if (write_grad) {
+    check_grad_logits(*grad_logits, logits, args);
+    guess = prepare_guess(grad_guess, logits, args);
+  }
   const int64_t rows = args.rows();
   const auto opts = logits.options().dtype(accumulation_type(logits));
   at::Tensor loss = at::empty({rows}, opts);
@@ -195,6 +208,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
   check_targets_cpu(args);
   args.loss = loss.mutable_data_ptr();
   args.lse_out = lse.mutable_data_ptr();
+  if (write_grad) {
+    advise_huge_pages_for_fresh_output(*grad_logits, logits);
+    args.stream_grad = use_streaming_stores(*grad_logits, logits);
+  }
   const CpuKernels k = current_kernels();
   at::parallel_for(0, rows, grain_rows(args.num_classes),
                    [&](int64_t begin, int64_t end) { k.forward(args, begin, end); });
@@ -205,11 +222,12 @@ void backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const a
                   const std::optional<at::Tensor>& weight,
                   const std::optional<at::Tensor>& weight_total, const at::Tensor& lse,
                   double target_extra, double other_mass, double z_loss, int64_t ignore_index,
-                  const at::Tensor& grad_logits) {
+                  const at::Tensor& grad_logits, const std::optional<at::Tensor>& grad_guess) {
   RowArgs args;
   PreparedInputs keep = prepare_inputs(logits, target, weight, weight_total, args);
   set_scalars(args, target_extra, other_mass, z_loss, ignore_index);
   check_grad_logits(grad_logits, logits, args);
+  const at::Tensor guess = prepare_guess(grad_guess, logits, args);
   const int64_t rows = args.rows();
   if (rows == 0) return;
   const at::ScalarType acc = accumulation_type(logits);
@@ -231,11 +249,17 @@ void backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const a
 std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& logits, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight,
                                                 const std::optional<at::Tensor>& weight_total,
-                                                double, double, double, int64_t) {
+                                                double, double, double, int64_t,
+                                                const std::optional<at::Tensor>& grad_logits,
+                                                const std::optional<at::Tensor>& grad_guess) {
   TORCH_CHECK(logits.dim() == 3, "lsr_fused: logits must be (B, S, C), got ", logits.sizes());
   (void)target;
   (void)weight;
   (void)weight_total;
+  if (check_forward_grad_args(grad_logits, grad_guess)) {
+    TORCH_CHECK(grad_logits->sym_sizes() == logits.sym_sizes(),
+                "lsr_fused: grad_logits must have the logits' shape");
+  }
   const auto rows = logits.sym_size(0) * logits.sym_size(1);
   const auto opts = logits.options().dtype(accumulation_type(logits));
   return {at::empty_symint({rows}, opts), at::empty_symint({rows}, opts)};
@@ -244,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& logits, const 
 void backward_meta(const at::Tensor&, const at::Tensor& logits, const at::Tensor&,
                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                    const at::Tensor&, double, double, double, int64_t,
-                   const at::Tensor& grad_logits) {
+                   const at::Tensor& grad_logits, const std::optional<at::Tensor>&) {
   TORCH_CHECK(grad_logits.sym_sizes() == logits.sym_sizes(),
               "lsr_fused: grad_logits must have the logits' shape");
 }
@@ -255,11 +279,12 @@ void backward_meta(const at::Tensor&, const at::Tensor& logits, const at::Tensor
 TORCH_LIBRARY(lsr_fused_C, m) {
   m.def(
       "forward(Tensor logits, Tensor target, Tensor? weight, Tensor? weight_total, "
-      "float target_extra, float other_mass, float z_loss, int ignore_index) -> (Tensor, Tensor)");
+      "float target_extra, float other_mass, float z_loss, int ignore_index, "
+      "Tensor(a!)? grad_logits=None, Tensor? grad_guess=None) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
       "Tensor? weight_total, Tensor lse, float target_extra, float other_mass, float z_loss, "
-      "int ignore_index, Tensor(a!) grad_logits) -> ()");
+      "int ignore_index, Tensor(a!) grad_logits, Tensor? grad_guess=None) -> ()");
   m.def("cpu_capability() -> str", &lsr_fused::cpu_capability);
   m.def("set_cpu_capability(str name) -> str", &lsr_fused::set_cpu_capability);
 }

@@ -127,4 +127,30 @@ inline void check_grad_logits(const at::Tensor& grad_logits, const at::Tensor& l
   args.grad_stride_c = grad_logits.stride(2);
 }
 
+// The optional (1,) upstream guess of the gradient-in-forward path, converted to the accumulation
+// type (kept alive by the returned tensor; undefined when absent). Never read on the host here.
+inline at::Tensor prepare_guess(const std::optional<at::Tensor>& grad_guess,
+                                const at::Tensor& logits, RowArgs& args) {
+  if (!grad_guess.has_value() || !grad_guess->defined()) return at::Tensor();
+  check_same_device(*grad_guess, logits, "grad_guess");
+  TORCH_CHECK(grad_guess->numel() == 1, "lsr_fused: grad_guess must hold one value, got ",
+              grad_guess->numel());
+  at::Tensor guess = grad_guess->reshape({1}).to(accumulation_type(logits)).contiguous();
+  args.grad_guess = guess.const_data_ptr();
+  return guess;
+}
+
+// Forward arguments of the gradient-in-forward path: both grad_logits and grad_guess, or neither.
+// Returns whether the forward writes the gradient.
+inline bool check_forward_grad_args(const std::optional<at::Tensor>& grad_logits,
+                                    const std::optional<at::Tensor>& grad_guess) {
+  const bool has_grad = grad_logits.has_value() && grad_logits->defined();
+  const bool has_guess = grad_guess.has_value() && grad_guess->defined();
+  TORCH_CHECK(has_grad == has_guess,
+              "lsr_fused: forward takes grad_logits and grad_guess together (the gradient is "
+              "written for upstream grad_guess), got only ",
+              has_grad ? "grad_logits" : "grad_guess");
+  return has_grad;
+}
+
 }  // namespace lsr_fused

@@ -237,7 +237,12 @@ def label_smoothing_cross_entropy(
     if reduction == "mean":
         denominator = _mean_denominator(flat_target, weight, ignore_index, num_classes, acc_dtype)
     training = torch.is_grad_enabled() and logits.requires_grad
-    if training and not inplace and reduction != "none" and ops.writes_grad_in_forward(backend, logits.device.type):
+    if (
+        training
+        and not inplace
+        and reduction != "none"
+        and ops.writes_grad_in_forward(backend, logits.device.type)
+    ):
         # The upstream gradient of each row is 1 / denominator (mean) or 1 (sum) when the caller
         # runs loss.backward(); the forward pass writes the gradient for that value right away.
         if denominator is None:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import dense_loss
 
+import lsr_fused
 from lsr_fused._params import RowParams, smoothing_masses
 from lsr_fused.backends import cpp_backend, torch_backend
 
@@ -129,17 +131,31 @@ def _check(ours, ref, dtype, equal_nan=False):
 # Parity with the torch backend
 
 
+def _valid_cases(class_counts, options):
+    """(num_classes, eps, spread, z_loss) params; spread="others" is undefined for one class."""
+    return [
+        pytest.param(count, *values, id=f"C{count}-{name}")
+        for count in class_counts
+        for name, values in options.items()
+        if not (values[1] == "others" and count == 1)
+    ]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_classes", [1, 2, 7, 33, 1000, 4099])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize(
-    "eps,spread,z_loss",
-    [(0.1, "all", 0.0), (0.1, "others", 1e-3), (0.0, "all", 0.0), (0.3, "all", 1e-2)],
-    ids=["all", "others-z", "no-smoothing", "all-z"],
+    "num_classes,eps,spread,z_loss",
+    _valid_cases(
+        [1, 2, 7, 33, 1000, 4099],
+        {
+            "all": (0.1, "all", 0.0),
+            "others-z": (0.1, "others", 1e-3),
+            "no-smoothing": (0.0, "all", 0.0),
+            "all-z": (0.3, "all", 1e-2),
+        },
+    ),
 )
 def test_parity_random(capability, dtype, num_classes, weighted, eps, spread, z_loss):
-    if spread == "others" and num_classes == 1:
-        pytest.skip("spread='others' needs at least 2 classes")
     batch, inner = 3, 5
     gen = torch.Generator().manual_seed(num_classes)
     x = (torch.randn(batch, inner, num_classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
@@ -153,9 +169,7 @@ def test_parity_random(capability, dtype, num_classes, weighted, eps, spread, z_
     assert torch.all(ours[2].reshape(-1, num_classes)[ignored] == 0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_neg_inf_blocks(capability, dtype, eps):
+def _neg_inf_rows(dtype):
     """Rows with -inf leading elements, whole -inf blocks (> 2048 elements) and masked targets."""
     num_classes = 5000
     gen = torch.Generator().manual_seed(3)
@@ -168,6 +182,15 @@ def test_neg_inf_blocks(capability, dtype, eps):
     x[0, 5, :-1] = float("-inf")  # a single finite element (the last)
     target = torch.tensor([5, 4999, 50, 10, 1, num_classes - 1, 7, IGNORE])
     x[0, 6, 7] = float("-inf")  # the target itself is masked
+    return x, target
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_neg_inf_blocks(capability, dtype, eps):
+    """Rows with -inf leading elements, whole -inf blocks (> 2048 elements) and masked targets."""
+    x, target = _neg_inf_rows(dtype)
+    num_classes = x.shape[-1]
     weight, weight_total = _weights(num_classes, dtype, True)
     for w, wt in ((None, None), (weight, weight_total)):
         params = _params(num_classes, eps, "all", 1e-3)
@@ -194,27 +217,31 @@ def test_all_neg_inf_row_matches_torch(capability, dtype):
     assert torch.all(ours[2][0, 2] == 0)  # ignored row: exactly zero
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "layout", ["transposed", "class-stride-2", "class-major", "expanded", "row-gaps"]
-)
-def test_strided_layouts(capability, dtype, layout):
-    num_classes, batch, inner = 300, 4, 6
+def _strided_logits(layout, dtype, batch, inner, num_classes):
     gen = torch.Generator().manual_seed(4)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
     if layout == "transposed":  # (S, B, C) storage viewed as (B, S, C)
-        x = randn(inner, batch, num_classes).transpose(0, 1)
-    elif layout == "class-stride-2":
-        x = randn(batch, inner, 2 * num_classes)[..., ::2]
-    elif layout == "class-major":  # class stride is the largest
-        x = randn(num_classes, inner, batch).permute(2, 1, 0)
-    elif layout == "expanded":  # one row broadcast over the batch (stride 0)
-        x = randn(1, inner, num_classes).expand(batch, inner, num_classes)
-    else:  # rows separated by padding
-        x = randn(batch, inner, num_classes + 17)[..., 5 : 5 + num_classes]
+        return randn(inner, batch, num_classes).transpose(0, 1)
+    if layout == "class-stride-2":
+        return randn(batch, inner, 2 * num_classes)[..., ::2]
+    if layout == "class-major":  # class stride is the largest
+        return randn(num_classes, inner, batch).permute(2, 1, 0)
+    if layout == "expanded":  # one row broadcast over the batch (stride 0)
+        return randn(1, inner, num_classes).expand(batch, inner, num_classes)
+    # rows separated by padding
+    return randn(batch, inner, num_classes + 17)[..., 5 : 5 + num_classes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "layout", ["transposed", "class-stride-2", "class-major", "expanded", "row-gaps"]
+)
+def test_strided_layouts(capability, dtype, layout):
+    num_classes, batch, inner = 300, 4, 6
+    x = _strided_logits(layout, dtype, batch, inner, num_classes)
     target = _targets(batch * inner, num_classes)
     weight, weight_total = _weights(num_classes, dtype, True)
     params = _params(num_classes, 0.1, "all", 1e-3)
@@ -442,6 +469,380 @@ def test_no_jit_reports_reason():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient written in forward (WRITES_GRAD_IN_FORWARD): forward(..., grad_logits, grad_guess) and
+# backward(..., grad_guess) that rewrites only the rows whose upstream differs from the guess.
+# Contiguous rows of up to 512 KiB of exp values take the pipelined single-exp path (softmax as
+# exp(x - max) / sum: within rounding of, not bit for bit, what backward writes), other layouts
+# and longer rows the general one, and rows with non-finite statistics fall back to it.
+
+
+def _with_grad_both(x, target, weight, weight_total, params, guess=0.25, grad_out=None):
+    """Forward writing the gradient for upstream ``guess``, next to the torch backend's forward +
+    backward for a ``grad_loss`` of ``guess`` in every row. Returns (ours, ref) like _run_both."""
+    acc = _acc(x.dtype)
+    grad_guess = torch.tensor([guess], dtype=acc)
+    grad = torch.empty_like(x) if grad_out is None else grad_out
+    loss, lse = cpp_backend.forward(x, target, weight, weight_total, params, grad, grad_guess)
+    ref_loss, ref_lse = torch_backend.forward(x, target, weight, weight_total, params)
+    ref_grad = torch.empty(x.shape, dtype=x.dtype)
+    grad_loss = torch.full((target.numel(),), guess, dtype=acc)
+    torch_backend.backward(grad_loss, x, target, weight, weight_total, ref_lse, params, ref_grad)
+    return (loss, lse, grad), (ref_loss, ref_lse, ref_grad)
+
+
+def _cpp_backward(x, target, weight, weight_total, lse, params, grad_loss):
+    grad = torch.empty_like(x)
+    cpp_backend.backward(grad_loss, x, target, weight, weight_total, lse, params, grad)
+    return grad
+
+
+def _assert_same_bits(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _assert_close_to_cpp(ours, x, target, weight, weight_total, params, grad_loss):
+    """ours = (loss, lse, grad) from the forward-with-gradient path: close to the C++ backend's
+    plain forward and backward on the same inputs (NaN where they are NaN)."""
+    (srtol, satol), (grtol, gatol) = _tolerances(x.dtype)
+    loss, lse, grad = ours
+    plain_loss, plain_lse = cpp_backend.forward(x, target, weight, weight_total, params)
+    torch.testing.assert_close(lse, plain_lse, rtol=srtol, atol=satol, equal_nan=True)
+    torch.testing.assert_close(loss, plain_loss, rtol=srtol, atol=satol, equal_nan=True)
+    expected = _cpp_backward(x, target, weight, weight_total, lse, params, grad_loss)
+    torch.testing.assert_close(
+        grad.double(), expected.double(), rtol=grtol, atol=gatol, equal_nan=True
+    )
+
+
+def test_cpp_writes_grad_in_forward_on_cpu():
+    assert "cpu" in cpp_backend.WRITES_GRAD_IN_FORWARD
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize(
+    "num_classes,eps,spread,z_loss",
+    _valid_cases(
+        [1, 33, 4099],
+        {
+            "all": (0.1, "all", 0.0),
+            "others-z": (0.1, "others", 1e-3),
+            "no-smoothing-z": (0.0, "all", 1e-2),
+        },
+    ),
+)
+def test_grad_in_forward_parity(capability, dtype, num_classes, weighted, eps, spread, z_loss):
+    gen = torch.Generator().manual_seed(num_classes + 11)
+    x = (torch.randn(3, 5, num_classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    target = _targets(15, num_classes)
+    weight, weight_total = _weights(num_classes, dtype, weighted)
+    params = _params(num_classes, eps, spread, z_loss)
+    ours, ref = _with_grad_both(x, target, weight, weight_total, params, guess=0.3)
+    _check(ours, ref, dtype)
+    grad_loss = torch.full((15,), 0.3, dtype=_acc(dtype))
+    _assert_close_to_cpp(ours, x, target, weight, weight_total, params, grad_loss)
+    assert torch.all(ours[0][target == IGNORE] == 0)
+    assert torch.all(ours[2].reshape(-1, num_classes)[target == IGNORE] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_in_forward_rows_past_the_exp_buffer(capability, dtype):
+    """Contiguous rows longer than the pipelined path's buffer take the general path."""
+    num_classes = 131075 if dtype != torch.float64 else 65541
+    gen = torch.Generator().manual_seed(13)
+    x = (torch.randn(1, 3, num_classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    target = torch.tensor([5, IGNORE, num_classes - 1])
+    weight, weight_total = _weights(num_classes, dtype, True)
+    params = _params(num_classes, 0.1, "all", 1e-3)
+    ours, ref = _with_grad_both(x, target, weight, weight_total, params, guess=0.5)
+    _check(ours, ref, dtype)
+    grad_loss = torch.full((3,), 0.5, dtype=_acc(dtype))
+    # The general path writes what backward writes, bit for bit.
+    _assert_same_bits(
+        ours[2], _cpp_backward(x, target, weight, weight_total, ours[1], params, grad_loss)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_grad_in_forward_non_finite_rows_between_finite_ones(capability, dtype, weighted):
+    """NaN, +inf and all -inf rows leave the pipelined path for the general one and back; the
+    gradient of the row before each, still pending in the pipeline then, is written all the same."""
+    num_classes = 1000
+    gen = torch.Generator().manual_seed(14)
+    x = (torch.randn(1, 10, num_classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    x[0, 1, 17] = float("nan")
+    x[0, 3, 400] = float("inf")
+    x[0, 5] = float("-inf")
+    x[0, 7, 999] = float("nan")  # in the scalar tail of some vector widths
+    target = torch.tensor([1, 2, 3, 4, 5, 6, IGNORE, 8, 9, 10])
+    weight, weight_total = _weights(num_classes, dtype, weighted)
+    params = _params(num_classes, 0.1, "all", 1e-3)
+    grad = torch.full_like(x, 7.0)
+    guess = torch.tensor([0.5], dtype=_acc(dtype))
+    loss, lse = cpp_backend.forward(x, target, weight, weight_total, params, grad, guess)
+    grad_loss = torch.full((10,), 0.5, dtype=_acc(dtype))
+    _assert_close_to_cpp((loss, lse, grad), x, target, weight, weight_total, params, grad_loss)
+    rows = grad.reshape(10, num_classes).double()
+    finite = [0, 2, 4, 8, 9]
+    assert torch.isfinite(rows[finite]).all()
+    assert torch.all(rows[6] == 0)
+    assert not (rows == 7.0).all(dim=1).any()  # every row written
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_grad_in_forward_neg_inf_blocks(capability, dtype, eps):
+    x, target = _neg_inf_rows(dtype)
+    num_classes = x.shape[-1]
+    weight, weight_total = _weights(num_classes, dtype, True)
+    for w, wt in ((None, None), (weight, weight_total)):
+        params = _params(num_classes, eps, "all", 1e-3)
+        ours, ref = _with_grad_both(x, target, w, wt, params, guess=1.0)
+        _check(ours, ref, dtype, equal_nan=True)
+        grad_rows = ours[2].reshape(8, num_classes).to(torch.float64)
+        assert torch.isfinite(grad_rows[:6]).all()
+        assert torch.all(grad_rows[7] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_in_forward_all_neg_inf_row(capability, dtype):
+    x = torch.randn(1, 3, 40, dtype=torch.float64).to(dtype)
+    x[0, 1] = float("-inf")
+    target = torch.tensor([3, 5, IGNORE])
+    ours, ref = _with_grad_both(x, target, None, None, _params(40, 0.1, "all"))
+    _check(ours, ref, dtype, equal_nan=True)
+    assert ours[1][1] == float("-inf")
+    assert torch.all(ours[2][0, 2] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "layout", ["transposed", "class-stride-2", "class-major", "expanded", "row-gaps"]
+)
+def test_grad_in_forward_strided_layouts(capability, dtype, layout):
+    num_classes, batch, inner = 300, 4, 6
+    x = _strided_logits(layout, dtype, batch, inner, num_classes)
+    target = _targets(batch * inner, num_classes)
+    weight, weight_total = _weights(num_classes, dtype, True)
+    params = _params(num_classes, 0.1, "all", 1e-3)
+    ours, ref = _with_grad_both(x, target, weight, weight_total, params)
+    _check(ours, ref, dtype)
+    # A non-contiguous gradient output as well.
+    grad_out = torch.empty(inner, batch, num_classes, dtype=dtype).transpose(0, 1)
+    ours, ref = _with_grad_both(x, target, weight, weight_total, params, grad_out=grad_out)
+    _check(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_grad_in_forward_streaming_stores(capability, dtype, offset, monkeypatch):
+    monkeypatch.setenv("LSR_FUSED_STREAM_MIN_BYTES", "0")
+    num_classes, rows = 1000 + offset, 6
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(2, 3, num_classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    target = _targets(rows, num_classes)
+    weight, weight_total = _weights(num_classes, dtype, True)
+    params = _params(num_classes, 0.1, "all", 1e-3)
+    storage = torch.empty(rows * num_classes + offset, dtype=dtype)
+    grad_out = storage[offset:].view(2, 3, num_classes)
+    for w, wt in ((None, None), (weight, weight_total)):
+        ours, ref = _with_grad_both(x, target, w, wt, params, guess=2.0, grad_out=grad_out)
+        _check(ours, ref, dtype)
+
+
+def test_grad_in_forward_large_fresh_output(cpp):
+    """Above the streaming / huge-page thresholds (34 MB float32), odd row length."""
+    num_classes, rows = 32771, 260
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, rows, num_classes, generator=gen) * 2
+    target = _targets(rows, num_classes)
+    params = _params(num_classes, 0.1, "all")
+    ours, ref = _with_grad_both(x, target, None, None, params, guess=1.0 / rows)
+    _check(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_backward_skips_rows_equal_to_the_guess(capability, dtype, contiguous):
+    """Rows whose upstream equals the guess are neither read nor written; the others are exactly
+    what a plain backward writes."""
+    num_classes, rows = 2500, 8
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(2, 4, num_classes, generator=gen, dtype=torch.float64).to(dtype)
+    x = base if contiguous else base.transpose(0, 1).contiguous().transpose(0, 1)
+    target = _targets(rows, num_classes)
+    weight, weight_total = _weights(num_classes, dtype, True)
+    params = _params(num_classes, 0.1, "all", 1e-3)
+    acc = _acc(dtype)
+    _, lse = cpp_backend.forward(x, target, weight, weight_total, params)
+    guess = torch.tensor([0.125], dtype=acc)
+    # Equal, different, different only in the last bit, zero, equal (ignored row), ...
+    grad_loss = torch.tensor([0.125, 0.5, 0.125, 0.0, 0.125, 3.0, 0.125, -0.125], dtype=acc)
+    grad_loss[2] = torch.nextafter(grad_loss[2], torch.tensor(1.0, dtype=acc))
+    skipped = grad_loss == guess
+    sentinel = torch.full_like(x, 7.0)
+    cpp_backend.backward(grad_loss, x, target, weight, weight_total, lse, params, sentinel, guess)
+    rows_view = sentinel.reshape(rows, num_classes)
+    assert torch.all(rows_view[skipped] == 7.0)
+    fresh = _cpp_backward(x, target, weight, weight_total, lse, params, grad_loss)
+    _assert_same_bits(rows_view[~skipped], fresh.reshape(rows, num_classes)[~skipped])
+
+    # A broadcast grad_loss (stride 0) equal to the guess, as from loss.sum() / n: nothing at all.
+    untouched = torch.full_like(x, 7.0)
+    cpp_backend.backward(
+        guess.expand(rows), x, target, weight, weight_total, lse, params, untouched, guess
+    )
+    assert torch.all(untouched == 7.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("upstream", ["guess", "scaled", "per-row"])
+def test_forward_then_backward_with_guess_is_exact(capability, dtype, upstream):
+    """The training step: forward writes for the guess, backward fixes what differs."""
+    num_classes, rows = 777, 12
+    gen = torch.Generator().manual_seed(10)
+    x = (torch.randn(3, 4, num_classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    target = _targets(rows, num_classes)
+    weight, weight_total = _weights(num_classes, dtype, True)
+    params = _params(num_classes, 0.1, "others", 1e-3)
+    acc = _acc(dtype)
+    guess = torch.tensor([1.0 / 9.0], dtype=acc)
+    if upstream == "guess":
+        grad_loss = guess.expand(rows)
+    elif upstream == "scaled":
+        grad_loss = (guess * 3.0).expand(rows)
+    else:
+        grad_loss = torch.rand(rows, generator=gen, dtype=torch.float64).to(acc)
+        grad_loss[::3] = guess
+    grad = torch.empty_like(x)
+    loss, lse = cpp_backend.forward(x, target, weight, weight_total, params, grad, guess)
+    cpp_backend.backward(grad_loss, x, target, weight, weight_total, lse, params, grad, guess)
+    _assert_close_to_cpp((loss, lse, grad), x, target, weight, weight_total, params, grad_loss)
+    # The rows whose upstream differs were rewritten by backward: exactly a plain backward's rows.
+    redone = (grad_loss != guess).expand(rows)
+    fresh = _cpp_backward(x, target, weight, weight_total, lse, params, grad_loss)
+    _assert_same_bits(
+        grad.reshape(rows, num_classes)[redone], fresh.reshape(rows, num_classes)[redone]
+    )
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 10), (3, 0, 10), (0, 0, 0)])
+def test_grad_in_forward_zero_rows(cpp, shape):
+    x = torch.randn(shape)
+    target = torch.empty(shape[0] * shape[1], dtype=torch.long)
+    params = _params(max(shape[2], 2), 0.1, "all")
+    grad = torch.empty_like(x)
+    guess = torch.ones(1)
+    loss, lse = cpp_backend.forward(x, target, None, None, params, grad, guess)
+    assert loss.shape == (0,) and lse.shape == (0,) and loss.dtype == torch.float32
+    cpp_backend.backward(loss, x, target, None, None, lse, params, grad, guess)
+
+
+def test_grad_in_forward_out_of_range_target_raises(cpp):
+    x = torch.randn(1, 4, 10)
+    params = _params(10, 0.1, "all")
+    guess = torch.ones(1)
+    for bad in (10, -5, 12345):
+        target = torch.tensor([1, bad, 2, IGNORE])
+        grad = torch.full_like(x, 7.0)
+        with pytest.raises(ValueError, match=f"target value {bad} is out of range"):
+            cpp_backend.forward(x, target, None, None, params, grad, guess)
+        assert torch.all(grad == 7.0)  # checked before any row is written
+        with pytest.raises(ValueError, match=f"target value {bad}"):
+            cpp_backend.backward(
+                torch.ones(4),
+                x,
+                target,
+                None,
+                None,
+                torch.zeros(4),
+                params,
+                grad,
+                torch.tensor([0.5]),
+            )
+
+
+def test_grad_in_forward_bad_arguments_raise(cpp):
+    params = _params(10, 0.1, "all")
+    x = torch.randn(1, 4, 10)
+    target = torch.zeros(4, dtype=torch.long)
+    grad = torch.empty_like(x)
+    with pytest.raises(RuntimeError, match="grad_logits and grad_guess together"):
+        cpp_backend.forward(x, target, None, None, params, grad, None)
+    with pytest.raises(RuntimeError, match="grad_logits and grad_guess together"):
+        cpp_backend.forward(x, target, None, None, params, None, torch.ones(1))
+    with pytest.raises(RuntimeError, match="grad_guess must hold one value"):
+        cpp_backend.forward(x, target, None, None, params, grad, torch.ones(2))
+    with pytest.raises(RuntimeError, match="grad_logits"):
+        cpp_backend.forward(x, target, None, None, params, grad.double(), torch.ones(1))
+    with pytest.raises(RuntimeError, match="grad_logits has shape"):
+        cpp_backend.forward(x, target, None, None, params, grad[:, :2], torch.ones(1))
+    _, lse = cpp_backend.forward(x, target, None, None, params)
+    with pytest.raises(RuntimeError, match="grad_guess must hold one value"):
+        cpp_backend.backward(torch.ones(4), x, target, None, None, lse, params, grad, torch.ones(3))
+
+
+def test_grad_in_forward_meta_tensors(cpp):
+    x = torch.empty(3, 5, 11, device="meta", dtype=torch.bfloat16)
+    target = torch.empty(15, dtype=torch.long, device="meta")
+    grad = torch.empty_like(x)
+    guess = torch.empty(1, device="meta")
+    loss, lse = torch.ops.lsr_fused_C.forward(
+        x, target, None, None, 0.9, 0.01, 0.0, IGNORE, grad, guess
+    )
+    assert loss.shape == (15,) and lse.dtype == torch.float32 and lse.device.type == "meta"
+    torch.ops.lsr_fused_C.backward(
+        loss, x, target, None, None, lse, 0.9, 0.01, 0.0, IGNORE, grad, guess
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [1.0, 3.0, 0.0])
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+def test_policy_layer_takes_the_path(cpp, monkeypatch, reduction, upstream, backend):
+    """label_smoothing_cross_entropy(backend="cpp") trains through forward_with_grad on the CPU,
+    and any upstream value still gives the exact gradient."""
+    calls = []
+    original = lsr_fused.functional.ops.fused_forward_with_grad
+    monkeypatch.setattr(
+        lsr_fused.functional.ops,
+        "fused_forward_with_grad",
+        lambda *args: calls.append(args[-1]) or original(*args),
+    )
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(6, 300, generator=gen) * 3
+    target = torch.randint(0, 300, (6,), generator=gen)
+    target[::4] = IGNORE
+    weight = torch.rand(300, generator=gen) + 0.5
+    x = logits.clone().requires_grad_()
+    loss = lsr_fused.label_smoothing_cross_entropy(
+        x, target, 0.1, weight=weight, reduction=reduction, backend=backend
+    )
+    (loss * upstream).backward()
+    assert calls == ["cpp"], "the gradient-in-forward path was not taken"
+    ref_input = logits.double().requires_grad_()
+    ref = dense_loss(ref_input, target, 0.1, weight=weight, reduction=reduction)
+    (ref * upstream).backward()
+    torch.testing.assert_close(x.grad.double(), ref_input.grad, rtol=2e-6, atol=2e-6)
+
+
+def test_policy_layer_second_backward(cpp):
+    logits = torch.randn(5, 40)
+    target = torch.randint(0, 40, (5,))
+    x = logits.clone().requires_grad_()
+    loss = lsr_fused.label_smoothing_cross_entropy(x, target, 0.1, backend="cpp")
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    kept = first.clone()
+    (second,) = torch.autograd.grad(loss * 2.0, x)
+    ref_input = logits.double().requires_grad_()
+    (ref,) = torch.autograd.grad(dense_loss(ref_input, target), ref_input)
+    assert torch.equal(first, kept)
+    torch.testing.assert_close(first.double(), ref, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(second.double(), 2.0 * ref, rtol=2e-6, atol=2e-6)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@
 //   S    = b * W + (a - b) * w_y
 //   loss = S * lse - b * sum_c w_c x_c - (a - b) * w_y * x_y + z * lse^2
 //   dx_i = g * (softmax_i * (S + 2 z lse) - b * w_i - (a - b) * w_y * [i == y])
+//
+// Training steps: with RowArgs::grad set, the forward also writes each row's gradient for
+// g = *grad_guess while the row is still cached (one read of the logits from memory instead of
+// two, and for contiguous rows one exp per element instead of two: forward_grad_rows_pipelined);
+// the backward, given the same grad_guess, then skips the rows whose g equals it.
 #pragma once
 
 #ifndef LSR_CPU_NS
@@ -28,6 +33,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "../lsr_args.h"
 
@@ -217,6 +223,19 @@ inline void prefetch_chunk(const T* p) {
 #endif
 }
 
+// Prefetch of the chunk at p into L2 (not L1): the next row, in the pipelined forward pass.
+template <typename T>
+inline void prefetch_chunk_l2(const T* p) {
+#if defined(__GNUC__)
+  const char* base = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < Io<T>::kChunk * static_cast<int64_t>(sizeof(T)); off += 64) {
+    __builtin_prefetch(base + off, 0, 2);
+  }
+#else
+  (void)p;
+#endif
+}
+
 template <typename A>
 inline A hmax_nan(const Vectorized<A>& v) {
   alignas(64) A tmp[Vectorized<A>::size()];
@@ -340,81 +359,17 @@ struct RowInfo {
   bool invalid;
 };
 
-inline RowInfo row_info(const RowArgs& a, int64_t r, bool backward) {
+inline RowInfo row_info(const RowArgs& a, int64_t r, bool with_grad) {
   RowInfo info;
   const int64_t inner = a.inner;
   const int64_t b = r / inner;
   const int64_t s = r - b * inner;
   info.in_offset = b * a.stride_b + s * a.stride_s;
-  info.out_offset = backward ? b * a.grad_stride_b + s * a.grad_stride_s : 0;
+  info.out_offset = with_grad ? b * a.grad_stride_b + s * a.grad_stride_s : 0;
   info.target = a.target[r];
   info.ignored = info.target == a.ignore_index;
   info.invalid = !info.ignored && (info.target < 0 || info.target >= a.num_classes);
   return info;
-}
-
-template <typename T, int kSum>
-void forward_rows_impl(const RowArgs& a, int64_t row_begin, int64_t row_end) {
-  using A = typename AccOf<T>::type;
-  const T* logits = static_cast<const T*>(a.logits);
-  const A* w = static_cast<const A*>(a.weight);
-  const int64_t C = a.num_classes;
-  const int64_t sc = a.stride_c;
-  A* loss_out = static_cast<A*>(a.loss);
-  A* lse_out = static_cast<A*>(a.lse_out);
-  const double total_w =
-      a.weight_total != nullptr ? static_cast<double>(*static_cast<const A*>(a.weight_total))
-                                : static_cast<double>(C);
-  alignas(64) A buf[kBlock];
-
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const RowInfo info = row_info(a, r, false);
-    const T* row = logits + info.in_offset;
-    LaneStats<A> st;
-    if (sc == 1) {
-      for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
-        const int64_t len = std::min(kBlock, C - i0);
-        consume<T, kSum>(row + i0, len, w != nullptr ? w + i0 : nullptr, st);
-      }
-    } else {
-      for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
-        const int64_t len = std::min(kBlock, C - i0);
-        for (int64_t j = 0; j < len; ++j) buf[j] = to_acc(row[(i0 + j) * sc]);
-        consume<A, kSum>(buf, len, w != nullptr ? w + i0 : nullptr, st);
-      }
-    }
-    const double lse = st.lse();
-    double loss;
-    if (info.ignored) {
-      loss = 0.0;
-    } else if (info.invalid) {
-      loss = std::numeric_limits<double>::quiet_NaN();
-    } else {
-      const int64_t y = info.target;
-      const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
-      const double total_mass = a.other_mass * total_w + a.target_extra * w_y;
-      loss = total_mass * lse;
-      // The torch backend skips these terms when their coefficient is 0 (0 * -inf would be NaN).
-      if (a.other_mass != 0.0) loss -= a.other_mass * st.sumx;
-      if (a.target_extra != 0.0) {
-        loss -= a.target_extra * w_y * static_cast<double>(to_acc(row[y * sc]));
-      }
-      if (a.z_loss != 0.0) loss += a.z_loss * lse * lse;
-    }
-    loss_out[r] = static_cast<A>(loss);
-    lse_out[r] = static_cast<A>(lse);
-  }
-}
-
-template <typename T>
-void forward_rows(const RowArgs& a, int64_t row_begin, int64_t row_end) {
-  if (a.other_mass == 0.0) {
-    forward_rows_impl<T, 0>(a, row_begin, row_end);
-  } else if (a.weight == nullptr) {
-    forward_rows_impl<T, 1>(a, row_begin, row_end);
-  } else {
-    forward_rows_impl<T, 2>(a, row_begin, row_end);
-  }
 }
 
 // grad = coef * exp(x - lse) - bw * w  over len contiguous elements (in and out may alias unless
@@ -473,84 +428,103 @@ inline void fill_row(T* out, int64_t C, int64_t sc, double value) {
   for (int64_t i = 0; i < C; ++i) out[i * sc] = v;
 }
 
+// Writes the gradient of one row for the upstream value g: zeros for an ignored row, NaN for an
+// invalid target, else g * (softmax * (S + 2 z lse) - b * w - (a - b) * w_y * [i == y]). out may
+// alias row (x_y is read before anything is written). buf: kBlock scratch for strided rows.
+template <typename T, bool kWeighted>
+inline void write_grad_row(const RowArgs& a, const RowInfo& info, const T* row, T* out, double g,
+                           double lse, double total_w, typename AccOf<T>::type* buf) {
+  using A = typename AccOf<T>::type;
+  const A* w = static_cast<const A*>(a.weight);
+  const int64_t C = a.num_classes;
+  const int64_t sc = a.stride_c;
+  const int64_t gsc = a.grad_stride_c;
+  if (info.ignored) {
+    fill_row(out, C, gsc, 0.0);
+    return;
+  }
+  if (info.invalid) {
+    fill_row(out, C, gsc, std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
+  const int64_t y = info.target;
+  const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
+  const double total_mass = a.other_mass * total_w + a.target_extra * w_y;
+  // Read x_y before the row is overwritten (grad may alias logits).
+  const double x_y = static_cast<double>(to_acc(row[y * sc]));
+
+  if (!std::isfinite(lse)) {
+    // Degenerate row (all -inf, +inf or NaN logits): follow the reference formula literally.
+    const double scale = total_mass + 2.0 * a.z_loss * lse;
+    for (int64_t i = 0; i < C; ++i) {
+      double gi = std::exp(static_cast<double>(to_acc(row[i * sc])) - lse) * scale;
+      if (a.other_mass != 0.0) {
+        gi -= a.other_mass * (w != nullptr ? static_cast<double>(w[i]) : 1.0);
+      }
+      if (i == y) gi -= a.target_extra * w_y;
+      out[i * gsc] = static_cast<T>(static_cast<A>(gi * g));
+    }
+    return;
+  }
+
+  double scale = total_mass;
+  if (a.z_loss != 0.0) scale += 2.0 * a.z_loss * lse;
+  const double coef = g * scale;
+  const double bw = g * a.other_mass;
+  const double grad_y = coef * std::exp(x_y - lse) - bw * w_y - g * a.target_extra * w_y;
+  const A lse_a = static_cast<A>(lse), coef_a = static_cast<A>(coef), bw_a = static_cast<A>(bw);
+
+  if (sc == 1 && gsc == 1 && a.stream_grad) {
+    for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
+      const int64_t len = std::min(kBlock, C - i0);
+      grad_block<T, kWeighted, true>(row + i0, out + i0, len, lse_a, coef_a, bw_a,
+                                     kWeighted ? w + i0 : nullptr);
+    }
+    stream_fence();  // order the streamed row before the plain store of the target element
+  } else if (sc == 1 && gsc == 1) {
+    for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
+      const int64_t len = std::min(kBlock, C - i0);
+      grad_block<T, kWeighted, false>(row + i0, out + i0, len, lse_a, coef_a, bw_a,
+                                      kWeighted ? w + i0 : nullptr);
+    }
+  } else {
+    for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
+      const int64_t len = std::min(kBlock, C - i0);
+      for (int64_t j = 0; j < len; ++j) buf[j] = to_acc(row[(i0 + j) * sc]);
+      grad_block<A, kWeighted, false>(buf, buf, len, lse_a, coef_a, bw_a,
+                                      kWeighted ? w + i0 : nullptr);
+      for (int64_t j = 0; j < len; ++j) out[(i0 + j) * gsc] = static_cast<T>(buf[j]);
+    }
+  }
+  out[y * gsc] = static_cast<T>(static_cast<A>(grad_y));
+}
+
+template <typename T>
+inline double total_weight(const RowArgs& a) {
+  using A = typename AccOf<T>::type;
+  return a.weight_total != nullptr ? static_cast<double>(*static_cast<const A*>(a.weight_total))
+                                   : static_cast<double>(a.num_classes);
+}
+
 template <typename T, bool kWeighted>
 void backward_rows_impl(const RowArgs& a, int64_t row_begin, int64_t row_end) {
   using A = typename AccOf<T>::type;
   const T* logits = static_cast<const T*>(a.logits);
   T* grad = static_cast<T*>(a.grad);
-  const A* w = static_cast<const A*>(a.weight);
   const A* grad_loss = static_cast<const A*>(a.grad_loss);
   const A* lse_in = static_cast<const A*>(a.lse_in);
-  const int64_t C = a.num_classes;
-  const int64_t sc = a.stride_c;
-  const int64_t gsc = a.grad_stride_c;
-  const double total_w =
-      a.weight_total != nullptr ? static_cast<double>(*static_cast<const A*>(a.weight_total))
-                                : static_cast<double>(C);
+  // With a guess, the forward pass already wrote every row for upstream == *guess.
+  const A* guess = static_cast<const A*>(a.grad_guess);
+  const double total_w = total_weight<T>(a);
   alignas(64) A buf[kBlock];
 
   for (int64_t r = row_begin; r < row_end; ++r) {
+    const A g = grad_loss[r * a.grad_loss_stride];
+    if (guess != nullptr && g == *guess) continue;  // touch neither the logits nor the gradient
     const RowInfo info = row_info(a, r, true);
-    const T* row = logits + info.in_offset;
-    T* out = grad + info.out_offset;
-    if (info.ignored) {
-      fill_row(out, C, gsc, 0.0);
-      continue;
-    }
-    if (info.invalid) {
-      fill_row(out, C, gsc, std::numeric_limits<double>::quiet_NaN());
-      continue;
-    }
-    const int64_t y = info.target;
-    const double g = static_cast<double>(grad_loss[r * a.grad_loss_stride]);
-    const double lse = static_cast<double>(lse_in[r * a.lse_stride]);
-    const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
-    const double total_mass = a.other_mass * total_w + a.target_extra * w_y;
-    // Read x_y before the row is overwritten (grad may alias logits).
-    const double x_y = static_cast<double>(to_acc(row[y * sc]));
-
-    if (!std::isfinite(lse)) {
-      // Degenerate row (all -inf, +inf or NaN logits): follow the reference formula literally.
-      const double scale = total_mass + 2.0 * a.z_loss * lse;
-      for (int64_t i = 0; i < C; ++i) {
-        double gi = std::exp(static_cast<double>(to_acc(row[i * sc])) - lse) * scale;
-        if (a.other_mass != 0.0) gi -= a.other_mass * (w != nullptr ? static_cast<double>(w[i]) : 1.0);
-        if (i == y) gi -= a.target_extra * w_y;
-        out[i * gsc] = static_cast<T>(static_cast<A>(gi * g));
-      }
-      continue;
-    }
-
-    double scale = total_mass;
-    if (a.z_loss != 0.0) scale += 2.0 * a.z_loss * lse;
-    const double coef = g * scale;
-    const double bw = g * a.other_mass;
-    const double grad_y = coef * std::exp(x_y - lse) - bw * w_y - g * a.target_extra * w_y;
-    const A lse_a = static_cast<A>(lse), coef_a = static_cast<A>(coef), bw_a = static_cast<A>(bw);
-
-    if (sc == 1 && gsc == 1 && a.stream_grad) {
-      for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
-        const int64_t len = std::min(kBlock, C - i0);
-        grad_block<T, kWeighted, true>(row + i0, out + i0, len, lse_a, coef_a, bw_a,
-                                       kWeighted ? w + i0 : nullptr);
-      }
-      stream_fence();  // order the streamed row before the plain store of the target element
-    } else if (sc == 1 && gsc == 1) {
-      for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
-        const int64_t len = std::min(kBlock, C - i0);
-        grad_block<T, kWeighted, false>(row + i0, out + i0, len, lse_a, coef_a, bw_a,
-                                        kWeighted ? w + i0 : nullptr);
-      }
-    } else {
-      for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
-        const int64_t len = std::min(kBlock, C - i0);
-        for (int64_t j = 0; j < len; ++j) buf[j] = to_acc(row[(i0 + j) * sc]);
-        grad_block<A, kWeighted, false>(buf, buf, len, lse_a, coef_a, bw_a,
-                                        kWeighted ? w + i0 : nullptr);
-        for (int64_t j = 0; j < len; ++j) out[(i0 + j) * gsc] = static_cast<T>(buf[j]);
-      }
-    }
-    out[y * gsc] = static_cast<T>(static_cast<A>(grad_y));
+    write_grad_row<T, kWeighted>(a, info, logits + info.in_offset, grad + info.out_offset,
+                                 static_cast<double>(g),
+                                 static_cast<double>(lse_in[r * a.lse_stride]), total_w, buf);
   }
 }
 
@@ -560,6 +534,348 @@ void backward_rows(const RowArgs& a, int64_t row_begin, int64_t row_end) {
     backward_rows_impl<T, true>(a, row_begin, row_end);
   } else {
     backward_rows_impl<T, false>(a, row_begin, row_end);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+// The (weighted) logit sum and lse of one row by the single online pass (any layout).
+template <typename T, int kSum>
+inline void online_row_stats(const T* row, int64_t C, int64_t sc, const typename AccOf<T>::type* w,
+                             typename AccOf<T>::type* buf, double& lse, double& sumx) {
+  using A = typename AccOf<T>::type;
+  LaneStats<A> st;
+  if (sc == 1) {
+    for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
+      const int64_t len = std::min(kBlock, C - i0);
+      consume<T, kSum>(row + i0, len, w != nullptr ? w + i0 : nullptr, st);
+    }
+  } else {
+    for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
+      const int64_t len = std::min(kBlock, C - i0);
+      for (int64_t j = 0; j < len; ++j) buf[j] = to_acc(row[(i0 + j) * sc]);
+      consume<A, kSum>(buf, len, w != nullptr ? w + i0 : nullptr, st);
+    }
+  }
+  lse = st.lse();
+  sumx = st.sumx;
+}
+
+// loss = S * lse - b * sum_c w_c x_c - (a - b) * w_y * x_y + z * lse^2 (0 ignored, NaN invalid).
+template <typename T>
+inline double row_loss(const RowArgs& a, const RowInfo& info, const T* row, double lse,
+                       double sumx, double total_w) {
+  using A = typename AccOf<T>::type;
+  if (info.ignored) return 0.0;
+  if (info.invalid) return std::numeric_limits<double>::quiet_NaN();
+  const A* w = static_cast<const A*>(a.weight);
+  const int64_t y = info.target;
+  const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
+  const double total_mass = a.other_mass * total_w + a.target_extra * w_y;
+  double loss = total_mass * lse;
+  // The torch backend skips these terms when their coefficient is 0 (0 * -inf would be NaN).
+  if (a.other_mass != 0.0) loss -= a.other_mass * sumx;
+  if (a.target_extra != 0.0) {
+    loss -= a.target_extra * w_y * static_cast<double>(to_acc(row[y * a.stride_c]));
+  }
+  if (a.z_loss != 0.0) loss += a.z_loss * lse * lse;
+  return loss;
+}
+
+template <typename T, int kSum>
+void forward_rows_impl(const RowArgs& a, int64_t row_begin, int64_t row_end) {
+  using A = typename AccOf<T>::type;
+  const T* logits = static_cast<const T*>(a.logits);
+  const A* w = static_cast<const A*>(a.weight);
+  const int64_t C = a.num_classes;
+  const int64_t sc = a.stride_c;
+  A* loss_out = static_cast<A*>(a.loss);
+  A* lse_out = static_cast<A*>(a.lse_out);
+  const double total_w = total_weight<T>(a);
+  // Training step (a.grad set) in a layout the pipelined path below does not take: each row's
+  // gradient for the upstream value *guess right after the row's statistics.
+  T* grad = static_cast<T*>(a.grad);
+  const double guess =
+      grad != nullptr ? static_cast<double>(*static_cast<const A*>(a.grad_guess)) : 0.0;
+  alignas(64) A buf[kBlock];
+
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const RowInfo info = row_info(a, r, grad != nullptr);
+    const T* row = logits + info.in_offset;
+    double lse, sumx;
+    online_row_stats<T, kSum>(row, C, sc, w, buf, lse, sumx);
+    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, lse, sumx, total_w));
+    lse_out[r] = static_cast<A>(lse);
+    if (grad != nullptr) {
+      // kSum == 2 exactly when the gradient has a weighted smoothing term (weight and b != 0).
+      write_grad_row<T, kSum == 2>(a, info, row, grad + info.out_offset, guess,
+                                   static_cast<double>(static_cast<A>(lse)), total_w, buf);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward with gradient, pipelined, one exp per element.
+//
+// The kernels are compute-bound on the CPU (mostly exp), so writing the gradient in the forward
+// pays off only if it also drops the second exp per element and overlaps the gradient's stores
+// with computation. For contiguous rows whose exp values fit a per-thread buffer, each row r goes
+//   pass 1: read the row (prefetched into L2 during the previous row) for its max and logit sum;
+//   pass 2: e_i = exp(x_i - max) into a buffer, summed; in the same loop, chunk by chunk, the
+//           gradient of row r - 1 is written from its buffer, g * (e_i * (S + 2 z lse) / sum
+//           - b w_i), and row r + 1 is prefetched into L2;
+// so that reads, writes and exps proceed together. The last row's gradient is written alone.
+// Rows with non-finite statistics (NaN, +inf, all -inf) take the online path instead.
+
+constexpr int64_t kExpBufferMaxBytes = int64_t{512} << 10;
+
+// Elements between the two scratch rows of exp_buffers (a multiple of 64 bytes).
+inline int64_t exp_buffer_stride(int64_t n) { return (n + 63) / 64 * 64; }
+
+// Two per-thread, 64-byte aligned scratch rows of n accumulation values, exp_buffer_stride(n)
+// elements apart (the storage is kept for later calls).
+template <typename A>
+A* exp_buffers(int64_t n) {
+  thread_local std::vector<A> storage;
+  const int64_t needed = 2 * exp_buffer_stride(n) + 64;
+  if (static_cast<int64_t>(storage.size()) < needed) storage.resize(needed);
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(storage.data());
+  return reinterpret_cast<A*>((addr + 63) & ~uintptr_t{63});
+}
+
+// Pass 1: the row maximum (NaN lanes may be ignored here; they make the pass-2 sum NaN) and the
+// (weighted) logit sum. The maximum starts at the lowest finite value: an all -inf row sums to 0.
+template <typename T, int kSum>
+inline void row_max_and_sum(const T* p, int64_t C, const typename AccOf<T>::type* w,
+                            typename AccOf<T>::type& row_max, double& sumx) {
+  using A = typename AccOf<T>::type;
+  using V = Vectorized<A>;
+  constexpr int64_t kChunk = Io<T>::kChunk;
+  constexpr int64_t kV = V::size();
+  V m0(std::numeric_limits<A>::lowest()), m1(std::numeric_limits<A>::lowest());
+  A tail_max = std::numeric_limits<A>::lowest();
+  double total = 0.0;
+  for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
+    const int64_t len = std::min(kBlock, C - i0);
+    const T* q = p + i0;
+    V vs0(A(0)), vs1(A(0));
+    int64_t i = 0;
+    for (; i + kChunk <= len; i += kChunk) {
+      V a, b;
+      Io<T>::load(q + i, a, b);
+      m0 = at::vec::clamp_min(m0, a);
+      m1 = at::vec::clamp_min(m1, b);
+      if constexpr (kSum == 1) {
+        vs0 = vs0 + a;
+        vs1 = vs1 + b;
+      } else if constexpr (kSum == 2) {
+        vs0 = at::vec::fmadd(a, V::loadu(w + i0 + i), vs0);
+        vs1 = at::vec::fmadd(b, V::loadu(w + i0 + i + kV), vs1);
+      }
+    }
+    if constexpr (kSum != 0) total += hsum<A>(vs0 + vs1);
+    for (; i < len; ++i) {
+      const A x = to_acc(q[i]);
+      if (!(x <= tail_max)) tail_max = x;  // NaN included
+      if constexpr (kSum == 1) total += static_cast<double>(x);
+      if constexpr (kSum == 2) total += static_cast<double>(x) * static_cast<double>(w[i0 + i]);
+    }
+  }
+  const A vmax = hmax_nan<A>(at::vec::clamp_min(m0, m1));
+  row_max = std::isnan(tail_max) || !(vmax >= tail_max) ? tail_max : vmax;
+  sumx = total;
+}
+
+// The gradient of a row waiting to be written from its exp buffer.
+template <typename T>
+struct PendingRow {
+  using A = typename AccOf<T>::type;
+  const A* e = nullptr;  // nullptr: nothing pending
+  T* out = nullptr;
+  int64_t y = 0;
+  A coef = A(0);  // g * (S + 2 z lse) / sum
+  A bw = A(0);    // g * b
+  A grad_y = A(0);
+};
+
+// Pass 2 of one row (e = exp(row - row_max), returns sum(e); row may be nullptr for none) fused
+// with the gradient write of `pending` (if any) and the L2 prefetch of `next` (if not nullptr).
+// out of the pending row gets non-temporal stores when kStream (once aligned).
+template <typename T, bool kWeighted, bool kStream>
+double exp_row_and_write_pending(const T* row, typename AccOf<T>::type row_max,
+                                 typename AccOf<T>::type* e, const PendingRow<T>& pending,
+                                 const T* next, int64_t C, const typename AccOf<T>::type* w) {
+  using A = typename AccOf<T>::type;
+  using V = Vectorized<A>;
+  constexpr int64_t kChunk = Io<T>::kChunk;
+  constexpr int64_t kV = V::size();
+  constexpr int64_t kFlushChunks = kBlock / kChunk;  // two-level sums, as in the online pass
+  const bool do_exp = row != nullptr;
+  const bool do_grad = pending.e != nullptr;
+  const V mv(row_max), coefv(pending.coef), bwv(pending.bw);
+  double total = 0.0;
+  auto scalar = [&](int64_t i) {
+    if (do_exp) {
+      const A ei = static_cast<A>(std::exp(to_acc(row[i]) - row_max));
+      e[i] = ei;
+      total += static_cast<double>(ei);
+    }
+    if (do_grad) {
+      const A wi = kWeighted ? w[i] : A(1);
+      pending.out[i] = static_cast<T>(pending.e[i] * pending.coef - pending.bw * wi);
+    }
+  };
+  int64_t i = 0;
+  if (kStream && do_grad) {  // (a constant condition in the non-streaming instances)
+    // Peel elements until the output is aligned for the streaming stores.
+    const auto misalign =
+        static_cast<int64_t>(reinterpret_cast<uintptr_t>(pending.out) % kStreamAlign);
+    const int64_t head =
+        misalign == 0 || misalign % static_cast<int64_t>(sizeof(T)) != 0
+            ? (misalign == 0 ? 0 : C)
+            : std::min(C, (kStreamAlign - misalign) / static_cast<int64_t>(sizeof(T)));
+    for (; i < head; ++i) scalar(i);
+  }
+  V s0(A(0)), s1(A(0));
+  int64_t chunks = 0;
+  for (; i + kChunk <= C; i += kChunk) {
+    if (next != nullptr) prefetch_chunk_l2<T>(next + i);
+    if (do_exp) {
+      V a, b;
+      Io<T>::load(row + i, a, b);
+      const V ea = vexp(a - mv);
+      const V eb = vexp(b - mv);
+      ea.store(e + i);
+      eb.store(e + i + kV);
+      s0 = s0 + ea;
+      s1 = s1 + eb;
+      if (++chunks == kFlushChunks) {
+        total += hsum<A>(s0 + s1);
+        s0 = V(A(0));
+        s1 = V(A(0));
+        chunks = 0;
+      }
+    }
+    if (do_grad) {
+      const V ea = V::loadu(pending.e + i);
+      const V eb = V::loadu(pending.e + i + kV);
+      V ga, gb;
+      if constexpr (kWeighted) {
+        ga = at::vec::fmsub(ea, coefv, bwv * V::loadu(w + i));
+        gb = at::vec::fmsub(eb, coefv, bwv * V::loadu(w + i + kV));
+      } else {
+        ga = at::vec::fmsub(ea, coefv, bwv);
+        gb = at::vec::fmsub(eb, coefv, bwv);
+      }
+      if constexpr (kStream) {
+        stream_chunk<T>(pending.out + i, ga, gb);
+      } else {
+        Io<T>::store(pending.out + i, ga, gb);
+      }
+    }
+  }
+  if (do_exp) total += hsum<A>(s0 + s1);
+  for (; i < C; ++i) scalar(i);
+  if (do_grad) {
+    if (kStream) stream_fence();  // order the streamed row before the plain store below
+    pending.out[pending.y] = static_cast<T>(pending.grad_y);
+  }
+  return total;
+}
+
+template <typename T, int kSum>
+void forward_grad_rows_pipelined(const RowArgs& a, int64_t row_begin, int64_t row_end) {
+  using A = typename AccOf<T>::type;
+  // kSum == 2 exactly when the gradient has a weighted smoothing term (weight and b != 0).
+  constexpr bool kWeighted = kSum == 2;
+  const T* logits = static_cast<const T*>(a.logits);
+  T* grad = static_cast<T*>(a.grad);
+  const A* w = static_cast<const A*>(a.weight);
+  const int64_t C = a.num_classes;
+  A* loss_out = static_cast<A*>(a.loss);
+  A* lse_out = static_cast<A*>(a.lse_out);
+  const double total_w = total_weight<T>(a);
+  const double g = static_cast<double>(*static_cast<const A*>(a.grad_guess));
+  A* const buffers = exp_buffers<A>(C);
+  const int64_t buffer_stride = exp_buffer_stride(C);
+  int which = 0;  // the buffer that the next row's exps go to
+  PendingRow<T> pending;
+  alignas(64) A buf[kBlock];
+
+  auto pass2 = [&](const T* row, A row_max, A* e, const T* next) -> double {
+    const double sum =
+        a.stream_grad
+            ? exp_row_and_write_pending<T, kWeighted, true>(row, row_max, e, pending, next, C, w)
+            : exp_row_and_write_pending<T, kWeighted, false>(row, row_max, e, pending, next, C, w);
+    pending = PendingRow<T>();
+    return sum;
+  };
+
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const RowInfo info = row_info(a, r, true);
+    const T* row = logits + info.in_offset;
+    T* out = grad + info.out_offset;
+    const T* next = r + 1 < row_end ? logits + row_info(a, r + 1, false).in_offset : nullptr;
+    A row_max;
+    double sumx;
+    row_max_and_sum<T, kSum>(row, C, w, row_max, sumx);
+    double lse = std::numeric_limits<double>::quiet_NaN(), exp_sum = 0.0;
+    A* e = buffers + which * buffer_stride;
+    if (std::isfinite(row_max)) {
+      exp_sum = pass2(row, row_max, e, next);
+      lse = static_cast<double>(row_max) + std::log(exp_sum);
+    }
+    // NaN logits give a NaN sum, an all -inf row a zero sum: the online path handles those.
+    if (!(std::isfinite(exp_sum) && exp_sum > 0.0)) {
+      // (The pending row keeps its buffer until it is written; writing it now keeps row order.)
+      if (pending.e != nullptr) pass2(nullptr, A(0), nullptr, nullptr);
+      online_row_stats<T, kSum>(row, C, 1, w, buf, lse, sumx);
+      loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, lse, sumx, total_w));
+      lse_out[r] = static_cast<A>(lse);
+      write_grad_row<T, kWeighted>(a, info, row, out, g, static_cast<double>(static_cast<A>(lse)),
+                                   total_w, buf);
+      continue;
+    }
+    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, lse, sumx, total_w));
+    lse_out[r] = static_cast<A>(lse);
+    if (info.ignored || info.invalid) {
+      fill_row(out, C, 1, info.ignored ? 0.0 : std::numeric_limits<double>::quiet_NaN());
+      continue;
+    }
+    // The stored (rounded) lse in the z-loss term, as the backward pass would use it.
+    const int64_t y = info.target;
+    const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
+    double scale = a.other_mass * total_w + a.target_extra * w_y;
+    if (a.z_loss != 0.0) scale += 2.0 * a.z_loss * static_cast<double>(static_cast<A>(lse));
+    const double coef = g * scale / exp_sum;  // softmax_i = e_i / exp_sum
+    const double bw = g * a.other_mass;
+    pending.e = e;
+    pending.out = out;
+    pending.y = y;
+    pending.coef = static_cast<A>(coef);
+    pending.bw = static_cast<A>(bw);
+    pending.grad_y = static_cast<A>(coef * static_cast<double>(e[y]) - bw * w_y -
+                                    g * a.target_extra * w_y);
+    which ^= 1;
+  }
+  if (pending.e != nullptr) pass2(nullptr, A(0), nullptr, nullptr);
+}
+
+template <typename T>
+void forward_rows(const RowArgs& a, int64_t row_begin, int64_t row_end) {
+  const bool pipelined = a.grad != nullptr && a.stride_c == 1 && a.grad_stride_c == 1 &&
+                         a.num_classes * static_cast<int64_t>(sizeof(typename AccOf<T>::type)) <=
+                             kExpBufferMaxBytes;
+  if (a.other_mass == 0.0) {
+    pipelined ? forward_grad_rows_pipelined<T, 0>(a, row_begin, row_end)
+              : forward_rows_impl<T, 0>(a, row_begin, row_end);
+  } else if (a.weight == nullptr) {
+    pipelined ? forward_grad_rows_pipelined<T, 1>(a, row_begin, row_end)
+              : forward_rows_impl<T, 1>(a, row_begin, row_end);
+  } else {
+    pipelined ? forward_grad_rows_pipelined<T, 2>(a, row_begin, row_end)
+              : forward_rows_impl<T, 2>(a, row_begin, row_end);
   }
 }
 

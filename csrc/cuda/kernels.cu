@@ -2,7 +2,10 @@
 //
 // One thread block per row (grid-stride over rows): each thread keeps an online (max, sum-exp)
 // pair plus the (weighted) sum of its logits, the block merges them, and thread 0 writes loss and
-// lse. The backward recomputes softmax from the stored lse and writes every gradient once. float32
+// lse. The backward recomputes softmax from the stored lse and writes every gradient once. With
+// RowArgs::grad set, the forward block also writes its row's gradient for upstream *grad_guess
+// right after the statistics (a second, mostly L2-resident read of the row), and the backward given
+// the same grad_guess skips the rows whose upstream equals it. float32
 // accumulation (float64 for float64 logits), int64 offsets, 16-byte vector loads when a row is
 // contiguous and aligned. Targets outside [0, C) (other than ignore_index) give NaN loss/gradient
 // rows and are never used as an index.
@@ -187,6 +190,66 @@ __device__ __forceinline__ RowPos row_pos(const RowArgs& a, int64_t r) {
   return RowPos{b * a.stride_b + s * a.stride_s, b * a.grad_stride_b + s * a.grad_stride_s};
 }
 
+// Writes one row of the gradient for upstream g; called by every thread of the block with the same
+// arguments. Ignored rows get zeros, invalid targets NaN.
+template <typename T, bool kWeighted, int kThreads>
+__device__ __forceinline__ void write_grad_row(const RowArgs& a, const T* row, T* out, int64_t y,
+                                               typename AccOf<T>::type g,
+                                               typename AccOf<T>::type lse) {
+  using A = typename AccOf<T>::type;
+  constexpr int kVec = Vec<T>::kSize;
+  const A* w = static_cast<const A*>(a.weight);
+  const int64_t C = a.num_classes;
+  const int64_t sc = a.stride_c;
+  const int64_t gsc = a.grad_stride_c;
+  const bool ignored = y == a.ignore_index;
+  const bool invalid = !ignored && (y < 0 || y >= C);
+  if (ignored || invalid) {
+    const T fill = from_acc<T>(ignored ? A(0) : quiet_nan<A>());
+    for (int64_t i = threadIdx.x; i < C; i += kThreads) out[i * gsc] = fill;
+    return;
+  }
+  const A w_y = w != nullptr ? w[y] : A(1);
+  const A total_w = a.weight_total != nullptr ? *static_cast<const A*>(a.weight_total)
+                                              : static_cast<A>(C);
+  const A total_mass = static_cast<A>(a.other_mass) * total_w +
+                       static_cast<A>(a.target_extra) * w_y;
+  const A coef = g * (total_mass + static_cast<A>(2.0 * a.z_loss) * lse);
+  const A gb = g * static_cast<A>(a.other_mass);
+  const A gt = g * static_cast<A>(a.target_extra) * w_y;
+  auto grad_at = [&](A x, int64_t i) -> A {
+    A gi = coef * acc_exp(x - lse);
+    if constexpr (kWeighted) {
+      gi -= gb * w[i];
+    } else {
+      gi -= gb;
+    }
+    if (i == y) gi -= gt;
+    return gi;
+  };
+  if (sc == 1 && gsc == 1 && aligned16(row) && aligned16(out)) {
+    const int64_t nvec = C / kVec;
+    const uint4* vin = reinterpret_cast<const uint4*>(row);
+    uint4* vout = reinterpret_cast<uint4*>(out);
+    for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
+      typename Vec<T>::Pack pin, pout;
+      pin.raw = vin[v];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        pout.v[j] = from_acc<T>(grad_at(to_acc(pin.v[j]), v * kVec + j));
+      }
+      vout[v] = pout.raw;
+    }
+    for (int64_t i = nvec * kVec + threadIdx.x; i < C; i += kThreads) {
+      out[i] = from_acc<T>(grad_at(to_acc(row[i]), i));
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < C; i += kThreads) {
+      out[i * gsc] = from_acc<T>(grad_at(to_acc(row[i * sc]), i));
+    }
+  }
+}
+
 // kSum: 0 = no logit sum (other_mass == 0), 1 = plain sum, 2 = weighted sum.
 template <typename T, int kSum, int kThreads>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const RowArgs a) {
@@ -199,9 +262,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const RowArgs a) {
   const int64_t rows = a.rows();
   A* loss_out = static_cast<A*>(a.loss);
   A* lse_out = static_cast<A*>(a.lse_out);
+  T* grad = static_cast<T*>(a.grad);
+  const A guess = grad != nullptr ? *static_cast<const A*>(a.grad_guess) : A(0);
+  __shared__ A row_lse;
 
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const T* row = logits + row_pos(a, r).in_offset;
+    const RowPos pos = row_pos(a, r);
+    const T* row = logits + pos.in_offset;
     Stats<A> st;
     st.init();
     auto visit = [&](A x, int64_t i) {
@@ -250,6 +317,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const RowArgs a) {
       }
       loss_out[r] = static_cast<A>(loss);
       lse_out[r] = lse;
+      row_lse = lse;
+    }
+    if (grad != nullptr) {  // uniform over the grid: the barriers below are reached by all
+      __syncthreads();
+      // kSum == 2 exactly when the gradient has a weighted smoothing term (weight and b != 0).
+      write_grad_row<T, (kSum == 2), kThreads>(a, row, grad + pos.out_offset, a.target[r], guess,
+                                             row_lse);
+      __syncthreads();  // row_lse is rewritten for the next row
     }
   }
 }
@@ -257,70 +332,22 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const RowArgs a) {
 template <typename T, bool kWeighted, int kThreads>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const RowArgs a) {
   using A = typename AccOf<T>::type;
-  constexpr int kVec = Vec<T>::kSize;
   const T* logits = static_cast<const T*>(a.logits);
   T* grad = static_cast<T*>(a.grad);
-  const A* w = static_cast<const A*>(a.weight);
   const A* grad_loss = static_cast<const A*>(a.grad_loss);
   const A* lse_in = static_cast<const A*>(a.lse_in);
-  const int64_t C = a.num_classes;
-  const int64_t sc = a.stride_c;
-  const int64_t gsc = a.grad_stride_c;
+  // With a guess, the forward already wrote every row for upstream == *guess.
+  const A* guess_ptr = static_cast<const A*>(a.grad_guess);
+  const bool skip_guessed = guess_ptr != nullptr;
+  const A guess = skip_guessed ? *guess_ptr : A(0);
   const int64_t rows = a.rows();
 
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const RowPos pos = row_pos(a, r);
-    const T* row = logits + pos.in_offset;
-    T* out = grad + pos.out_offset;
-    const int64_t y = a.target[r];
-    const bool ignored = y == a.ignore_index;
-    const bool invalid = !ignored && (y < 0 || y >= C);
-    if (ignored || invalid) {
-      const T fill = from_acc<T>(ignored ? A(0) : quiet_nan<A>());
-      for (int64_t i = threadIdx.x; i < C; i += kThreads) out[i * gsc] = fill;
-      continue;
-    }
     const A g = grad_loss[r * a.grad_loss_stride];
-    const A lse = lse_in[r * a.lse_stride];
-    const A w_y = w != nullptr ? w[y] : A(1);
-    const A total_w = a.weight_total != nullptr ? *static_cast<const A*>(a.weight_total)
-                                                : static_cast<A>(C);
-    const A total_mass = static_cast<A>(a.other_mass) * total_w +
-                         static_cast<A>(a.target_extra) * w_y;
-    const A coef = g * (total_mass + static_cast<A>(2.0 * a.z_loss) * lse);
-    const A gb = g * static_cast<A>(a.other_mass);
-    const A gt = g * static_cast<A>(a.target_extra) * w_y;
-    auto grad_at = [&](A x, int64_t i) -> A {
-      A gi = coef * acc_exp(x - lse);
-      if constexpr (kWeighted) {
-        gi -= gb * w[i];
-      } else {
-        gi -= gb;
-      }
-      if (i == y) gi -= gt;
-      return gi;
-    };
-    if (sc == 1 && gsc == 1 && aligned16(row) && aligned16(out)) {
-      const int64_t nvec = C / kVec;
-      const uint4* vin = reinterpret_cast<const uint4*>(row);
-      uint4* vout = reinterpret_cast<uint4*>(out);
-      for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
-        typename Vec<T>::Pack pin, pout;
-        pin.raw = vin[v];
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          pout.v[j] = from_acc<T>(grad_at(to_acc(pin.v[j]), v * kVec + j));
-        }
-        vout[v] = pout.raw;
-      }
-      for (int64_t i = nvec * kVec + threadIdx.x; i < C; i += kThreads) {
-        out[i] = from_acc<T>(grad_at(to_acc(row[i]), i));
-      }
-    } else {
-      for (int64_t i = threadIdx.x; i < C; i += kThreads) {
-        out[i * gsc] = from_acc<T>(grad_at(to_acc(row[i * sc]), i));
-      }
-    }
+    if (skip_guessed && g == guess) continue;  // the same decision in every thread of the block
+    const RowPos pos = row_pos(a, r);
+    write_grad_row<T, kWeighted, kThreads>(a, logits + pos.in_offset, grad + pos.out_offset,
+                                           a.target[r], g, lse_in[r * a.lse_stride]);
   }
 }
 

@@ -25,11 +25,18 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const 
                                                 const std::optional<at::Tensor>& weight,
                                                 const std::optional<at::Tensor>& weight_total,
                                                 double target_extra, double other_mass,
-                                                double z_loss, int64_t ignore_index) {
+                                                double z_loss, int64_t ignore_index,
+                                                const std::optional<at::Tensor>& grad_logits,
+                                                const std::optional<at::Tensor>& grad_guess) {
   const c10::cuda::CUDAGuard guard(logits.device());
   RowArgs args;
   PreparedInputs keep = prepare_inputs(logits, target, weight, weight_total, args);
   set_scalars(args, target_extra, other_mass, z_loss, ignore_index);
+  at::Tensor guess;
+  if (check_forward_grad_args(grad_logits, grad_guess)) {
+    check_grad_logits(*grad_logits, logits, args);
+    guess = prepare_guess(grad_guess, logits, args);  // read by the kernel, on the device
+  }
   const int64_t rows = args.rows();
   const auto opts = logits.options().dtype(accumulation_type(logits));
   at::Tensor loss = at::empty({rows}, opts);
@@ -45,12 +52,13 @@ void backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const 
                    const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& weight_total, const at::Tensor& lse,
                    double target_extra, double other_mass, double z_loss, int64_t ignore_index,
-                   const at::Tensor& grad_logits) {
+                   const at::Tensor& grad_logits, const std::optional<at::Tensor>& grad_guess) {
   const c10::cuda::CUDAGuard guard(logits.device());
   RowArgs args;
   PreparedInputs keep = prepare_inputs(logits, target, weight, weight_total, args);
   set_scalars(args, target_extra, other_mass, z_loss, ignore_index);
   check_grad_logits(grad_logits, logits, args);
+  const at::Tensor guess = prepare_guess(grad_guess, logits, args);
   const int64_t rows = args.rows();
   if (rows == 0) return;
   const at::ScalarType acc = accumulation_type(logits);
