@@ -38,8 +38,9 @@ Decisions where the issue is silent
 * **Vectorized state.** Base lrs, warmup lengths, start factors and progress offsets are float64
   tensors (on the CPU for float lrs, on the lrs' device for tensor lrs) and one tensor expression
   gives every group's lr. When all groups share one setting (the usual case) the factor is one
-  number, computed by the same formula, and the expression is just ``base * f`` (a Python float
-  when the float base lrs are all equal too, e.g. a single group). Float lrs are written with one
+  number, computed by the same formula, and the expression is just ``base * f`` (for float lrs,
+  multiplied in Python as each lr is stored, since a dict store per group is the floor anyway;
+  one product for all when the base lrs are equal too). Float lrs are written with one
   ``tolist()`` and a dict store per group; tensor lrs are written in place (one copy into an
   lr-dtype staging vector, then ``torch._foreach_copy_`` from views of it made once) into the very
   tensors the optimizer holds (same object, same storage), with no ``.item()`` and no host-device
@@ -627,14 +628,16 @@ class WarmupScheduler(LRScheduler):
             shape, start, offset, span = distinct.pop()
             rise_of_shape = (1.0 - start) * 0.5 if shape == "cosine" else 1.0 - start
             self._shared = (shape, start, rise_of_shape, offset, span)
-        # Float lrs that are all equal on top of that (one group, or groups split only for weight
-        # decay) make the lr one Python float: no tensor op at all. b * f rounds the same in
-        # Python as in a float64 tensor, so both paths give identical values.
-        self._shared_base: float | None = None
+        # Float lrs on top of that need no tensor op at all: each group's lr is its base times
+        # one Python float, multiplied as it is stored (the dict store is the floor of any
+        # per-group write). b * f rounds the same in Python as in a float64 tensor, so both
+        # paths give identical values.
+        self._shared_bases: list[float] | None = None
+        self._shared_base: float | None = None  # all float base lrs equal: one product in all
         if self._shared is not None and not self._tensor_lrs:
-            bases = self._base.tolist()
-            if all(b == bases[0] for b in bases):
-                self._shared_base = bases[0]
+            self._shared_bases = self._base.tolist()
+            if all(b == self._shared_bases[0] for b in self._shared_bases):
+                self._shared_base = self._shared_bases[0]
         present = sorted(set(self._shapes), key=_SHAPES.index)
         self._masks = [
             (shape, torch.tensor([s == shape for s in self._shapes], device=device))
@@ -644,13 +647,19 @@ class WarmupScheduler(LRScheduler):
 
     def _write_warmup(self, t: int) -> None:
         """Write ``base * f(t)`` into every group."""
-        shared_base = self._shared_base
-        if shared_base is None:
+        shared_bases = self._shared_bases
+        if shared_bases is None:
             self._write(self._warm(t, self._base))
             return
-        lr = shared_base * self._shared_factor(t)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        factor = self._shared_factor(t)
+        groups = self.optimizer.param_groups
+        if self._shared_base is not None:
+            lr = self._shared_base * factor
+            for group in groups:
+                group["lr"] = lr
+            return
+        for group, base in zip(groups, shared_bases, strict=True):
+            group["lr"] = base * factor
 
     def _shared_factor(self, t: int) -> float:
         shape, start, rise, offset, span = self._shared  # type: ignore[misc]
