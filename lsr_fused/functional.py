@@ -245,10 +245,10 @@ def label_smoothing_cross_entropy(
     ):
         # The upstream gradient of each row is 1 / denominator (mean) or 1 (sum) when the caller
         # runs loss.backward(); the forward pass writes the gradient for that value right away.
-        if denominator is None:
-            grad_guess = torch.ones(1, dtype=acc_dtype, device=logits.device)
-        else:
-            grad_guess = (1.0 / denominator).reshape(1)
+        # Computed as autograd's DivBackward will (ones / denominator): the two are bitwise equal.
+        grad_guess = torch.ones(1, dtype=acc_dtype, device=logits.device)
+        if denominator is not None:
+            grad_guess = grad_guess / denominator
         loss, _, _ = ops.fused_forward_with_grad(
             rows, flat_target, weight, weight_total, grad_guess, *scalars
         )

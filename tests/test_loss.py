@@ -379,6 +379,30 @@ class TestGradientInForward:
         (ref * upstream).backward()
         assert_close(x.grad, ref_input.grad, 2e-6)
 
+    @pytest.mark.parametrize("reduction", ["mean", "sum"])
+    @pytest.mark.parametrize("weighted", [False, True])
+    def test_plain_backward_needs_no_second_pass(self, monkeypatch, reduction, weighted):
+        # loss.backward() must hit the guess exactly in every row, or the GPU pays a second pass.
+        from lsr_fused.backends import triton_backend
+
+        seen = []
+        original = triton_backend.backward
+
+        def spy(grad_loss, *args):
+            seen.append((grad_loss.clone(), args[-1]))
+            return original(grad_loss, *args)
+
+        monkeypatch.setattr(triton_backend, "backward", spy)
+        logits, target = random_case((9, 50), torch.float32)
+        weight = torch.rand(50) + 0.3 if weighted else None
+        x = logits.clone().requires_grad_()
+        label_smoothing_cross_entropy(
+            x, target, weight=weight, reduction=reduction, backend="triton"
+        ).backward()
+        ((grad_loss, guess),) = seen
+        assert guess is not None
+        assert torch.equal(grad_loss, guess.expand_as(grad_loss))
+
     def test_second_backward_does_not_corrupt_the_first_gradient(self):
         logits, target = random_case((5, 40), torch.float32)
         x = logits.clone().requires_grad_()
