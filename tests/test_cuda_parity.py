@@ -65,3 +65,23 @@ def test_cuda_matches_dense_reference(backend, shape, dtype, options):
     torch.testing.assert_close(
         grad.double(), ref_grad, atol=grad_tol * max(grad_scale, 1e-30), rtol=grad_tol
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_offsets_past_two_to_the_31(backend):
+    # 16384 x 151936 bf16 holds 2.49e9 elements: rows at the end start past 2**31.
+    rows, classes = 16384, 151936
+    logits = torch.randn(rows, classes, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, classes, (rows,), device="cuda")
+    x = logits.requires_grad_()
+    loss = label_smoothing_cross_entropy(x, target, 0.1, reduction="none", backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    tail = slice(rows - 4, rows)
+    assert (rows - 4) * classes > 2**31
+    ref_input = logits[tail].detach().double().requires_grad_()
+    ref = dense_loss(ref_input, target[tail], 0.1, reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), ref_input)
+    torch.testing.assert_close(loss[tail].double(), ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        grad[tail].double(), ref_grad, atol=1e-2 * ref_grad.abs().max().item(), rtol=1e-2
+    )
