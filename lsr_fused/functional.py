@@ -74,7 +74,9 @@ def _triton_installed() -> bool:
 def _triton_usable(device: torch.device) -> bool:
     if not _triton_installed():
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    flag = os.environ.get("TRITON_INTERPRET", "").strip().lower()
+    interpreted = flag in ("1", "true", "on", "yes")
+    return device.type == "cuda" or interpreted
 
 
 @torch.compiler.assume_constant_result
