@@ -134,10 +134,11 @@ def test_custom_ops_pass_opcheck(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_torch_compile_fullgraph_has_no_graph_break(backend):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_compile_fullgraph_has_no_graph_break(backend, inplace):
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 9))
-    loss_fn = lsr_fused.LabelSmoothingCE(0.1, backend=backend)
+    loss_fn = lsr_fused.LabelSmoothingCE(0.1, backend=backend, inplace_backward=inplace)
 
     def step(features, target):
         return loss_fn(model(features), target)
