@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: parity on the card first, then the benchmark table.
-#   bash benchmarks/gpu_check.sh [extra bench_loss.py arguments]
+#   bash benchmarks/gpu_check.sh [extra bench_loss.py arguments]      (PY=... to pick the python)
 # Prints the card, runs the CUDA tests (parity, no host sync, CUDA graph capture, recompilation),
 # then benchmarks/bench_loss.py on the GPU shapes. Results land in benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python}
+# The device image's python3 already holds torch, triton, pytest, numpy, ninja and matplotlib, and
+# nothing can be fetched there, so this installs nothing: it only builds the extension in place.
+PY=${PY:-python3}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # Hopper only: a shorter build
+export MAX_JOBS=${MAX_JOBS:-16}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 $PY -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -3
