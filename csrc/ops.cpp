@@ -191,31 +191,20 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
                                                double z_loss, int64_t ignore_index,
                                                const std::optional<at::Tensor>& grad_logits,
                                                const std::optional<at::Tensor>& grad_guess) {
-  RowArgs args;
-  PreparedInputs keep = prepare_inputs(logits, target, weight, weight_total, args);
-  set_scalars(args, target_extra, other_mass, z_loss, ignore_index);
-  const bool write_grad = check_forward_grad_args(grad_logits, grad_guess);
-  at::Tensor guess;
-  if (write_grad) {
-    check_grad_logits(*grad_logits, logits, args);
-    guess = prepare_guess(grad_guess, logits, args);
-  }
+  ForwardCall call = prepare_forward(logits, target, weight, weight_total, target_extra,
+                                     other_mass, z_loss, ignore_index, grad_logits, grad_guess);
+  RowArgs& args = call.args;
   const int64_t rows = args.rows();
-  const auto opts = logits.options().dtype(accumulation_type(logits));
-  at::Tensor loss = at::empty({rows}, opts);
-  at::Tensor lse = at::empty({rows}, opts);
-  if (rows == 0) return {loss, lse};
+  if (rows == 0) return {call.loss, call.lse};
   check_targets_cpu(args);
-  args.loss = loss.mutable_data_ptr();
-  args.lse_out = lse.mutable_data_ptr();
-  if (write_grad) {
+  if (call.write_grad) {
     advise_huge_pages_for_fresh_output(*grad_logits, logits);
     args.stream_grad = use_streaming_stores(*grad_logits, logits);
   }
   const CpuKernels k = current_kernels();
   at::parallel_for(0, rows, grain_rows(args.num_classes),
                    [&](int64_t begin, int64_t end) { k.forward(args, begin, end); });
-  return {loss, lse};
+  return {call.loss, call.lse};
 }
 
 void backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
@@ -223,18 +212,12 @@ void backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const a
                   const std::optional<at::Tensor>& weight_total, const at::Tensor& lse,
                   double target_extra, double other_mass, double z_loss, int64_t ignore_index,
                   const at::Tensor& grad_logits, const std::optional<at::Tensor>& grad_guess) {
-  RowArgs args;
-  PreparedInputs keep = prepare_inputs(logits, target, weight, weight_total, args);
-  set_scalars(args, target_extra, other_mass, z_loss, ignore_index);
-  check_grad_logits(grad_logits, logits, args);
-  const at::Tensor guess = prepare_guess(grad_guess, logits, args);
+  BackwardCall call = prepare_backward(grad_loss, logits, target, weight, weight_total, lse,
+                                       target_extra, other_mass, z_loss, ignore_index, grad_logits,
+                                       grad_guess);
+  RowArgs& args = call.args;
   const int64_t rows = args.rows();
   if (rows == 0) return;
-  const at::ScalarType acc = accumulation_type(logits);
-  at::Tensor g = row_vector(grad_loss, rows, acc, logits, "grad_loss", args.grad_loss_stride);
-  at::Tensor l = row_vector(lse, rows, acc, logits, "lse", args.lse_stride);
-  args.grad_loss = g.const_data_ptr();
-  args.lse_in = l.const_data_ptr();
   check_targets_cpu(args);
   advise_huge_pages_for_fresh_output(grad_logits, logits);
   args.stream_grad = use_streaming_stores(grad_logits, logits);

@@ -153,4 +153,71 @@ inline bool check_forward_grad_args(const std::optional<at::Tensor>& grad_logits
   return has_grad;
 }
 
+// One forward call, packed: RowArgs plus every tensor its pointers refer to (outputs included),
+// which must stay alive until the kernels are done. Shared by the CPU and CUDA ops.
+struct ForwardCall {
+  RowArgs args;
+  PreparedInputs inputs;
+  at::Tensor guess;  // undefined unless the gradient is written in forward
+  at::Tensor loss;
+  at::Tensor lse;
+  bool write_grad = false;
+};
+
+inline ForwardCall prepare_forward(const at::Tensor& logits, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& weight_total,
+                                   double target_extra, double other_mass, double z_loss,
+                                   int64_t ignore_index,
+                                   const std::optional<at::Tensor>& grad_logits,
+                                   const std::optional<at::Tensor>& grad_guess) {
+  ForwardCall call;
+  call.inputs = prepare_inputs(logits, target, weight, weight_total, call.args);
+  set_scalars(call.args, target_extra, other_mass, z_loss, ignore_index);
+  call.write_grad = check_forward_grad_args(grad_logits, grad_guess);
+  if (call.write_grad) {
+    check_grad_logits(*grad_logits, logits, call.args);
+    call.guess = prepare_guess(grad_guess, logits, call.args);
+  }
+  const auto opts = logits.options().dtype(accumulation_type(logits));
+  call.loss = at::empty({call.args.rows()}, opts);
+  call.lse = at::empty({call.args.rows()}, opts);
+  call.args.loss = call.loss.mutable_data_ptr();
+  call.args.lse_out = call.lse.mutable_data_ptr();
+  return call;
+}
+
+// One backward call, packed like ForwardCall; grad_logits belongs to the caller.
+struct BackwardCall {
+  RowArgs args;
+  PreparedInputs inputs;
+  at::Tensor guess;      // undefined unless rows matching the guess are skipped
+  at::Tensor grad_loss;  // accumulation-type copies when the inputs had another dtype
+  at::Tensor lse;
+};
+
+inline BackwardCall prepare_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                     const at::Tensor& target,
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& weight_total,
+                                     const at::Tensor& lse, double target_extra,
+                                     double other_mass, double z_loss, int64_t ignore_index,
+                                     const at::Tensor& grad_logits,
+                                     const std::optional<at::Tensor>& grad_guess) {
+  BackwardCall call;
+  call.inputs = prepare_inputs(logits, target, weight, weight_total, call.args);
+  set_scalars(call.args, target_extra, other_mass, z_loss, ignore_index);
+  check_grad_logits(grad_logits, logits, call.args);
+  call.guess = prepare_guess(grad_guess, logits, call.args);
+  const int64_t rows = call.args.rows();
+  if (rows == 0) return call;
+  const at::ScalarType acc = accumulation_type(logits);
+  call.grad_loss =
+      row_vector(grad_loss, rows, acc, logits, "grad_loss", call.args.grad_loss_stride);
+  call.lse = row_vector(lse, rows, acc, logits, "lse", call.args.lse_stride);
+  call.args.grad_loss = call.grad_loss.const_data_ptr();
+  call.args.lse_in = call.lse.const_data_ptr();
+  return call;
+}
+
 }  // namespace lsr_fused

@@ -29,23 +29,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const 
                                                 const std::optional<at::Tensor>& grad_logits,
                                                 const std::optional<at::Tensor>& grad_guess) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  RowArgs args;
-  PreparedInputs keep = prepare_inputs(logits, target, weight, weight_total, args);
-  set_scalars(args, target_extra, other_mass, z_loss, ignore_index);
-  at::Tensor guess;
-  if (check_forward_grad_args(grad_logits, grad_guess)) {
-    check_grad_logits(*grad_logits, logits, args);
-    guess = prepare_guess(grad_guess, logits, args);  // read by the kernel, on the device
-  }
-  const int64_t rows = args.rows();
-  const auto opts = logits.options().dtype(accumulation_type(logits));
-  at::Tensor loss = at::empty({rows}, opts);
-  at::Tensor lse = at::empty({rows}, opts);
-  if (rows == 0) return {loss, lse};
-  args.loss = loss.mutable_data_ptr();
-  args.lse_out = lse.mutable_data_ptr();
-  check_launch(cuda::launch_forward(args, c10::cuda::getCurrentCUDAStream().stream()), "forward");
-  return {loss, lse};
+  ForwardCall call = prepare_forward(logits, target, weight, weight_total, target_extra,
+                                     other_mass, z_loss, ignore_index, grad_logits, grad_guess);
+  if (call.args.rows() == 0) return {call.loss, call.lse};
+  check_launch(cuda::launch_forward(call.args, c10::cuda::getCurrentCUDAStream().stream()),
+               "forward");
+  return {call.loss, call.lse};
 }
 
 void backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
@@ -54,19 +43,11 @@ void backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const 
                    double target_extra, double other_mass, double z_loss, int64_t ignore_index,
                    const at::Tensor& grad_logits, const std::optional<at::Tensor>& grad_guess) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  RowArgs args;
-  PreparedInputs keep = prepare_inputs(logits, target, weight, weight_total, args);
-  set_scalars(args, target_extra, other_mass, z_loss, ignore_index);
-  check_grad_logits(grad_logits, logits, args);
-  const at::Tensor guess = prepare_guess(grad_guess, logits, args);
-  const int64_t rows = args.rows();
-  if (rows == 0) return;
-  const at::ScalarType acc = accumulation_type(logits);
-  at::Tensor g = row_vector(grad_loss, rows, acc, logits, "grad_loss", args.grad_loss_stride);
-  at::Tensor l = row_vector(lse, rows, acc, logits, "lse", args.lse_stride);
-  args.grad_loss = g.const_data_ptr();
-  args.lse_in = l.const_data_ptr();
-  check_launch(cuda::launch_backward(args, c10::cuda::getCurrentCUDAStream().stream()),
+  BackwardCall call = prepare_backward(grad_loss, logits, target, weight, weight_total, lse,
+                                       target_extra, other_mass, z_loss, ignore_index, grad_logits,
+                                       grad_guess);
+  if (call.args.rows() == 0) return;
+  check_launch(cuda::launch_backward(call.args, c10::cuda::getCurrentCUDAStream().stream()),
                "backward");
 }
 
