@@ -1,25 +1,19 @@
-"""Helpers shared by the benchmarks: shapes, timers, peak extra memory, machine info, tables.
+"""What every benchmark script shares that is neither measuring nor reporting: dtypes and shapes,
+the machine's description, the progress line, short error texts.
 
-Nothing here knows about label smoothing; ``bench_loss.py`` holds the contenders and the report.
+``measure.py`` times and weighs contenders, ``report.py`` turns the measurements into tables, JSON
+and a plot; a script such as ``bench_loss.py`` names its contenders and inputs and drives the three.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import math
 import os
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
-
-T = TypeVar("T")
 
 DTYPES = {
     "float32": torch.float32,
@@ -91,127 +85,19 @@ def parse_shapes(text: str, dtype: torch.dtype | None) -> list[Shape]:
     return shapes
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def pick_shapes(shapes: str | None, dtype: str | None, defaults: str) -> list[Shape]:
+    """The shapes to run: ``shapes`` if given (``dtype`` fills in those without their own), else
+    ``defaults`` with every dtype replaced by ``dtype`` when given. Raises ValueError."""
+    chosen = parse_dtype(dtype) if dtype else None
+    if shapes:
+        return parse_shapes(shapes, chosen)
+    return [Shape(s.rows, s.classes, chosen or s.dtype) for s in parse_shapes(defaults, None)]
 
 
-def time_calls(
-    step: Callable[[int], object],
-    device: torch.device,
-    reps: int,
-    flush: torch.Tensor | None = None,
-    after: Callable[[int], object] | None = None,
-) -> list[float]:
-    """Seconds per call of ``step(i)`` for ``i in range(reps)``; the caller has warmed it up.
-
-    CPU: ``time.perf_counter`` around each call. CUDA: a pair of CUDA events around each call, with
-    ``flush`` (a large buffer) zeroed between calls, outside the events, so that L2 starts cold as
-    in ``triton.testing.do_bench``. What ``step`` returns is released only after the clock stops.
-    ``after(i)``, if given, runs after call ``i``, outside the clock.
-    """
-    times = []
-    if device.type == "cuda":
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            for _ in range(reps)
-        ]
-        synchronize(device)
-        for i, (start, end) in enumerate(events):
-            if flush is not None:
-                flush.zero_()
-            start.record()
-            out = step(i)
-            end.record()
-            del out
-            if after is not None:
-                after(i)
-        synchronize(device)
-        return [start.elapsed_time(end) / 1e3 for start, end in events]
-    for i in range(reps):
-        start = time.perf_counter()
-        out = step(i)
-        times.append(time.perf_counter() - start)
-        del out
-        if after is not None:
-            after(i)
-    return times
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def run_measured(step: Callable[[], T], device: torch.device) -> tuple[T, int | None, float]:
-    """Call ``step()`` once; return what it returned, the peak bytes it allocated beyond what was
-    allocated before it, and the seconds it took (an upper bound of its usual time: on the CPU it
-    runs under a profiler).
-
-    What ``step`` returns (the loss, the gradient) is alive at its end, so it counts.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the bytes
-    allocated before the call.
-
-    CPU: PyTorch keeps no allocation statistics for the CPU, so the call runs under
-    ``torch.profiler`` with ``profile_memory=True``, which records every allocation and free made
-    through c10's CPU allocator (all tensors, including those of compiled extensions and of
-    torch.compile's generated code) with a timestamp. The running sum of those records, in time
-    order, is the bytes allocated since the call started; its maximum is the peak. Memory obtained
-    with plain ``malloc`` outside tensors (small scratch, if any) is not seen. Returns None if the
-    profiler's event tree is unavailable in this torch version.
-    """
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        start = time.perf_counter()
-        out = step()
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device)
-        return out, max(0, peak - base), seconds
-    from torch.profiler import ProfilerActivity, profile
-
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        start = time.perf_counter()
-        out = step()
-        seconds = time.perf_counter() - start
-    try:
-        from torch._C._profiler import _EventType
-
-        roots = prof.profiler.kineto_results.experimental_event_tree()
-    except (AttributeError, ImportError, RuntimeError):
-        return out, None, seconds
-    allocations = []
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.typed[0] == _EventType.Allocation:
-            fields = node.typed[1]
-            if fields.device.type == "cpu":
-                allocations.append((node.start_time_ns, fields.alloc_size))
-    allocations.sort(key=lambda item: item[0])
-    running = peak = 0
-    for _, size in allocations:
-        running += size
-        peak = max(peak, running)
-    return out, peak, seconds
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """Silence file descriptor 2 (Kineto logs each profiler start and stop there, from C++)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+def short(err: BaseException, limit: int = 90) -> str:
+    """The first line of an exception, type included, cut to ``limit`` characters."""
+    text = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def cpu_model() -> str:
@@ -273,39 +159,6 @@ def machine_info(device: torch.device) -> dict:
     except ImportError:
         info["triton"] = None
     return info
-
-
-def format_table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
-    """Align columns: the first ``left`` columns flush left, the others flush right.
-
-    A row with fewer cells than headers has its last cell run on to the end of the line (used for
-    status messages such as "not installed").
-    """
-    widths = [len(h) for h in headers]
-    for row in rows:
-        sized = row if len(row) == len(headers) else row[:-1]  # a run-on cell sizes nothing
-        for i, cell in enumerate(sized):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: list[str]) -> str:
-        parts = []
-        for i, cell in enumerate(cells):
-            if len(cells) < len(headers) and i == len(cells) - 1:
-                parts.append(cell)
-            elif i < left:
-                parts.append(cell.ljust(widths[i]))
-            else:
-                parts.append(cell.rjust(widths[i]))
-        return "  ".join(parts).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
-
-
-def fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:{spec}}{suffix}"
 
 
 class Progress:
