@@ -1,0 +1,86 @@
+r"""Composition of the warmup with a torch scheduler (``after=``) of the same optimizer.
+
+Let :math:`T = \max_g W_g` be the hand-off step (:attr:`WarmupScheduler.warmup_end`).
+
+* **compose="sequential"**: for :math:`t < T` the lr is :math:`\text{base}_g f_g(t)`; at
+  :math:`t = T` the optimizer gets the after-scheduler's own step-0 lrs (what it set when it was
+  built, normally the base lrs: no dip, no jump); the call that makes :math:`t = T + k` steps the
+  after-scheduler for the :math:`k`-th time, so its own step count (and milestones) start at the
+  hand-off. Groups with a shorter warmup hold their base lr until :math:`T`. The after-scheduler is
+  stepped once per call, in the same unit as the warmup: to pair a per-iteration warmup with a
+  per-epoch schedule, express that schedule in iterations (e.g.
+  ``StepLR(step_size=30 * iters_per_epoch)``).
+* **compose="multiply"**: the after-scheduler is stepped on every call from the start and the
+  optimizer gets :math:`f_g(t)\,a_g(t)`, where :math:`a_g(t)` is the after-scheduler's own lr. The
+  warmup factor is divided back out before each after-step (its unscaled lrs are written back), so
+  chainable schedulers, which read ``group["lr"]``, see their own unscaled sequence.
+* **Metric-driven after-schedulers** (those whose ``step`` takes ``metrics``, e.g.
+  ``ReduceLROnPlateau``) are stepped only on calls that move past :math:`T`, in both modes: metrics
+  seen during warmup are ignored, so no plateau reduction happens during warmup. ``metrics`` is
+  passed as a keyword; a call that has to step such a scheduler without metrics, or metrics with
+  nothing to receive them, raises ``TypeError``.
+* **No ordering heuristic.** torch's ``LRScheduler.step()`` warns on a scheduler's first step
+  after construction if ``optimizer.step()`` has not run yet (or was replaced). Here the call
+  order is defined by the warmup (the after-scheduler may legitimately be stepped first, e.g. with
+  ``compose="multiply"`` or a GradScaler that skips the first optimizer steps), so the one
+  after-step that can trigger that check, the first one this scheduler makes, runs with
+  ``UserWarning`` ignored. Which call that is follows from the warmup's own clock; nothing is read
+  from the after-scheduler's private state, nor from the wording of torch's messages.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Literal, SupportsFloat
+
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+Compose = Literal["sequential", "multiply"]
+
+
+class Follower:
+    """The after-scheduler as the warmup drives it: when it steps, how it is called, its lrs.
+
+    The lr vectors are float64 and are replaced, never modified in place, by their users.
+    """
+
+    start_lrs: Tensor  # its step-0 lrs, handed over at t = T with compose="sequential"
+    lrs: Tensor  # a(t), its own current (unscaled) lrs, with compose="multiply"
+
+    def __init__(
+        self, scheduler: LRScheduler | ReduceLROnPlateau, optimizer: Optimizer, compose: Compose
+    ) -> None:
+        # ReduceLROnPlateau only became an LRScheduler subclass in later torch releases.
+        if not isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)):
+            raise ValueError(
+                "after must be a torch.optim.lr_scheduler.LRScheduler (ReduceLROnPlateau "
+                f"included), got {type(scheduler)}"
+            )
+        if getattr(scheduler, "optimizer", None) is not optimizer:
+            raise ValueError("after must drive the same optimizer as the warmup scheduler")
+        self.scheduler = scheduler
+        self.multiply = compose == "multiply"
+        metrics = inspect.signature(scheduler.step).parameters.get("metrics")
+        self.takes_metrics = metrics is not None
+        self.needs_metrics = metrics is not None and metrics.default is inspect.Parameter.empty
+        # Stepped from the first call on, or only past the hand-off step.
+        self._from_start = self.multiply and not self.takes_metrics
+
+    def steps_at(self, t: int, warmup_end: int) -> bool:
+        """Whether the call that reaches step ``t`` steps the after-scheduler."""
+        return self._from_start or t > warmup_end
+
+    def step(self, t: int, warmup_end: int, metrics: SupportsFloat | None) -> None:
+        """Step the after-scheduler on the call that reaches step ``t``."""
+        kwargs = {} if metrics is None else {"metrics": metrics}
+        first = 1 if self._from_start else warmup_end + 1
+        if t != first:
+            self.scheduler.step(**kwargs)  # type: ignore[arg-type]
+            return
+        # The only step on which torch runs its ordering check (see "No ordering heuristic").
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step(**kwargs)  # type: ignore[arg-type]
