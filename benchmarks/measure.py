@@ -393,8 +393,10 @@ class Bench:
         after = self.churn if scenario == "train" else None
         if after is not None:  # the first call, too, follows a churn
             after(-1)
-        if first:
-            times = self.timed(step, after=after)[0]
+        if first and after is None:
+            times = self.timed(step)[0]
+        elif first:  # the churn may cost far more than the copy: a fixed, small count
+            times = time_calls(step, self.device, 3 * self.settings.min_reps, self.w.flush, after)
         else:
             times = time_calls(step, self.device, self.settings.min_reps, self.w.flush, after)
         self.floor[scenario] += times
@@ -404,10 +406,12 @@ class Bench:
     ) -> tuple[list[float], int]:
         """Warm up, pick the repetitions from the warm-up time, time them; no times if too slow.
 
-        ``hint_s``: the time of the call that measured the memory, made just before (on the CPU
-        the correctness check, under the profiler). A CPU call so slow that the minimum
-        repetitions fill the budget gets no further warm-up: that call has warmed it already.
-        The budget counts the timed calls only, not ``after`` (restores, churn).
+        ``hint_s``: a time the call is known to take at most: in the tight loop that of the call
+        that measured the memory, made just before (on the CPU under the profiler); in the
+        training loop the tight loop's median, so that a slow first call after a churn does not
+        cut the repetitions. A CPU call so slow that the minimum repetitions fill the budget gets
+        no further warm-up: that call has warmed it already. The budget counts the timed calls
+        only, not ``after`` (restores, churn).
         """
         s = self.settings
         if hint_s is not None and hint_s > s.max_call_s:
@@ -423,7 +427,7 @@ class Bench:
                 del out
                 if after is not None:
                     after(i)
-        estimate = max(min(warm) if warm else hint_s, 1e-6)
+        estimate = max(min(warm + ([hint_s] if hint_s else [])), 1e-6)
         if estimate > s.max_call_s:
             return [], 0
         reps = max(s.min_reps, min(s.max_reps, math.ceil(s.budget_s / estimate)))

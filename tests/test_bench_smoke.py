@@ -45,6 +45,15 @@ def test_table_json_and_png_are_written(quick_run):
     eager = [r for r in data["records"] if r["contender"] == "torch eager"]
     assert len(eager) == 2 * len(shapes)
     assert all(r["status"] == "ok" and r["time_ms"] > 0 and r["copy_ms"] > 0 for r in eager)
+    # The training-loop scenario (on by default) times fwd+bwd beside the tight loop.
+    assert "train f+b/copy" in stdout and "training loop" in stdout
+    for r in eager:
+        train = r["train"]
+        if r["pass"] == "fwd":
+            assert train is None, r
+        else:
+            assert train["status"] == "ok" and train["time_ms"] > 0 and train["copy_ms"] > 0, r
+            assert train["speedup_vs_eager"] == 1.0, r
     assert (out / "cpu.txt").read_text().strip()
     png = (out / "cpu.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -68,5 +77,6 @@ def test_every_lsr_fused_row_agrees(quick_run):
         assert r["time_ms"] > 0 and r["ratio_to_copy"] > 0, r
         if r["pass"] == "fwd+bwd":
             assert r["grad_rel_err"] < 5e-2, r
+            assert r["train"]["status"] == "ok" and r["train"]["ratio_to_copy"] > 0, r
             assert r["extra_mem_x"] is not None, r
     assert "WRONG" not in stdout
