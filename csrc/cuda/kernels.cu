@@ -190,6 +190,15 @@ __device__ __forceinline__ RowPos row_pos(const RowArgs& a, int64_t r) {
   return RowPos{b * a.stride_b + s * a.stride_s, b * a.grad_stride_b + s * a.grad_stride_s};
 }
 
+// minBlocksPerMultiprocessor for __launch_bounds__. With kThreads alone, ptxas (CUDA 13) picks its
+// own register target (as low as 32-40 for some of these kernels, below the 128 allowed) and spills
+// loop-invariant row constants to local memory (4-24 bytes: STL before the grid-stride loop, LDL
+// inside it, around the 64-bit r / inner subroutine call). Asking for 1024 resident threads per SM
+// instead fixes the budget at 64 registers (32 warps per SM), which every float/half/bfloat16
+// kernel fits without spilling; the float64 ones (two registers per value) need more and get 128.
+template <typename T, int kThreads>
+constexpr int kMinBlocks = (sizeof(typename AccOf<T>::type) == 8 ? 512 : 1024) / kThreads;
+
 // Writes one row of the gradient for upstream g; called by every thread of the block with the same
 // arguments. Ignored rows get zeros, invalid targets NaN.
 template <typename T, bool kWeighted, int kThreads>
@@ -252,7 +261,8 @@ __device__ __forceinline__ void write_grad_row(const RowArgs& a, const T* row, T
 
 // kSum: 0 = no logit sum (other_mass == 0), 1 = plain sum, 2 = weighted sum.
 template <typename T, int kSum, int kThreads>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const RowArgs a) {
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<T, kThreads>))
+    forward_kernel(const RowArgs a) {
   using A = typename AccOf<T>::type;
   constexpr int kVec = Vec<T>::kSize;
   const T* logits = static_cast<const T*>(a.logits);
@@ -330,7 +340,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const RowArgs a) {
 }
 
 template <typename T, bool kWeighted, int kThreads>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const RowArgs a) {
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<T, kThreads>))
+    backward_kernel(const RowArgs a) {
   using A = typename AccOf<T>::type;
   const T* logits = static_cast<const T*>(a.logits);
   T* grad = static_cast<T*>(a.grad);
