@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install numpy pytest ruff==0.17.6 ninja matplotlib
+	$(PY) -m pip install numpy pytest ruff==0.17.6 ninja matplotlib scikit-learn
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton==3.9.0
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
