@@ -4,6 +4,8 @@ Public API:
 
 * :func:`label_smoothing_cross_entropy` and :class:`LabelSmoothingCE`: log-softmax fused with the
   label-smoothed cross-entropy (Triton on CUDA, a C++ extension or pure PyTorch on the CPU).
+* :func:`linear_label_smoothing_cross_entropy` and :class:`LinearLabelSmoothingCE`: the classifier
+  matmul fused with that loss, chunk by chunk, so that the ``(N, C)`` logits never exist.
 * :func:`set_validation`: opt-in host-side target checks for CUDA tensors.
 * :class:`WarmupScheduler`, :class:`GradualWarmupScheduler`, :func:`linear_scaled_lr`: warmup
   and the linear scaling rule.
@@ -11,7 +13,8 @@ Public API:
 
 from ._validation import set_validation
 from .functional import available_backends, label_smoothing_cross_entropy
-from .module import LabelSmoothingCE
+from .linear import linear_label_smoothing_cross_entropy
+from .module import LabelSmoothingCE, LinearLabelSmoothingCE
 from .scheduler import GradualWarmupScheduler, WarmupScheduler, linear_scaled_lr
 
 __version__ = "0.1.0"
@@ -19,9 +22,11 @@ __version__ = "0.1.0"
 __all__ = [
     "GradualWarmupScheduler",
     "LabelSmoothingCE",
+    "LinearLabelSmoothingCE",
     "WarmupScheduler",
     "available_backends",
     "label_smoothing_cross_entropy",
+    "linear_label_smoothing_cross_entropy",
     "linear_scaled_lr",
     "set_validation",
 ]

@@ -1,4 +1,5 @@
-"""``LabelSmoothingCE``: the ``nn.Module`` form of :func:`label_smoothing_cross_entropy`."""
+"""``LabelSmoothingCE`` and ``LinearLabelSmoothingCE``: the ``nn.Module`` forms of
+:func:`label_smoothing_cross_entropy` and :func:`linear_label_smoothing_cross_entropy`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .functional import LOSS_DOC, check_options, label_smoothing_cross_entropy
+from .linear import LINEAR_DOC, linear_label_smoothing_cross_entropy
 
 
 class LabelSmoothingCE(nn.Module):
@@ -64,3 +66,72 @@ class LabelSmoothingCE(nn.Module):
 LabelSmoothingCE.__doc__ = (
     "Label-smoothed cross-entropy loss module; ``forward(logits, target)``.\n" + LOSS_DOC
 )
+
+
+class LinearLabelSmoothingCE(nn.Module):
+    """Fused classifier + label-smoothed cross-entropy module:
+    ``forward(hidden, weight, target, bias=None)``, e.g. with an ``nn.Linear`` head ``lm_head``:
+    ``criterion(hidden, lm_head.weight, target, bias=lm_head.bias)``.
+
+    The constructor takes every keyword of :func:`linear_label_smoothing_cross_entropy` except
+    ``bias``; ``class_weight`` is kept as a buffer (moved by ``.to()``, saved in ``state_dict``).
+    """
+
+    def __init__(
+        self,
+        label_smoothing: float = 0.1,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        class_weight: Optional[Tensor] = None,
+        spread: str = "all",
+        z_loss: float = 0.0,
+        chunk_size: Optional[int] = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
+        if class_weight is not None and (
+            not isinstance(class_weight, Tensor) or class_weight.dim() != 1
+        ):
+            raise ValueError("class_weight must be a 1-D tensor with one entry per class, or None")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+        self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.spread = spread
+        self.z_loss = z_loss
+        self.chunk_size = chunk_size
+        self.backend = backend
+        self.register_buffer("class_weight", class_weight)
+
+    def forward(
+        self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None
+    ) -> Tensor:
+        return linear_label_smoothing_cross_entropy(
+            hidden,
+            weight,
+            target,
+            self.label_smoothing,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            class_weight=self.class_weight,
+            spread=self.spread,
+            z_loss=self.z_loss,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
+            f"spread={self.spread!r}, z_loss={self.z_loss}, ignore_index={self.ignore_index}, "
+            f"chunk_size={self.chunk_size}, backend={self.backend!r}"
+        )
+
+
+LinearLabelSmoothingCE.__doc__ = LinearLabelSmoothingCE.__doc__ + LINEAR_DOC

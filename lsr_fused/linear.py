@@ -1,0 +1,559 @@
+"""Fused classifier + label-smoothed cross-entropy: the loss of ``hidden @ weight.T + bias`` without
+ever holding the ``(N, C)`` logits.
+
+The rows are processed in chunks. For a chunk of ``n`` rows with hidden states ``h`` ``(n, H)``:
+
+1. ``x = h @ W^T + b`` into one reusable ``(chunk, C)`` buffer (torch matmul: cuBLAS / CPU BLAS);
+2. the row kernel of a backend (:mod:`lsr_fused.backends`) reads ``x`` and writes ``G = d loss /
+   d x`` over ``x`` itself, in place (in the forward pass of a training step, for the upstream
+   gradient the caller is expected to send);
+3. ``G`` feeds two more matmuls and a column sum.
+
+Gradient derivation. With ``loss = sum_r u_r * l_r(x_r)`` (``u_r`` the upstream gradient of row
+``r``; 1 for ``"sum"``, ``1 / sum(w[y])`` for ``"mean"``) and ``x_r = W h_r + b``, the chain rule
+through the linear map gives, with ``G_r = u_r * d l_r / d x_r`` (the row kernel's output, formula
+in :mod:`lsr_fused.backends`)::
+
+    d loss / d h_r = G_r @ W                 (one (n, C) x (C, H) matmul per chunk)
+    d loss / d W   = sum_r G_r^T h_r          (one (C, n) x (n, H) matmul per chunk, accumulated)
+    d loss / d b   = sum_r G_r                (a column sum per chunk, accumulated)
+
+so a training step costs three matmuls and one pass of the row kernel per chunk. For ``"sum"`` and
+``"mean"`` the upstream is one scalar ``u`` for every row: the forward pass computes the gradients
+for the expected ``g`` (what ``loss.backward()`` sends) and backward multiplies them by ``u / g``
+on the device (exactly 1, and skipped by nothing, when ``u == g``). For ``"none"`` the upstreams are
+only known in backward, which recomputes every chunk's logits with the saved log-sum-exps.
+
+The custom ops (with fake implementations and autograd, so ``torch.compile(fullgraph=True)``
+traces through them as single nodes):
+
+* ``lsr_fused::linear_forward``           -> ``(loss, lse)`` per row; no gradient work
+* ``lsr_fused::linear_forward_with_grad`` -> ``(loss sum, lse, grad_hidden, grad_weight,
+  grad_bias)`` for upstream ``grad_guess`` (a gradient not asked for is an empty tensor)
+* ``lsr_fused::linear_backward``          -> ``(grad_hidden, grad_weight, grad_bias)`` for per-row
+  upstream gradients, recomputing the chunks
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops, policy
+from ._params import RowParams, smoothing_masses
+from ._validation import check_targets
+
+__all__ = ["LINEAR_DOC", "default_chunk_size", "linear_label_smoothing_cross_entropy"]
+
+# Beyond this many bytes of float32 (N, C) logits, the default chunk holds at most 1/8 of them.
+_FULL_LOGITS_LIMIT = 256 << 20
+_CHUNK_FRACTION = 8
+# ... and never more than this many bytes, whatever N.
+_CHUNK_MAX_BYTES = 256 << 20
+# A chunk of at least this many rows is rounded down to a multiple of it (GEMM-friendly).
+_CHUNK_ALIGN = 64
+
+
+def default_chunk_size(rows: int, num_classes: int, dtype: torch.dtype) -> int:
+    """Rows per chunk for ``rows`` x ``num_classes`` logits of ``dtype`` (the memory rule).
+
+    Up to 256 MiB of float32 ``(N, C)`` logits, one chunk (the unfused path would hold that much
+    too). Beyond, a chunk takes at most 1/8 of that float32 size and at most 256 MiB.
+    """
+    rows = max(int(rows), 1)
+    num_classes = max(int(num_classes), 1)
+    full_fp32 = rows * num_classes * 4
+    if full_fp32 <= _FULL_LOGITS_LIMIT:
+        return rows
+    budget = min(full_fp32 // _CHUNK_FRACTION, _CHUNK_MAX_BYTES)
+    chunk = max(1, budget // (num_classes * dtype.itemsize))
+    if chunk >= _CHUNK_ALIGN:
+        chunk -= chunk % _CHUNK_ALIGN
+    return min(chunk, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunk loop shared by the ops.
+
+
+def _chunks(rows: int, chunk: int):
+    for start in range(0, rows, chunk):
+        yield start, min(rows, start + chunk)
+
+
+def _logits_into(buffer: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``h @ weight^T (+ bias)`` written into the first ``len(h)`` rows of ``buffer``."""
+    out = buffer[: h.shape[0]]
+    if bias is None:
+        torch.mm(h, weight.t(), out=out)
+    else:
+        torch.addmm(bias, h, weight.t(), out=out)
+    return out
+
+
+def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, h: Tensor) -> None:
+    """``acc += grad_logits^T @ h``, accumulated in ``acc``'s dtype."""
+    if acc.dtype == grad_logits.dtype:
+        acc.addmm_(grad_logits.t(), h)
+    elif acc.device.type == "cuda":
+        # cuBLAS multiplies half operands into the float32 accumulator directly.
+        torch.ops.aten.addmm.dtype_out(acc, grad_logits.t(), h, acc.dtype, out=acc)
+    else:
+        # The CPU has no mixed-dtype matmul: multiply in the accumulator's dtype.
+        acc.addmm_(grad_logits.t().to(acc.dtype), h.to(acc.dtype))
+
+
+class _Problem:
+    """The arguments of one op call, unpacked once."""
+
+    def __init__(self, hidden, weight, bias, target, class_weight, class_weight_total, chunk_size,
+                 target_extra, other_mass, z_loss, ignore_index, backend):  # fmt: skip
+        self.hidden, self.weight, self.bias, self.target = hidden, weight, bias, target
+        self.class_weight, self.class_weight_total = class_weight, class_weight_total
+        self.rows, self.num_classes = hidden.shape[0], weight.shape[0]
+        self.chunk = max(1, min(int(chunk_size), max(self.rows, 1)))
+        self.params = RowParams(target_extra, other_mass, z_loss, ignore_index)
+        self.backend = backend
+        self.kernels = ops.backend_module(backend)
+        self.acc_dtype = policy.accumulation_dtype(hidden.dtype)
+
+    def buffer(self) -> Tensor:
+        return self.hidden.new_empty((self.chunk, self.num_classes))
+
+    def logits(self, buffer: Tensor, start: int, stop: int) -> Tensor:
+        return _logits_into(buffer, self.hidden[start:stop], self.weight, self.bias)
+
+    def row_forward(self, logits: Tensor, start: int, stop: int, grad_guess=None):
+        """Per-row (loss, lse) of a chunk; with ``grad_guess``, also its gradient, in place."""
+        rows = policy.row_view(logits)
+        target = self.target[start:stop]
+        args = (rows, target, self.class_weight, self.class_weight_total, self.params)
+        if grad_guess is None:
+            return self.kernels.forward(*args)
+        if ops.writes_grad_in_forward(self.backend, logits.device.type):
+            # The kernels read each row's statistics (and the target logit) before writing the
+            # row's gradient, so the gradient may overwrite the logits.
+            return self.kernels.forward(*args, rows, grad_guess)
+        loss, lse = self.kernels.forward(*args)
+        self.row_backward(grad_guess.expand(stop - start), logits, lse, start, stop)
+        return loss, lse
+
+    def row_backward(self, upstream: Tensor, logits: Tensor, lse: Tensor, start: int, stop: int):
+        """The chunk's gradient for per-row ``upstream``, written over ``logits``."""
+        rows = policy.row_view(logits)
+        self.kernels.backward(
+            upstream, rows, self.target[start:stop], self.class_weight,
+            self.class_weight_total, lse, self.params, rows,
+        )  # fmt: skip
+
+    def gradients(self, needs: tuple[bool, bool, bool]):
+        """Gradient outputs: hidden's (its dtype, to be filled), weight's and bias' accumulators
+        (zeros); an empty ``(0,)`` tensor for a gradient not asked for."""
+        return _gradient_outputs(self.hidden, self.weight, needs, torch.zeros)
+
+    def accumulate(self, grads, grad_logits: Tensor, start: int, stop: int) -> None:
+        grad_hidden, grad_weight, grad_bias = grads
+        if grad_hidden.numel():
+            torch.mm(grad_logits, self.weight, out=grad_hidden[start:stop])
+        if grad_weight.numel():
+            _accumulate_weight_grad(grad_weight, grad_logits, self.hidden[start:stop])
+        if grad_bias.numel():
+            grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
+
+
+def _gradient_outputs(hidden: Tensor, weight: Tensor, needs, fill=torch.empty):
+    """(grad_hidden, weight accumulator, bias accumulator); ``(0,)`` where not needed. The
+    accumulators are float32 for half weights (float64 for float64)."""
+    need_hidden, need_weight, need_bias = needs
+    acc = policy.accumulation_dtype(weight.dtype)
+    device = weight.device
+    return (
+        hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+        fill(weight.shape, dtype=acc, device=device) if need_weight else hidden.new_empty(0),
+        fill(weight.shape[0], dtype=acc, device=device) if need_bias else hidden.new_empty(0),
+    )
+
+
+def _device_type(t: Tensor) -> str:
+    return t.device.type
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops.
+
+
+# The scalar tail shared by the ops:
+# (chunk_size, target_extra, other_mass, z_loss, ignore_index, backend).
+# fmt: off
+@torch.library.custom_op("lsr_fused::linear_forward", mutates_args=())
+def linear_forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+    class_weight: Optional[Tensor], class_weight_total: Optional[Tensor], chunk_size: int,
+    target_extra: float, other_mass: float, z_loss: float, ignore_index: int, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss and log-sum-exp of ``hidden @ weight^T + bias``, chunk by chunk."""
+    check_targets(target, weight.shape[0], ignore_index)
+    p = _Problem(hidden, weight, bias, target, class_weight, class_weight_total, chunk_size,
+                 target_extra, other_mass, z_loss, ignore_index, backend)
+    loss = hidden.new_empty(p.rows, dtype=p.acc_dtype)
+    lse = hidden.new_empty(p.rows, dtype=p.acc_dtype)
+    with torch.autocast(_device_type(hidden), enabled=False):
+        buffer = p.buffer()
+        for start, stop in _chunks(p.rows, p.chunk):
+            chunk_loss, chunk_lse = p.row_forward(p.logits(buffer, start, stop), start, stop)
+            loss[start:stop] = chunk_loss
+            lse[start:stop] = chunk_lse
+    return loss, lse
+
+
+@linear_forward.register_fake
+def _(hidden, weight, bias, target, *rest):
+    acc = policy.accumulation_dtype(hidden.dtype)
+    rows = hidden.shape[0]
+    return hidden.new_empty(rows, dtype=acc), hidden.new_empty(rows, dtype=acc)
+
+
+@torch.library.custom_op("lsr_fused::linear_forward_with_grad", mutates_args=())
+def linear_forward_with_grad(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+    class_weight: Optional[Tensor], class_weight_total: Optional[Tensor], grad_guess: Tensor,
+    chunk_size: int, target_extra: float, other_mass: float, z_loss: float, ignore_index: int,
+    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sum of the row losses, per-row lse, and the gradients for upstream ``grad_guess`` on every
+    row: hidden's (its dtype), weight's and bias' (float32 accumulators for half weights)."""
+    check_targets(target, weight.shape[0], ignore_index)
+    p = _Problem(hidden, weight, bias, target, class_weight, class_weight_total, chunk_size,
+                 target_extra, other_mass, z_loss, ignore_index, backend)
+    loss = hidden.new_empty(p.rows, dtype=p.acc_dtype)
+    lse = hidden.new_empty(p.rows, dtype=p.acc_dtype)
+    grads = p.gradients((need_hidden, need_weight, need_bias))
+    with torch.autocast(_device_type(hidden), enabled=False):
+        buffer = p.buffer()
+        for start, stop in _chunks(p.rows, p.chunk):
+            logits = p.logits(buffer, start, stop)
+            chunk_loss, chunk_lse = p.row_forward(logits, start, stop, grad_guess)
+            loss[start:stop] = chunk_loss
+            lse[start:stop] = chunk_lse
+            p.accumulate(grads, logits, start, stop)  # `logits` now holds their gradient
+    return (loss.sum(), lse, *grads)
+
+
+
+
+@linear_forward_with_grad.register_fake
+def _(hidden, weight, bias, target, class_weight, class_weight_total, grad_guess, chunk_size,
+      target_extra, other_mass, z_loss, ignore_index, backend, need_hidden, need_weight,
+      need_bias):
+    acc = policy.accumulation_dtype(hidden.dtype)
+    return (
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty(hidden.shape[0], dtype=acc),
+        *_gradient_outputs(hidden, weight, (need_hidden, need_weight, need_bias)),
+    )
+
+
+@torch.library.custom_op("lsr_fused::linear_backward", mutates_args=())
+def linear_backward(
+    grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+    class_weight: Optional[Tensor], class_weight_total: Optional[Tensor], lse: Tensor,
+    chunk_size: int, target_extra: float, other_mass: float, z_loss: float, ignore_index: int,
+    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for per-row upstream ``grad_loss`` ``(N,)``, recomputing each chunk's logits
+    (the saved ``lse`` spares the statistics pass); in the dtypes of hidden, weight and bias."""
+    p = _Problem(hidden, weight, bias, target, class_weight, class_weight_total, chunk_size,
+                 target_extra, other_mass, z_loss, ignore_index, backend)
+    grads = p.gradients((need_hidden, need_weight, need_bias))
+    with torch.autocast(_device_type(hidden), enabled=False):
+        buffer = p.buffer()
+        for start, stop in _chunks(p.rows, p.chunk):
+            logits = p.logits(buffer, start, stop)
+            p.row_backward(grad_loss[start:stop], logits, lse[start:stop], start, stop)
+            p.accumulate(grads, logits, start, stop)
+    return _final_dtypes(grads, weight, bias)
+
+
+@linear_backward.register_fake
+def _(grad_loss, hidden, weight, bias, target, class_weight, class_weight_total, lse, chunk_size,
+      target_extra, other_mass, z_loss, ignore_index, backend, need_hidden, need_weight,
+      need_bias):
+    grads = _gradient_outputs(hidden, weight, (need_hidden, need_weight, need_bias))
+    return _final_dtypes(grads, weight, bias)
+# fmt: on
+
+
+def _final_dtypes(grads, weight: Tensor, bias: Optional[Tensor]):
+    """Cast the weight and bias accumulators to the parameters' dtypes (the ``(0,)`` stand-ins
+    of gradients not asked for stay as they are)."""
+    grad_hidden, grad_weight, grad_bias = grads
+    if grad_weight.dim() == 2:
+        grad_weight = grad_weight.to(weight.dtype)
+    if bias is not None and grad_bias.numel():  # C >= 1 always
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd.
+
+_SCALARS = 6  # chunk_size, target_extra, other_mass, z_loss, ignore_index, backend
+
+
+def _needs(ctx) -> tuple[bool, bool, bool]:
+    return tuple(bool(n) for n in ctx.needs_input_grad[:3])  # hidden, weight, bias
+
+
+def _setup_forward(ctx, inputs, output) -> None:
+    hidden, weight, bias, target, class_weight, class_weight_total, *scalars = inputs
+    ctx.save_for_backward(hidden, weight, bias, target, class_weight, class_weight_total, output[1])
+    ctx.scalars = tuple(scalars)
+    ctx.set_materialize_grads(False)
+
+
+def _grads_out(grads, computed, n_inputs: int):
+    """The autograd outputs: each computed gradient, None for the rest."""
+    return (
+        *(grad if done else None for grad, done in zip(grads, computed, strict=True)),
+        *((None,) * (n_inputs - 3)),
+    )
+
+
+def _backward_forward(ctx, grad_loss, grad_lse):
+    hidden, weight, bias, target, class_weight, class_weight_total, lse = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * (6 + _SCALARS)
+    needs = _needs(ctx)
+    grads = torch.ops.lsr_fused.linear_backward(
+        grad_loss.to(lse.dtype), hidden, weight, bias, target, class_weight, class_weight_total,
+        lse, *ctx.scalars, *needs,
+    )  # fmt: skip
+    return _grads_out(grads, needs, 6 + _SCALARS)
+
+
+linear_forward.register_autograd(_backward_forward, setup_context=_setup_forward)
+
+_WITH_GRAD_INPUTS = 7 + _SCALARS + 3
+
+
+def _setup_forward_with_grad(ctx, inputs, output) -> None:
+    hidden, weight, bias, target, class_weight, class_weight_total, grad_guess = inputs[:7]
+    scalars = inputs[7 : 7 + _SCALARS]
+    ctx.save_for_backward(
+        hidden, weight, bias, target, class_weight, class_weight_total, output[1], grad_guess
+    )
+    ctx.scalars = tuple(scalars)
+    ctx.computed = tuple(bool(n) for n in inputs[7 + _SCALARS :])
+    ctx.set_materialize_grads(False)
+    # Kept off save_for_backward on purpose: backward scales them in place. They are handed out
+    # once; a second backward (retain_graph) recomputes them.
+    ctx.grads = tuple(output[2:])
+
+
+def _backward_forward_with_grad(ctx, grad_loss, grad_lse, *unused):
+    saved = ctx.saved_tensors
+    hidden, weight, bias, target, class_weight, class_weight_total, lse, grad_guess = saved
+    if grad_loss is None:
+        return (None,) * _WITH_GRAD_INPUTS
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        upstream = grad_loss.to(lse.dtype).reshape(1).expand(lse.shape[0])
+        grads = torch.ops.lsr_fused.linear_backward(
+            upstream, hidden, weight, bias, target, class_weight, class_weight_total, lse,
+            *ctx.scalars, *ctx.computed,
+        )  # fmt: skip
+        return _grads_out(grads, ctx.computed, _WITH_GRAD_INPUTS)
+    # The gradients were computed for upstream `grad_guess`; the real one is `grad_loss`. The
+    # ratio is exactly 1 when they agree (and kept 1 when both are inf: all rows ignored, mean).
+    upstream = grad_loss.to(lse.dtype).reshape(1)
+    scale = torch.where(upstream == grad_guess, 1.0, upstream / grad_guess)
+    for grad, done in zip(grads, ctx.computed, strict=True):
+        if done:
+            grad.mul_(scale)
+    grads = _final_dtypes(grads, weight, bias)
+    return _grads_out(grads, ctx.computed, _WITH_GRAD_INPUTS)
+
+
+linear_forward_with_grad.register_autograd(
+    _backward_forward_with_grad, setup_context=_setup_forward_with_grad
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy: the functional form.
+
+LINEAR_DOC = r"""
+    Equal (up to rounding) to
+    ``label_smoothing_cross_entropy(F.linear(hidden, weight, bias), target, label_smoothing, ...,
+    weight=class_weight)``, gradients of ``hidden``, ``weight`` and ``bias`` included, without
+    ever holding the ``(N, C)`` logits, probabilities or gradient: rows go in chunks of
+    ``chunk_size``; each chunk's logits are computed with a torch matmul, the row kernel writes
+    their gradient over them, and two more matmuls turn it into the gradients of ``hidden`` and
+    ``weight``. ``weight``'s gradient is accumulated across chunks in float32 for half weights.
+
+    Shapes: ``hidden`` ``(..., H)``, ``weight`` ``(C, H)`` (as ``nn.Linear`` stores it), ``bias``
+    ``(C,)`` or None, ``target`` ``(...)`` (hidden's shape without ``H``) of int64/int32 class
+    indices. ``hidden``, ``weight`` and ``bias`` share a float dtype (under ``torch.autocast`` all
+    three are cast to the autocast dtype, as ``F.linear`` would). The loss is float32 (float64 for
+    float64 inputs).
+
+    Args:
+        label_smoothing, ignore_index, reduction, spread, z_loss, backend: as
+            :func:`label_smoothing_cross_entropy`.
+        bias: optional ``(C,)`` classifier bias.
+        class_weight: optional ``(C,)`` class weights (the ``weight`` of
+            :func:`label_smoothing_cross_entropy`).
+        chunk_size: rows per chunk. None: all rows while float32 ``(N, C)`` logits would take at
+            most 256 MiB, else at most 1/8 of that size and at most 256 MiB.
+"""
+
+
+def _check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast):
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"hidden must be a Tensor, got {type(hidden).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in policy.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not autocast:
+        if weight.dtype != hidden.dtype:
+            raise TypeError(
+                f"hidden and weight must have the same dtype, got hidden {hidden.dtype} and "
+                f"weight {weight.dtype}"
+            )
+        if bias is not None and bias.dtype != weight.dtype:
+            raise TypeError(
+                f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}"
+            )
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least 1 dimension (the features), got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (C, H), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight has {weight.shape[1]} input features but hidden has {hidden.shape[-1]} "
+            f"(weight shape {tuple(weight.shape)}, hidden shape {tuple(hidden.shape)})"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},), one per class, got {tuple(bias.shape)}"
+            )
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match hidden shape "
+            f"{tuple(hidden.shape)}: expected {tuple(hidden.shape[:-1])}"
+        )
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
+    if target.device != hidden.device:
+        raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
+    if class_weight is not None:
+        if not isinstance(class_weight, Tensor):
+            raise TypeError(
+                f"class_weight must be a Tensor or None, got {type(class_weight).__name__}"
+            )
+        if not class_weight.is_floating_point():
+            raise TypeError(f"class_weight must be floating point, got {class_weight.dtype}")
+        if tuple(class_weight.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"class_weight must have shape ({weight.shape[0]},), one per class, got "
+                f"{tuple(class_weight.shape)}"
+            )
+        if class_weight.device != hidden.device:
+            raise ValueError(
+                f"class_weight is on {class_weight.device} but hidden is on {hidden.device}"
+            )
+
+
+def linear_label_smoothing_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    label_smoothing: float = 0.1,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    class_weight: Optional[Tensor] = None,
+    spread: str = "all",
+    z_loss: float = 0.0,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    policy.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
+    device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
+    autocast = torch.is_autocast_enabled(device_type)
+    _check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast)
+    num_classes, features = weight.shape
+    if num_classes == 0:
+        raise ValueError("weight must have at least one class (C == 0)")
+    if spread == "others" and num_classes == 1:
+        raise ValueError("spread='others' needs at least 2 classes (C == 1 leaves no other class)")
+    backend = policy.resolve_backend(backend, hidden.device)
+    if autocast:
+        # As F.linear under autocast: the matmuls run in the autocast dtype (the casts are
+        # differentiable, so float32 parameters get float32 gradients), the loss in float32.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+
+    flat_hidden = hidden.reshape(-1, features)
+    flat_target = target.reshape(-1).to(torch.int64)
+    rows = flat_hidden.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(rows, num_classes, hidden.dtype)
+    target_extra, other_mass = smoothing_masses(float(label_smoothing), num_classes, spread)
+    acc_dtype = policy.accumulation_dtype(hidden.dtype)
+    class_weight_total = None
+    if class_weight is not None:
+        class_weight = class_weight.to(acc_dtype).contiguous()
+        class_weight_total = class_weight.sum().reshape(1)
+    scalars = (int(chunk_size), target_extra, other_mass, float(z_loss), ignore_index, backend)
+    denominator = None
+    if reduction == "mean":
+        denominator = policy.mean_denominator(
+            flat_target, class_weight, ignore_index, num_classes, acc_dtype
+        )
+    tensors = (flat_hidden, weight, bias, flat_target, class_weight, class_weight_total)
+    needs = (
+        flat_hidden.requires_grad,
+        weight.requires_grad,
+        bias is not None and bias.requires_grad,
+    )
+    training = torch.is_grad_enabled() and any(needs)
+    if training and reduction != "none":
+        # One upstream value for every row, 1 (sum) or 1 / denominator (mean) when the caller runs
+        # loss.backward(): the gradients are computed now for that value and scaled in backward.
+        # Computed as autograd's backward of the division will (ones / denominator).
+        grad_guess = torch.ones(1, dtype=acc_dtype, device=hidden.device)
+        if denominator is not None:
+            grad_guess = grad_guess / denominator
+        loss_sum = torch.ops.lsr_fused.linear_forward_with_grad(
+            *tensors, grad_guess, *scalars, *needs
+        )[0]
+        return policy.reduce(loss_sum.reshape(1), target.shape, reduction, denominator)
+    loss, _ = torch.ops.lsr_fused.linear_forward(*tensors, *scalars)
+    return policy.reduce(loss, target.shape, reduction, denominator)
+
+
+linear_label_smoothing_cross_entropy.__doc__ = (
+    "Fused classifier + label-smoothed cross-entropy: the loss of\n"
+    "    ``F.linear(hidden, weight, bias)`` without its ``(N, C)`` logits.\n" + LINEAR_DOC
+)
