@@ -8,6 +8,7 @@ The CUDA sources are only compiled here (``nvcc -c``), never run.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -903,6 +904,39 @@ def test_nvcc_compiles_cuda_kernels(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     assert obj.stat().st_size > 0
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_kernels_do_not_spill(tmp_path, arch):
+    """Every CUDA C++ kernel builds for A100 and H100/H200 machine code with no register spills
+    (``-Xptxas -v`` reports each function's spill stores and loads)."""
+    cmd = [
+        _nvcc(),
+        "-c",
+        str(CSRC / "cuda" / "kernels.cu"),
+        "-o",
+        str(tmp_path / "kernels.o"),
+        "-std=c++17",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        f"-gencode=arch=compute_{arch[3:]},code={arch}",
+        "-Xptxas",
+        "-v",
+        "-Xcompiler",
+        "-fPIC",
+        "-DLSR_FUSED_WITH_CUDA=1",
+        f"-I{CSRC}",
+        *_torch_includes(),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{report}"
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    functions = re.findall(r"Compiling entry function '(\w+)' for '(\w+)'", report)
+    assert functions and all(target == arch for _, target in functions), report
+    assert len(spills) >= len(functions), report
+    assert all(stores == "0" and loads == "0" for stores, loads in spills), report
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (no CUDA toolkit headers)")

@@ -12,51 +12,48 @@ import triton.language as tl
 from torch import Tensor
 
 from .._params import RowParams
-
-_LOG2E = 1.4426950408889634
+from .triton_common import (
+    FP_FUSION,
+    GRADIENT_BLOCK_LIMIT,
+    accumulation_dtype,
+    gradient_block,
+    launch_config,
+    load_block,
+    online_row_stats,
+    row_start,
+    runtime_scalar,
+    stats_block_limit,
+)
 
 # Training steps get their gradient from the forward pass (see _forward_kernel, WRITE_GRAD).
 WRITES_GRAD_IN_FORWARD = frozenset({"cuda", "cpu"})
 
 
+# fmt: off
 @triton.jit
-def row_offset(row, inner, stride_outer, stride_inner):
-    # Rows enumerate (outer, inner) pairs of a (B, S, C) view; int64 so that N * C past 2**31 works.
-    row = row.to(tl.int64)
-    return (row // inner) * stride_outer + (row % inner) * stride_inner
+def _row_target(target_ptr, row, num_classes, ignore_index):
+    """(target_col, ignored, in_range): an out-of-range target is read as class 0 (int32) and
+    flagged, so nothing is ever loaded out of bounds."""
+    target = tl.load(target_ptr + row)
+    in_range = (target >= 0) & (target < num_classes)
+    return tl.where(in_range, target, 0).to(tl.int32), target == ignore_index, in_range
 
 
 @triton.jit
-def _target_mass(
-    target,
-    weight_ptr,
-    weight_total_ptr,
-    num_classes,
-    target_extra,
-    other_mass,
-    HAS_WEIGHT: tl.constexpr,
-    ACC: tl.constexpr,
+def _row_masses(
+    target_col, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
+    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
 ):
-    """(w_y, S) for one row: the target's class weight and the total weighted target mass
+    """(w_y, S): the target's class weight and the total weighted target mass
     S = b * W + (a - b) * w_y (W = sum of weights, C without weights)."""
     if HAS_WEIGHT:
-        target_weight = tl.load(weight_ptr + target).to(ACC)
+        target_weight = tl.load(weight_ptr + target_col).to(ACC)
         total_weight = tl.load(weight_total_ptr).to(ACC)
     else:
         target_weight = tl.full([], 1.0, ACC)
         # (An int argument equal to 1 arrives as a constexpr, which has no .to(): add instead.)
         total_weight = tl.zeros([], ACC) + num_classes
     return target_weight, other_mass * total_weight + target_extra * target_weight
-
-
-# fmt: off
-@triton.jit
-def _target_status(target_ptr, row, num_classes, ignore_index):
-    """(safe_target, ignored, in_range): an out-of-range target is read as class 0 and flagged,
-    so nothing is ever loaded out of bounds."""
-    target = tl.load(target_ptr + row)
-    in_range = (target >= 0) & (target < num_classes)
-    return tl.where(in_range, target, 0), target == ignore_index, in_range
 
 
 @triton.jit
@@ -66,76 +63,27 @@ def _row_upstream(upstream, ignored, in_range):
 
 
 @triton.jit
-def _gradient_block(
-    x, cols, in_row, lse, softmax_scale, safe_target, target_term, other_mass, weight_ptr,
-    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
-):
-    # d loss / d x_i = softmax_i * (S + 2 z lse) - b * w_i - (a - b) * w_y * [i == y]
-    # softmax_scale = S + 2 z lse and target_term = (a - b) * w_y are per-row scalars.
-    grad = tl.exp2((x - lse) * _LOG2E) * softmax_scale
-    if HAS_WEIGHT:
-        grad -= other_mass * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-    else:
-        grad -= other_mass
-    return grad - tl.where(cols == safe_target, target_term, 0.0)
-
-
-@triton.jit
-def online_row_stats(
-    row_ptr, stride_class, num_classes, weight_ptr,
-    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-):
-    """One read of a row: (max, sum of exp(x - max), sum of w * x), -inf safe.
-
-    The running (max, sum-exp) pair is kept as scalars per block, so each element costs one exp2;
-    while every logit seen is -inf the shift is 0 instead of -inf, whose difference would be NaN.
-    The returned sum-exp is relative to the max, or to 0 when the whole row is -inf.
-    """
-    running_max = tl.full([], float("-inf"), ACC)
-    running_sum_exp = tl.zeros([], ACC)
-    weighted_logit_sum = tl.zeros([], ACC)
-    for start in range(0, num_classes, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        in_row = cols < num_classes
-        x = tl.load(
-            row_ptr + cols.to(tl.int64) * stride_class, mask=in_row, other=float("-inf")
-        ).to(ACC)
-        new_max = tl.maximum(running_max, tl.max(x, 0))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * _LOG2E) + tl.sum(
-            tl.exp2((x - shift) * _LOG2E), 0
-        )
-        running_max = new_max
-        # Masked lanes hold -inf; zero them before any product so that 0 * inf never appears.
-        x_or_zero = tl.where(in_row, x, 0.0)
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-            weighted_logit_sum += tl.sum(w * x_or_zero, 0)
-        else:
-            weighted_logit_sum += tl.sum(x_or_zero, 0)
-    return running_max, running_sum_exp, weighted_logit_sum
-
-
-@triton.jit
 def _forward_kernel(
     logits_ptr, target_ptr, weight_ptr, weight_total_ptr, loss_ptr, lse_ptr, grad_ptr, guess_ptr,
     inner, stride_outer, stride_inner, stride_class, num_classes,
-    target_extra, other_mass, z_loss, ignore_index,
+    target_extra: tl.float64, other_mass: tl.float64, z_loss: tl.float64, ignore_index,
     HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
+    target_extra = runtime_scalar(target_extra, ACC)
+    other_mass = runtime_scalar(other_mass, ACC)
+    z_loss = runtime_scalar(z_loss, ACC)
     row = tl.program_id(0)
-    row_start = row_offset(row, inner, stride_outer, stride_inner)
-    row_ptr = logits_ptr + row_start
+    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner)
     running_max, running_sum_exp, weighted_logit_sum = online_row_stats(
         row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT, BLOCK, ACC
     )
     shift = tl.where(running_max == float("-inf"), 0.0, running_max)
     lse = shift + tl.log(running_sum_exp)
 
-    safe_target, ignored, in_range = _target_status(target_ptr, row, num_classes, ignore_index)
-    target_logit = tl.load(row_ptr + safe_target * stride_class).to(ACC)
-    target_weight, total_mass = _target_mass(
-        safe_target, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
+    target_col, ignored, in_range = _row_target(target_ptr, row, num_classes, ignore_index)
+    target_logit = tl.load(row_ptr + target_col.to(tl.int64) * stride_class).to(ACC)
+    target_weight, total_mass = _row_masses(
+        target_col, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
         HAS_WEIGHT, ACC,
     )
     # loss = S * lse - b * sum_c w_c x_c - (a - b) * w_y * x_y + z * lse**2; a term whose
@@ -150,22 +98,21 @@ def _forward_kernel(
 
     if WRITE_GRAD:
         # Training step: write the gradient now, for the upstream value the caller expects
-        # (`guess`), while the row is likely still in L2. Backward redoes only rows whose real
-        # upstream differs, which makes the usual loss.backward() cost no second pass.
+        # (`guess`). Backward redoes only rows whose real upstream differs, which makes the usual
+        # loss.backward() cost no second pass over the logits.
         upstream = _row_upstream(tl.load(guess_ptr).to(ACC), ignored, in_range)
-        softmax_scale = total_mass + 2.0 * z_loss * lse
-        target_term = target_extra * target_weight
+        softmax_scale = upstream * (total_mass + 2.0 * z_loss * lse)
+        other_scale = upstream * other_mass
+        target_scale = upstream * (target_extra * target_weight)
+        grad_row_ptr = grad_ptr + row_start(row, inner, stride_outer, stride_inner)
         for start in range(0, num_classes, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            in_row = cols < num_classes
-            offsets = row_start + cols.to(tl.int64) * stride_class
-            x = tl.load(logits_ptr + offsets, mask=in_row, other=0.0).to(ACC)
-            grad = _gradient_block(
-                x, cols, in_row, lse, softmax_scale, safe_target, target_term, other_mass,
+            cols, in_row, x = load_block(row_ptr, start, stride_class, num_classes, 0.0, BLOCK)
+            grad = gradient_block(
+                x.to(ACC), cols, in_row, lse, softmax_scale, other_scale, target_col, target_scale,
                 weight_ptr, HAS_WEIGHT, ACC,
             )
-            tl.store(grad_ptr + offsets, (grad * upstream).to(grad_ptr.dtype.element_ty),
-                     mask=in_row)
+            tl.store(grad_row_ptr + cols.to(tl.int64) * stride_class,
+                     grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -173,48 +120,40 @@ def _backward_kernel(
     grad_loss_ptr, grad_loss_stride, logits_ptr, target_ptr, weight_ptr, weight_total_ptr,
     lse_ptr, grad_ptr, guess_ptr,
     inner, stride_outer, stride_inner, stride_class, num_classes,
-    target_extra, other_mass, z_loss, ignore_index,
+    target_extra: tl.float64, other_mass: tl.float64, z_loss: tl.float64, ignore_index,
     HAS_WEIGHT: tl.constexpr, SKIP_GUESSED: tl.constexpr, BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    target_extra = runtime_scalar(target_extra, ACC)
+    other_mass = runtime_scalar(other_mass, ACC)
+    z_loss = runtime_scalar(z_loss, ACC)
     row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    in_row = cols < num_classes
+    row_end = num_classes
     upstream = tl.load(grad_loss_ptr + row.to(tl.int64) * grad_loss_stride).to(ACC)
     if SKIP_GUESSED:
         # The forward pass already wrote this row for upstream == guess: then touch nothing
         # (masked-off lanes issue no memory traffic), a device-side decision with no host sync.
         row_end = tl.where(upstream != tl.load(guess_ptr).to(ACC), num_classes, 0)
-        in_row = cols < row_end
     # grad_ptr shares the logits' strides (the caller guarantees it), so one offset serves both.
-    offsets = row_offset(row, inner, stride_outer, stride_inner) + cols.to(tl.int64) * stride_class
-    safe_target, ignored, in_range = _target_status(target_ptr, row, num_classes, ignore_index)
+    first = row_start(row, inner, stride_outer, stride_inner)
+    target_col, ignored, in_range = _row_target(target_ptr, row, num_classes, ignore_index)
     upstream = _row_upstream(upstream, ignored, in_range)
     lse = tl.load(lse_ptr + row).to(ACC)
-    target_weight, total_mass = _target_mass(
-        safe_target, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
+    target_weight, total_mass = _row_masses(
+        target_col, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
         HAS_WEIGHT, ACC,
     )
-    x = tl.load(logits_ptr + offsets, mask=in_row, other=0.0).to(ACC)
-    grad = _gradient_block(
-        x, cols, in_row, lse, total_mass + 2.0 * z_loss * lse, safe_target,
-        target_extra * target_weight, other_mass, weight_ptr, HAS_WEIGHT, ACC,
+    cols, in_row, x = load_block(
+        logits_ptr + first, tl.program_id(1) * BLOCK, stride_class, row_end, 0.0, BLOCK
     )
-    tl.store(grad_ptr + offsets, (grad * upstream).to(grad_ptr.dtype.element_ty), mask=in_row)
+    grad = gradient_block(
+        x.to(ACC), cols, in_row, lse, upstream * (total_mass + 2.0 * z_loss * lse),
+        upstream * other_mass, target_col, upstream * (target_extra * target_weight), weight_ptr,
+        HAS_WEIGHT, ACC,
+    )
+    tl.store(grad_ptr + first + cols.to(tl.int64) * stride_class,
+             grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 # fmt: on
-
-
-def _launch_config(logits: Tensor) -> tuple[int, int, tl.dtype]:
-    """Block size, warps and accumulation dtype for a (B, S, C) logits view."""
-    num_classes = logits.shape[-1]
-    # Long rows: 4096-8192 wide blocks kept enough loads in flight on Hopper; short rows take one
-    # block per row so that the loop runs once.
-    block = min(
-        triton.next_power_of_2(max(num_classes, 16)), 8192 if logits.element_size() <= 2 else 4096
-    )
-    num_warps = 4 if block <= 2048 else 8
-    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
-    return block, num_warps, acc
 
 
 def _weight_args(weight: Tensor | None, weight_total: Tensor | None, logits: Tensor):
@@ -243,7 +182,8 @@ def forward(
     write_grad = grad_logits is not None
     if write_grad and grad_logits.stride() != logits.stride():
         raise ValueError("grad_logits must share the logits' strides")
-    block, num_warps, acc = _launch_config(logits)
+    block, num_warps = launch_config(logits, stats_block_limit(logits))
+    acc = accumulation_dtype(logits.dtype)
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
     # fmt: off
     _forward_kernel[(rows,)](
@@ -252,6 +192,7 @@ def forward(
         inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
         params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
         HAS_WEIGHT=has_weight, WRITE_GRAD=write_grad, BLOCK=block, ACC=acc, num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
     # fmt: on
     return loss, lse
@@ -274,8 +215,8 @@ def backward(
         return
     if grad_logits.stride() != logits.stride():
         raise ValueError("grad_logits must share the logits' strides")
-    block, num_warps, acc = _launch_config(logits)
-    block = min(block, 4096)
+    block, num_warps = launch_config(logits, GRADIENT_BLOCK_LIMIT)
+    acc = accumulation_dtype(logits.dtype)
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
     skip_guessed = grad_guess is not None
     grid = (rows, triton.cdiv(num_classes, block))
@@ -286,6 +227,6 @@ def backward(
         inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
         params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
         HAS_WEIGHT=has_weight, SKIP_GUESSED=skip_guessed, BLOCK=block, ACC=acc,
-        num_warps=num_warps,
+        num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     # fmt: on

@@ -17,34 +17,32 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_backend import online_row_stats, row_offset
+from .triton_common import (
+    FP_FUSION,
+    GRADIENT_BLOCK_LIMIT,
+    accumulation_dtype,
+    gradient_block,
+    launch_config,
+    load_block,
+    online_row_stats,
+    row_start,
+    stats_block_limit,
+)
 
-_LOG2E = 1.4426950408889634
 
-
+# fmt: off
 @triton.jit
 def _stats_kernel(
-    logits_ptr,
-    local_target_ptr,
-    weight_ptr,
-    out_ptr,
-    num_rows,
-    inner,
-    stride_outer,
-    stride_inner,
-    stride_class,
-    num_classes,
-    HAS_WEIGHT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ACC: tl.constexpr,
+    logits_ptr, local_target_ptr, weight_ptr, out_ptr, num_rows,
+    inner, stride_outer, stride_inner, stride_class, num_classes,
+    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0)
-    row_ptr = logits_ptr + row_offset(row, inner, stride_outer, stride_inner)
+    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner)
     running_max, running_sum_exp, weighted_sum = online_row_stats(
         row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT, BLOCK, ACC
     )
@@ -73,27 +71,13 @@ def _stats_kernel(
 
 @triton.jit
 def _grad_kernel(
-    logits_ptr,
-    grad_ptr,
-    local_target_ptr,
-    weight_ptr,
-    coef_ptr,
-    num_rows,
-    inner,
-    stride_outer,
-    stride_inner,
-    stride_class,
-    num_classes,
-    HAS_WEIGHT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ACC: tl.constexpr,
+    logits_ptr, grad_ptr, local_target_ptr, weight_ptr, coef_ptr, num_rows,
+    inner, stride_outer, stride_inner, stride_class, num_classes,
+    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    in_row = cols < num_classes
     # grad_ptr shares the logits' strides (the caller guarantees it), so one offset serves both.
-    offsets = row_offset(row, inner, stride_outer, stride_inner) + cols.to(tl.int64) * stride_class
-
+    first = row_start(row, inner, stride_outer, stride_inner)
     coef = coef_ptr + row.to(tl.int64)
     lse = tl.load(coef).to(ACC)
     coef += num_rows
@@ -102,23 +86,19 @@ def _grad_kernel(
     other_scale = tl.load(coef).to(ACC)
     coef += num_rows
     target_scale = tl.load(coef).to(ACC)
-    local_target = tl.load(local_target_ptr + row)
+    # -1 (the target is on another rank) matches no column.
+    target_col = tl.load(local_target_ptr + row).to(tl.int32)
 
-    x = tl.load(logits_ptr + offsets, mask=in_row, other=0.0).to(ACC)
-    grad = tl.exp2((x - lse) * _LOG2E) * softmax_scale
-    if HAS_WEIGHT:
-        grad -= other_scale * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-    else:
-        grad -= other_scale
-    grad -= tl.where(cols == local_target, target_scale, 0.0)
-    tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
-
-
-def _launch_config(logits: Tensor, limit: int) -> tuple[int, int, tl.dtype]:
-    block = min(triton.next_power_of_2(max(logits.shape[-1], 16)), limit)
-    num_warps = 4 if block <= 2048 else 8
-    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
-    return block, num_warps, acc
+    cols, in_row, x = load_block(
+        logits_ptr + first, tl.program_id(1) * BLOCK, stride_class, num_classes, 0.0, BLOCK
+    )
+    grad = gradient_block(
+        x.to(ACC), cols, in_row, lse, softmax_scale, other_scale, target_col, target_scale,
+        weight_ptr, HAS_WEIGHT, ACC,
+    )
+    tl.store(grad_ptr + first + cols.to(tl.int64) * stride_class,
+             grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+# fmt: on
 
 
 def shard_stats(
@@ -134,23 +114,15 @@ def shard_stats(
         out.zero_()
         out[0].fill_(float("-inf"))
         return
-    block, num_warps, acc = _launch_config(logits, 8192 if logits.element_size() <= 2 else 4096)
+    block, num_warps = launch_config(logits, stats_block_limit(logits))
+    # fmt: off
     _stats_kernel[(num_rows,)](
-        logits,
-        local_target,
-        logits if weight is None else weight,  # never read without HAS_WEIGHT
-        out,
-        num_rows,
-        inner,
-        logits.stride(0),
-        logits.stride(1),
-        logits.stride(2),
-        num_classes,
-        HAS_WEIGHT=weight is not None,
-        BLOCK=block,
-        ACC=acc,
-        num_warps=num_warps,
+        logits, local_target, logits if weight is None else weight,  # never read without weight
+        out, num_rows, inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
+        HAS_WEIGHT=weight is not None, BLOCK=block, ACC=accumulation_dtype(logits.dtype),
+        num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
+    # fmt: on
 
 
 def shard_grad(
@@ -168,21 +140,12 @@ def shard_grad(
         return
     if grad_logits.stride() != logits.stride():
         raise ValueError("grad_logits must share the logits' strides")
-    block, num_warps, acc = _launch_config(logits, 4096)
+    block, num_warps = launch_config(logits, GRADIENT_BLOCK_LIMIT)
+    # fmt: off
     _grad_kernel[(num_rows, triton.cdiv(num_classes, block))](
-        logits,
-        grad_logits,
-        local_target,
-        logits if weight is None else weight,  # never read without HAS_WEIGHT
-        coefs,
-        num_rows,
-        inner,
-        logits.stride(0),
-        logits.stride(1),
-        logits.stride(2),
-        num_classes,
-        HAS_WEIGHT=weight is not None,
-        BLOCK=block,
-        ACC=acc,
-        num_warps=num_warps,
+        logits, grad_logits, local_target, logits if weight is None else weight, coefs, num_rows,
+        inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
+        HAS_WEIGHT=weight is not None, BLOCK=block, ACC=accumulation_dtype(logits.dtype),
+        num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
+    # fmt: on
