@@ -51,11 +51,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import functional as _functional
+from . import ops, policy
 from ._params import smoothing_masses
 from ._validation import validation_enabled
 
-_CHUNK_ELEMENTS = 1 << 22
 # Target dimensions described individually in the exchange; any further ones are folded into a
 # product (logits with more than 9 dimensions are still checked, slightly less precisely).
 _SHAPE_SLOTS = 8
@@ -63,100 +62,19 @@ _SHAPE_SLOTS = 8
 __all__ = ["sharded_label_smoothing_cross_entropy"]
 
 
-# --------------------------------------------------------------------------------------------
-# The torch composite: the two per-rank passes written with ATen ops over row chunks.
-# --------------------------------------------------------------------------------------------
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _row_chunks(logits: Tensor):
-    """Yield ``(start_row, stop_row, outer_start, outer_stop, chunk)``, chunk ``(rows, C)``."""
-    batch, inner, num_classes = logits.shape
-    outer_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, inner * num_classes))
-    for outer_start in range(0, batch, outer_per_chunk):
-        outer_stop = min(batch, outer_start + outer_per_chunk)
-        chunk = logits[outer_start:outer_stop].reshape(-1, num_classes)
-        yield outer_start * inner, outer_stop * inner, outer_start, outer_stop, chunk
-
-
-def _empty_shard_stats(out: Tensor) -> None:
-    out.zero_()
-    out[0].fill_(float("-inf"))
-
-
-def torch_shard_stats(
-    logits: Tensor, local_target: Tensor, weight: Optional[Tensor], out: Tensor
-) -> None:
-    """Fill ``out`` ``(5, rows)`` with each row's (max, sum-exp relative to the max, sum w x, x_y,
-    w_y) over this shard; ``local_target`` is ``y - offset``, or -1 where the target is elsewhere.
-    The sum-exp is relative to 0 instead where the max is -inf."""
-    if logits.shape[-1] == 0:
-        _empty_shard_stats(out)
-        return
-    for start, stop, _, _, chunk in _row_chunks(logits):
-        x = chunk.to(out.dtype)
-        row_max = x.amax(dim=-1)
-        shift = torch.where(row_max == float("-inf"), 0.0, row_max)
-        out[0, start:stop] = row_max
-        out[1, start:stop] = (x - shift.unsqueeze(-1)).exp().sum(dim=-1)
-        out[2, start:stop] = x.sum(dim=-1) if weight is None else x @ weight
-        here = local_target[start:stop] >= 0
-        safe = torch.where(here, local_target[start:stop], 0)
-        out[3, start:stop] = torch.where(here, x.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
-        if weight is None:
-            out[4, start:stop] = here.to(out.dtype)
-        else:
-            out[4, start:stop] = torch.where(here, weight.gather(0, safe), 0.0)
-
-
-def torch_shard_grad(
-    logits: Tensor,
-    local_target: Tensor,
-    weight: Optional[Tensor],
-    coefs: Tensor,
-    grad_logits: Tensor,
-) -> None:
-    """Write ``exp(x_i - lse) A - B w_i - T [i == local_target]`` per row into ``grad_logits``
-    (same strides as ``logits``, possibly ``logits`` itself); ``coefs`` is ``(4, rows)`` holding
-    ``(lse, A, B, T)``."""
-    _, inner, num_classes = logits.shape
-    if num_classes == 0:
-        return
-    for start, stop, outer_start, outer_stop, chunk in _row_chunks(logits):
-        x = chunk.to(coefs.dtype)
-        lse, scale, other, target_coef = (c[start:stop].unsqueeze(-1) for c in coefs)
-        grad = (x - lse).exp_().mul_(scale)
-        if weight is None:
-            grad.sub_(other)
-        else:
-            grad.addcmul_(other, weight, value=-1.0)
-        here = local_target[start:stop] >= 0
-        safe = torch.where(here, local_target[start:stop], 0).unsqueeze(-1)
-        grad.scatter_add_(-1, safe, torch.where(here.unsqueeze(-1), -target_coef, 0.0))
-        grad_logits[outer_start:outer_stop].copy_(
-            grad.view(outer_stop - outer_start, inner, num_classes)
-        )
-
-
 def _kernels(backend: str):
     """``(stats, grad)`` functions of a resolved backend name (``"triton"`` or ``"torch"``)."""
-    if backend == "triton":
-        from .backends import triton_sharded
-
-        return triton_sharded.shard_stats, triton_sharded.shard_grad
-    return torch_shard_stats, torch_shard_grad
+    module = ops.backend_module("triton_sharded" if backend == "triton" else "torch")
+    return module.shard_stats, module.shard_grad
 
 
 # --------------------------------------------------------------------------------------------
 # Agreement between ranks: one small all_gather, every call, before any O(N) collective.
 # --------------------------------------------------------------------------------------------
 
-_REDUCTION_CODES = {name: i for i, name in enumerate(_functional.REDUCTIONS)}
-_SPREAD_CODES = {name: i for i, name in enumerate(_functional.SPREADS)}
-_DTYPE_CODES = {dtype: i for i, dtype in enumerate(_functional._FLOAT_DTYPES)}
+_REDUCTION_CODES = {name: i for i, name in enumerate(policy.REDUCTIONS)}
+_SPREAD_CODES = {name: i for i, name in enumerate(policy.SPREADS)}
+_DTYPE_CODES = {dtype: i for i, dtype in enumerate(policy.FLOAT_DTYPES)}
 
 # Header columns of a description row, then the columns every rank must agree on.
 _ERROR, _WIDTH, _TARGET_MIN, _TARGET_MAX, _CHECKED, _CHECKSUM = range(6)
@@ -207,7 +125,8 @@ def _describe(logits, flat_target, target_shape, weight, options) -> list[int]:
         shape = [*shape[: _SHAPE_SLOTS - 1], folded]
     shape += [-1] * (_SHAPE_SLOTS - len(shape))
     checked, low, high, checksum = _target_summary(flat_target, ignore_index)
-    description = [0, _class_width(logits), low, high, checked, checksum]
+    width = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+    description = [0, width, low, high, checked, checksum]
     description += [logits.dim(), flat_target.numel(), *shape, _DTYPE_CODES[logits.dtype]]
     description += [int(weight is not None), _REDUCTION_CODES[reduction], _SPREAD_CODES[spread]]
     description += [ignore_index, _float_bits(label_smoothing), _float_bits(z_loss)]
@@ -255,11 +174,11 @@ def _disagreement(table: list[list[int]]) -> Optional[str]:
         elif name in ("label_smoothing", "z_loss"):
             values = [_bits_float(v) for v in values]
         elif name == "reduction":
-            values = [_functional.REDUCTIONS[v] for v in values]
+            values = [policy.REDUCTIONS[v] for v in values]
         elif name == "spread":
-            values = [_functional.SPREADS[v] for v in values]
+            values = [policy.SPREADS[v] for v in values]
         elif name == "the logits dtype":
-            values = [str(_functional._FLOAT_DTYPES[v]) for v in values]
+            values = [str(policy.FLOAT_DTYPES[v]) for v in values]
         elif name == "whether weight is given":
             values = [bool(v) for v in values]
         per_rank = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(values))
@@ -318,57 +237,6 @@ def _agree(group, logits, flat_target, target_shape, weight, options, local_erro
 # --------------------------------------------------------------------------------------------
 
 
-def _class_width(logits: Tensor) -> int:
-    return logits.shape[1] if logits.dim() > 1 else logits.shape[0]
-
-
-def _check_local(logits, target, weight) -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
-    if logits.dtype not in _functional._FLOAT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
-    if logits.dim() == 0:
-        raise ValueError("logits must have at least 1 dimension (this rank's classes)")
-    expected = tuple(logits.shape[:1] + logits.shape[2:]) if logits.dim() > 1 else ()
-    if tuple(target.shape) != expected:
-        raise ValueError(
-            f"target shape {tuple(target.shape)} does not match this rank's logits shape "
-            f"{tuple(logits.shape)}: expected {expected}"
-        )
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    if weight is not None:
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"weight must be a Tensor or None, got {type(weight).__name__}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be floating point, got {weight.dtype}")
-        width = _class_width(logits)
-        if tuple(weight.shape) != (width,):
-            raise ValueError(
-                f"weight must be this rank's slice of the class weights, shape ({width},), got "
-                f"{tuple(weight.shape)}"
-            )
-        if weight.device != logits.device:
-            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "triton":
-        if not _functional._triton_usable(device):
-            raise ValueError(
-                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors, and "
-                f"an installed triton (logits are on {device})"
-            )
-        return "triton"
-    if backend == "auto" and device.type == "cuda" and _functional._triton_usable(device):
-        return "triton"
-    return "torch"  # "torch", "cpp" (no sharded C++ kernels) and "auto" off CUDA
-
-
 def _resolve_group(process_group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
@@ -394,7 +262,7 @@ class _ShardedRows(torch.autograd.Function):
         group, backend, num_classes, masses, z_loss, ignore_index, _ = setup
         target_extra, other_mass = masses
         stats_fn, _ = _kernels(backend)
-        acc = _accumulation_dtype(rows.dtype)
+        acc = policy.accumulation_dtype(rows.dtype)
         num_rows = flat_target.numel()
         # [max | sum-exp | sum w x | x_y | w_y | W]: the last 4 N + 1 go through one SUM.
         stats = torch.empty(5 * num_rows + 1, dtype=acc, device=rows.device)
@@ -504,9 +372,9 @@ def sharded_label_smoothing_cross_entropy(
     local_error = None
     flat_target = None
     try:
-        _functional.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
-        _check_local(logits, target, weight)
-        resolved = _resolve_backend(backend, logits.device)
+        policy.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
+        policy.check_tensors(logits, target, weight, spread, shard=True)
+        resolved = policy.resolve_backend(backend, logits.device, sharded=True)
         flat_target = target.reshape(-1).to(torch.int64)
     except (TypeError, ValueError) as exc:
         local_error = exc
@@ -514,8 +382,8 @@ def sharded_label_smoothing_cross_entropy(
         group, logits, flat_target, getattr(target, "shape", ()), weight, options, local_error
     )
 
-    rows = _functional._row_view(logits)
-    acc = _accumulation_dtype(logits.dtype)
+    rows = policy.row_view(logits)
+    acc = policy.accumulation_dtype(logits.dtype)
     if weight is not None:
         weight = weight.to(acc).contiguous()
     local_target = flat_target - offset
@@ -527,13 +395,9 @@ def sharded_label_smoothing_cross_entropy(
     inplace = bool(inplace_backward) and not (logits.is_leaf and logits.requires_grad)
     setup = (group, resolved, num_classes, masses, float(z_loss), ignore_index, inplace)
     loss, target_weight = _ShardedRows.apply(rows, flat_target, local_target, weight, setup)
-    if reduction == "none":
-        return loss.view(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    counted = flat_target != ignore_index
-    if weight is None:
-        denominator = counted.sum(dtype=acc)
-    else:
-        denominator = (target_weight * counted).sum()
-    return loss.sum() / denominator
+    denominator = None
+    if reduction == "mean":
+        # The target's weight is only on the rank that holds it: the forward summed it already.
+        counted = flat_target != ignore_index
+        denominator = counted.sum(dtype=acc) if weight is None else (target_weight * counted).sum()
+    return policy.reduce(loss, target.shape, reduction, denominator)

@@ -27,11 +27,16 @@ from ._validation import check_targets
 
 
 def backend_module(name: str) -> ModuleType:
-    """The module implementing backend ``name`` (imported on first use: Triton is optional)."""
+    """The module of :mod:`lsr_fused.backends` implementing backend ``name`` (imported on first use:
+    Triton is optional). Plain imports, not ``importlib``, so that torch.compile traces through."""
     if name == "triton":
         from .backends import triton_backend
 
         return triton_backend
+    if name == "triton_sharded":
+        from .backends import triton_sharded
+
+        return triton_sharded
     if name == "cpp":
         from .backends import cpp_backend
 

@@ -7,6 +7,8 @@ size of the logits, so it never holds a one-hot or a log-prob tensor of the logi
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -20,14 +22,15 @@ def _accumulation_dtype(logits: Tensor) -> torch.dtype:
 
 
 def _row_chunks(logits: Tensor):
-    """Yield ``(start_row, stop_row, chunk)`` with ``chunk`` a ``(rows, C)`` view or small copy."""
+    """Yield ``(start_row, stop_row, outer_start, outer_stop, chunk)`` with ``chunk`` a
+    ``(rows, C)`` view (or small copy) of whole outer slices ``logits[outer_start:outer_stop]``."""
     batch, inner, num_classes = logits.shape
     rows_per_outer = max(inner, 1)
     outer_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, rows_per_outer * num_classes))
     for outer_start in range(0, batch, outer_per_chunk):
         outer_stop = min(batch, outer_start + outer_per_chunk)
         chunk = logits[outer_start:outer_stop].reshape(-1, num_classes)
-        yield outer_start * inner, outer_stop * inner, chunk
+        yield outer_start * inner, outer_stop * inner, outer_start, outer_stop, chunk
 
 
 def _row_terms(
@@ -59,7 +62,7 @@ def forward(
     rows = target.numel()
     loss = torch.empty(rows, dtype=acc, device=logits.device)
     lse = torch.empty(rows, dtype=acc, device=logits.device)
-    for start, stop, chunk in _row_chunks(logits):
+    for start, stop, _, _, chunk in _row_chunks(logits):
         x = chunk.to(acc)
         row_target = target[start:stop]
         safe_target, ignored, invalid, target_weight, total_mass = _row_terms(
@@ -99,7 +102,7 @@ def backward(
     acc = _accumulation_dtype(logits)
     num_classes = logits.shape[-1]
     inner = logits.shape[1]
-    for start, stop, chunk in _row_chunks(logits):
+    for start, stop, _, _, chunk in _row_chunks(logits):
         x = chunk.to(acc)
         row_target = target[start:stop]
         safe_target, ignored, invalid, target_weight, total_mass = _row_terms(
@@ -116,6 +119,69 @@ def backward(
         row_scale = torch.where(invalid, float("nan"), row_scale)
         grad.mul_(row_scale.unsqueeze(-1))
         outer_start, outer_stop = start // max(inner, 1), stop // max(inner, 1)
+        grad_logits[outer_start:outer_stop].copy_(
+            grad.view(outer_stop - outer_start, inner, num_classes)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The vocabulary-parallel passes (see lsr_fused.distributed): the same row math over one shard.
+
+
+def _empty_shard_stats(out: Tensor) -> None:
+    out.zero_()
+    out[0].fill_(float("-inf"))
+
+
+def shard_stats(
+    logits: Tensor, local_target: Tensor, weight: Optional[Tensor], out: Tensor
+) -> None:
+    """Fill ``out`` ``(5, rows)`` with each row's (max, sum-exp relative to the max, sum w x, x_y,
+    w_y) over this shard; ``local_target`` is ``y - offset``, or -1 where the target is elsewhere.
+    The sum-exp is relative to 0 instead where the max is -inf."""
+    if logits.shape[-1] == 0:
+        _empty_shard_stats(out)
+        return
+    for start, stop, _, _, chunk in _row_chunks(logits):
+        x = chunk.to(out.dtype)
+        row_max = x.amax(dim=-1)
+        shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+        out[0, start:stop] = row_max
+        out[1, start:stop] = (x - shift.unsqueeze(-1)).exp().sum(dim=-1)
+        out[2, start:stop] = x.sum(dim=-1) if weight is None else x @ weight
+        here = local_target[start:stop] >= 0
+        safe = torch.where(here, local_target[start:stop], 0)
+        out[3, start:stop] = torch.where(here, x.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
+        if weight is None:
+            out[4, start:stop] = here.to(out.dtype)
+        else:
+            out[4, start:stop] = torch.where(here, weight.gather(0, safe), 0.0)
+
+
+def shard_grad(
+    logits: Tensor,
+    local_target: Tensor,
+    weight: Optional[Tensor],
+    coefs: Tensor,
+    grad_logits: Tensor,
+) -> None:
+    """Write ``exp(x_i - lse) A - B w_i - T [i == local_target]`` per row into ``grad_logits``
+    (same strides as ``logits``, possibly ``logits`` itself); ``coefs`` is ``(4, rows)`` holding
+    ``(lse, A, B, T)``."""
+    _, inner, num_classes = logits.shape
+    if num_classes == 0:
+        return
+    for start, stop, outer_start, outer_stop, chunk in _row_chunks(logits):
+        x = chunk.to(coefs.dtype)
+        lse, scale, other, target_coef = (c[start:stop].unsqueeze(-1) for c in coefs)
+        grad = (x - lse).exp_().mul_(scale)
+        if weight is None:
+            grad.sub_(other)
+        else:
+            grad.addcmul_(other, weight, value=-1.0)
+        here = local_target[start:stop] >= 0
+        safe = torch.where(here, local_target[start:stop], 0).unsqueeze(-1)
+        grad.scatter_add_(-1, safe, torch.where(here.unsqueeze(-1), -target_coef, 0.0))
         grad_logits[outer_start:outer_stop].copy_(
             grad.view(outer_stop - outer_start, inner, num_classes)
         )
