@@ -14,6 +14,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend accumulates in, and of losses, log-sum-exps and class weights:
+    float64 for float64 logits, float32 otherwise (half-precision logits included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 class RowParams(NamedTuple):
     """Per-call scalars of the fused row kernels (runtime values: a new value never recompiles).

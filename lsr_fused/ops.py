@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._params import RowParams
+from ._params import RowParams, accumulation_dtype
 from ._validation import check_targets
 
 
@@ -51,13 +51,9 @@ def writes_grad_in_forward(backend: str, device_type: str) -> bool:
     return device_type in getattr(backend_module(backend), "WRITES_GRAD_IN_FORWARD", ())
 
 
-def _accumulation_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def _row_outputs(logits: Tensor) -> tuple[Tensor, Tensor]:
     rows = logits.shape[0] * logits.shape[1]
-    acc = _accumulation_dtype(logits)
+    acc = accumulation_dtype(logits.dtype)
     return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
 
 

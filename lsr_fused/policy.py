@@ -17,18 +17,13 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._params import accumulation_dtype as accumulation_dtype  # the rule, re-exported
 from ._validation import is_dense
 
 REDUCTIONS = ("none", "sum", "mean")
 SPREADS = ("all", "others")
 BACKENDS = ("auto", "triton", "cpp", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of losses, log-sum-exps and class weights: float64 for float64 logits, else
-    float32 (half-precision logits are accumulated in float32)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # Backend availability is a property of the installation, not of the tensors: torch.compile

@@ -12,13 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._params import RowParams
+from .._params import RowParams, accumulation_dtype
 
 _CHUNK_ELEMENTS = 1 << 22
-
-
-def _accumulation_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _row_chunks(logits: Tensor):
@@ -58,7 +54,7 @@ def forward(
     weight_total: Tensor | None,
     params: RowParams,
 ) -> tuple[Tensor, Tensor]:
-    acc = _accumulation_dtype(logits)
+    acc = accumulation_dtype(logits.dtype)
     rows = target.numel()
     loss = torch.empty(rows, dtype=acc, device=logits.device)
     lse = torch.empty(rows, dtype=acc, device=logits.device)
@@ -99,7 +95,7 @@ def backward(
     params: RowParams,
     grad_logits: Tensor,
 ) -> None:
-    acc = _accumulation_dtype(logits)
+    acc = accumulation_dtype(logits.dtype)
     num_classes = logits.shape[-1]
     inner = logits.shape[1]
     for start, stop, _, _, chunk in _row_chunks(logits):

@@ -11,11 +11,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._params import RowParams
+from .._params import RowParams, accumulation_dtype
 from .triton_common import (
     FP_FUSION,
     GRADIENT_BLOCK_LIMIT,
-    accumulation_dtype,
     gradient_block,
     launch_config,
     load_block,
@@ -23,6 +22,7 @@ from .triton_common import (
     row_start,
     runtime_scalar,
     stats_block_limit,
+    triton_accumulation,
 )
 
 # Training steps get their gradient from the forward pass (see _forward_kernel, WRITE_GRAD).
@@ -174,7 +174,7 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     batch, inner, num_classes = logits.shape
     rows = batch * inner
-    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(logits.dtype)
     loss = torch.empty(rows, dtype=acc_dtype, device=logits.device)
     lse = torch.empty(rows, dtype=acc_dtype, device=logits.device)
     if rows == 0:
@@ -183,7 +183,7 @@ def forward(
     if write_grad and grad_logits.stride() != logits.stride():
         raise ValueError("grad_logits must share the logits' strides")
     block, num_warps = launch_config(logits, stats_block_limit(logits))
-    acc = accumulation_dtype(logits.dtype)
+    acc = triton_accumulation(logits.dtype)
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
     # fmt: off
     _forward_kernel[(rows,)](
@@ -216,7 +216,7 @@ def backward(
     if grad_logits.stride() != logits.stride():
         raise ValueError("grad_logits must share the logits' strides")
     block, num_warps = launch_config(logits, GRADIENT_BLOCK_LIMIT)
-    acc = accumulation_dtype(logits.dtype)
+    acc = triton_accumulation(logits.dtype)
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
     skip_guessed = grad_guess is not None
     grid = (rows, triton.cdiv(num_classes, block))

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._params import accumulation_dtype
+
 # exp(x) = exp2(x * log2(e)): ex2 is the hardware's exponential.
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -121,9 +123,9 @@ def gradient_block(
     return grad - tl.where(cols == target_col, target_scale, 0.0)
 
 
-def accumulation_dtype(dtype: torch.dtype) -> tl.dtype:
-    """The kernels' arithmetic dtype: float64 for float64 logits, float32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def triton_accumulation(dtype: torch.dtype) -> tl.dtype:
+    """:func:`lsr_fused._params.accumulation_dtype` as the kernels' ``ACC`` constexpr."""
+    return {torch.float64: tl.float64, torch.float32: tl.float32}[accumulation_dtype(dtype)]
 
 
 def launch_config(logits: Tensor, max_block: int) -> tuple[int, int]:

@@ -24,13 +24,13 @@ from torch import Tensor
 from .triton_common import (
     FP_FUSION,
     GRADIENT_BLOCK_LIMIT,
-    accumulation_dtype,
     gradient_block,
     launch_config,
     load_block,
     online_row_stats,
     row_start,
     stats_block_limit,
+    triton_accumulation,
 )
 
 
@@ -119,7 +119,7 @@ def shard_stats(
     _stats_kernel[(num_rows,)](
         logits, local_target, logits if weight is None else weight,  # never read without weight
         out, num_rows, inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
-        HAS_WEIGHT=weight is not None, BLOCK=block, ACC=accumulation_dtype(logits.dtype),
+        HAS_WEIGHT=weight is not None, BLOCK=block, ACC=triton_accumulation(logits.dtype),
         num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     # fmt: on
@@ -145,7 +145,7 @@ def shard_grad(
     _grad_kernel[(num_rows, triton.cdiv(num_classes, block))](
         logits, grad_logits, local_target, logits if weight is None else weight, coefs, num_rows,
         inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
-        HAS_WEIGHT=weight is not None, BLOCK=block, ACC=accumulation_dtype(logits.dtype),
+        HAS_WEIGHT=weight is not None, BLOCK=block, ACC=triton_accumulation(logits.dtype),
         num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     # fmt: on
