@@ -431,3 +431,48 @@ def test_module_rejects_bad_options():
     with pytest.raises(ValueError, match="chunk_size"):
         LinearLabelSmoothingCE(chunk_size=0)
     assert "LinearLabelSmoothingCE" in lsr_fused.__all__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_bfloat16_parity(reduction):
+    """On the card: the Triton rows kernel, cuBLAS matmuls, the float32 weight accumulator."""
+    hidden, weight, bias, target = make_inputs((300,), 64, 1000, dtype=torch.bfloat16, ignore=(5,))
+    hidden, weight, bias = (t.detach().cuda().requires_grad_(True) for t in (hidden, weight, bias))
+    target = target.cuda()
+    upstream = torch.randn(300, device="cuda") if reduction == "none" else None
+    kw = dict(reduction=reduction, z_loss=1e-3)
+    ref = loss_and_grads(dense, hidden, weight, bias, target, upstream, **kw)
+    base = loss_and_grads(unfused, hidden, weight, bias, target, upstream, **kw)
+    ours = loss_and_grads(fused, hidden, weight, bias, target, upstream, chunk_size=77, **kw)
+    for got, unf, r in zip(
+        [ours[0], *ours[1]], [base[0], *base[1]], [ref[0], *ref[1]], strict=True
+    ):
+        err, base_err = max_rel_err(got, r), max_rel_err(unf, r)
+        assert err <= 1.5 * base_err + 4e-3, (err, base_err)
+
+
+def test_bench_linear_quick(tmp_path):
+    """Smoke test of ``benchmarks/bench_linear.py --quick``: it runs and our row is correct."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "linear.json"
+    script = ROOT / "benchmarks" / "bench_linear.py"
+    cmd = [sys.executable, str(script), "--quick", "--device", "cpu", "--no-compile", "--quiet"]
+    proc = subprocess.run(
+        [*cmd, "--shapes", "64x16x300:float32", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "lsr_fused linear" in proc.stdout and "unfused eager" in proc.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    ours = next(r for r in run["results"] if r["name"] == "lsr_fused linear")
+    assert ours["status"] == "ok" and ours["loss_err"] < 1e-5 and ours["grad_err"] < 1e-4
+    assert ours["extra_bytes"] is not None
