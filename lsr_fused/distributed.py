@@ -45,7 +45,7 @@ has no sharded kernels).
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -79,19 +79,44 @@ _DTYPE_CODES = {dtype: i for i, dtype in enumerate(policy.FLOAT_DTYPES)}
 # Header columns of a description row, then the columns every rank must agree on.
 _ERROR, _WIDTH, _TARGET_MIN, _TARGET_MAX, _CHECKED, _CHECKSUM = range(6)
 _AGREED_START = 6
-_AGREED_NAMES = (
-    "the number of logits dimensions",
-    "the number of rows (elements of target)",
-    *("the target shape",) * _SHAPE_SLOTS,
-    "the logits dtype",
-    "whether weight is given",
-    "reduction",
-    "spread",
-    "ignore_index",
-    "label_smoothing",
-    "z_loss",
+# (name in messages, how a value is shown) of each agreed column; a caller may rename the first
+# entries (its input is not called logits) and append columns of its own (``extra``).
+_AGREED = (
+    ("the number of logits dimensions", int),
+    ("the number of rows (elements of target)", int),
+    *(("the target shape", int),) * _SHAPE_SLOTS,
+    ("the logits dtype", lambda v: str(policy.FLOAT_DTYPES[v])),
+    ("whether weight is given", bool),
+    ("reduction", lambda v: policy.REDUCTIONS[v]),
+    ("spread", lambda v: policy.SPREADS[v]),
+    ("ignore_index", int),
+    ("label_smoothing", lambda v: _bits_float(v)),
+    ("z_loss", lambda v: _bits_float(v)),
 )
-_DESCRIPTION_LENGTH = _AGREED_START + len(_AGREED_NAMES)
+_TARGET_SHAPE_COLUMN = 2  # first of the target shape's columns within _AGREED
+
+
+class ShardInput(NamedTuple):
+    """What the exchange describes of this rank's class-sharded input (logits, or a classifier
+    weight): its number of classes, number of dimensions and dtype."""
+
+    width: int
+    ndim: int
+    dtype: torch.dtype
+
+    @staticmethod
+    def of_logits(logits: Tensor) -> ShardInput:
+        width = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+        return ShardInput(width, logits.dim(), logits.dtype)
+
+
+class Agreement(NamedTuple):
+    """What every rank learns from the exchange: the global class count, this rank's first
+    class, and every rank's number of classes (ordered by rank)."""
+
+    num_classes: int
+    offset: int
+    widths: tuple[int, ...]
 
 
 def _float_bits(value: float) -> int:
@@ -115,7 +140,7 @@ def _target_summary(flat_target: Tensor, ignore_index: int) -> tuple[int, int, i
     return 1, low, high, checksum
 
 
-def _describe(logits, flat_target, target_shape, weight, options) -> list[int]:
+def _describe(shard: ShardInput, flat_target, target_shape, has_weight, options, extra):
     label_smoothing, ignore_index, reduction, spread, z_loss = options
     shape = list(target_shape)
     if len(shape) > _SHAPE_SLOTS:
@@ -125,11 +150,11 @@ def _describe(logits, flat_target, target_shape, weight, options) -> list[int]:
         shape = [*shape[: _SHAPE_SLOTS - 1], folded]
     shape += [-1] * (_SHAPE_SLOTS - len(shape))
     checked, low, high, checksum = _target_summary(flat_target, ignore_index)
-    width = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
-    description = [0, width, low, high, checked, checksum]
-    description += [logits.dim(), flat_target.numel(), *shape, _DTYPE_CODES[logits.dtype]]
-    description += [int(weight is not None), _REDUCTION_CODES[reduction], _SPREAD_CODES[spread]]
+    description = [0, shard.width, low, high, checked, checksum]
+    description += [shard.ndim, flat_target.numel(), *shape, _DTYPE_CODES[shard.dtype]]
+    description += [int(bool(has_weight)), _REDUCTION_CODES[reduction], _SPREAD_CODES[spread]]
     description += [ignore_index, _float_bits(label_smoothing), _float_bits(z_loss)]
+    description += [int(value) for _, value in extra]
     return description
 
 
@@ -144,11 +169,13 @@ def _carries_cpu(group) -> bool:
     return "cpu" in dist.Backend.backend_capability.get(name, ())
 
 
-def _exchange_device(group, logits) -> torch.device:
+def _exchange_device(group, tensor) -> torch.device:
+    """Where the exchange's tensors live: the CPU when the group carries CPU tensors, else the
+    device of ``tensor`` (this rank's input), else the current CUDA device."""
     if _carries_cpu(group):
         return torch.device("cpu")
-    if isinstance(logits, Tensor) and logits.device.type != "cpu":
-        return logits.device
+    if isinstance(tensor, Tensor) and tensor.device.type != "cpu":
+        return tensor.device
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -159,64 +186,74 @@ def _exchange(group, description: list[int], device: torch.device) -> list[list[
     return [row.tolist() for row in table]
 
 
-def _disagreement(table: list[list[int]]) -> Optional[str]:
-    columns = list(zip(*table, strict=True))
-    for index, name in enumerate(_AGREED_NAMES):
-        values = columns[_AGREED_START + index]
+def _disagreement(table: list[list[int]], columns) -> Optional[str]:
+    values_by_column = list(zip(*table, strict=True))
+    shape_first = _AGREED_START + _TARGET_SHAPE_COLUMN
+    for index, (name, show) in enumerate(columns):
+        values = values_by_column[_AGREED_START + index]
         if len(set(values)) == 1:
             continue
-        first = _AGREED_START
         if name == "the target shape":
-            values = [
-                tuple(s for s in row[first + 2 : first + 2 + _SHAPE_SLOTS] if s >= 0)
-                for row in table
-            ]
-        elif name in ("label_smoothing", "z_loss"):
-            values = [_bits_float(v) for v in values]
-        elif name == "reduction":
-            values = [policy.REDUCTIONS[v] for v in values]
-        elif name == "spread":
-            values = [policy.SPREADS[v] for v in values]
-        elif name == "the logits dtype":
-            values = [str(policy.FLOAT_DTYPES[v]) for v in values]
-        elif name == "whether weight is given":
-            values = [bool(v) for v in values]
-        per_rank = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(values))
+            shown = [tuple(s for s in row[shape_first : shape_first + _SHAPE_SLOTS] if s >= 0)
+                     for row in table]  # fmt: skip
+        else:
+            shown = [show(v) for v in values]
+        per_rank = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(shown))
         return f"ranks disagree on {name} ({per_rank})"
     if all(row[_CHECKED] for row in table) and len({row[_CHECKSUM] for row in table}) > 1:
         return "ranks hold different targets (every rank must pass the same global class indices)"
     return None
 
 
-def _agree(group, logits, flat_target, target_shape, weight, options, local_error):
+def _agree(
+    group,
+    shard: Optional[ShardInput],
+    flat_target,
+    target_shape,
+    has_weight: bool,
+    options,
+    local_error,
+    *,
+    device_of=None,
+    extra=(),
+    renames=None,
+    caller: str = "label_smoothing_cross_entropy",
+) -> Agreement:
     """Exchange descriptions; raise the same ``ValueError`` on every rank unless all agree.
 
-    Returns ``(num_classes, offset)``: the global class count and this rank's first class.
+    ``shard`` describes this rank's class-sharded input (None when ``local_error`` is set);
+    ``extra`` is a sequence of ``(name, int value)`` pairs every rank must also agree on (the
+    names, hence the row length, are the same on every rank); ``renames`` maps names of the
+    common columns to the caller's words; ``device_of`` is a tensor whose device carries the
+    exchange on groups without CPU support.
     """
     if local_error is None:
         try:
-            description = _describe(logits, flat_target, target_shape, weight, options)
+            description = _describe(shard, flat_target, target_shape, has_weight, options, extra)
         except (TypeError, ValueError, KeyError) as exc:  # pragma: no cover - defensive
             local_error = exc
+    length = _AGREED_START + len(_AGREED) + len(extra)
     if local_error is not None:
-        description = [1] + [0] * (_DESCRIPTION_LENGTH - 1)
-    table = _exchange(group, description, _exchange_device(group, logits))
+        description = [1] + [0] * (length - 1)
+    table = _exchange(group, description, _exchange_device(group, device_of))
     if local_error is not None:
         raise local_error
-    prefix = "sharded label_smoothing_cross_entropy: "
+    prefix = f"sharded {caller}: "
     failed = [rank for rank, row in enumerate(table) if row[_ERROR]]
     if failed:
         raise ValueError(
             f"{prefix}rank(s) {failed} of the process group rejected their arguments (see the "
             "error raised there)"
         )
-    problem = _disagreement(table)
+    renames = renames or {}
+    columns = [(renames.get(name, name), show) for name, show in _AGREED]
+    columns += [(name, bool if name.startswith("whether") else int) for name, _ in extra]
+    problem = _disagreement(table, columns)
     if problem is not None:
         raise ValueError(prefix + problem)
-    widths = [row[_WIDTH] for row in table]
+    widths = tuple(row[_WIDTH] for row in table)
     num_classes = sum(widths)
-    rank = dist.get_rank(group)
-    offset = sum(widths[:rank])
+    offset = sum(widths[: dist.get_rank(group)])
     _, ignore_index, _, spread, _ = options
     if num_classes == 0:
         raise ValueError(f"{prefix}the shards hold no classes at all (C == 0)")
@@ -229,7 +266,7 @@ def _agree(group, logits, flat_target, target_shape, weight, options, local_erro
                 f"{prefix}target contains {value}, which is neither ignore_index "
                 f"({ignore_index}) nor a class index in [0, {num_classes})"
             )
-    return num_classes, offset
+    return Agreement(num_classes, offset, widths)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,13 +291,89 @@ def _resolve_group(process_group):
 # --------------------------------------------------------------------------------------------
 
 
+class RowTerms(NamedTuple):
+    """Per-row global quantities every rank holds after the statistics' all-reduce."""
+
+    loss: Tensor  # per-row loss (0 where ignored, NaN for a target outside [0, C))
+    lse: Tensor
+    total_mass: Tensor  # S = b W + (a - b) w_y
+    target_weight: Tensor  # w_y (1 without class weights, 0 where the target is nowhere)
+    ignored: Tensor
+    in_range: Tensor
+
+
+def all_reduce_stats(stats: Tensor, num_rows: int, group) -> Tensor:
+    """Turn this rank's statistics into the group's, in place; return the per-row shift.
+
+    ``stats`` is contiguous, ``[max | sum-exp | sum w x | x_y | w_y | k more sums]`` (``5 N + k``
+    values, as ``shard_stats`` fills the first ``5 N``). Two collectives: a MAX of ``N`` values,
+    then one SUM of the remaining ``4 N + k`` after rescaling each sum-exp to the global max.
+    Afterwards ``stats[N:]`` holds global sums; the returned shift is the global max, 0 where it is
+    -inf (so the sum-exp stays relative to it).
+    """
+    local = stats[: 5 * num_rows].view(5, num_rows)
+    global_max = local[0].clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    # exp(m_k - M) <= 1; a shard whose max is -inf contributes exp(-inf) = 0.
+    shift = torch.where(global_max == float("-inf"), 0.0, global_max)
+    local[1].mul_(torch.exp(local[0] - shift))
+    dist.all_reduce(stats[num_rows:], op=dist.ReduceOp.SUM, group=group)
+    return shift
+
+
+def row_terms(
+    stats: Tensor, shift: Tensor, total_weight, flat_target: Tensor, setup_scalars
+) -> RowTerms:
+    """The per-row loss and what backward needs, from reduced ``stats`` (see
+    :func:`all_reduce_stats`); ``total_weight`` is ``W`` (a float, or a 0-d tensor);
+    ``setup_scalars`` is ``(num_classes, (target_extra, other_mass), z_loss, ignore_index)``."""
+    num_classes, (target_extra, other_mass), z_loss, ignore_index = setup_scalars
+    num_rows = flat_target.numel()
+    sum_exp, weighted_sum, target_logit, target_weight = stats[num_rows : 5 * num_rows].view(
+        4, num_rows
+    )
+    lse = shift + torch.log(sum_exp)
+    total_mass = other_mass * total_weight + target_extra * target_weight
+    loss = total_mass * lse
+    # As on one device: a term whose coefficient is 0 is dropped, not multiplied by inf.
+    if other_mass != 0.0:
+        loss = loss - other_mass * weighted_sum
+    if target_extra != 0.0:
+        loss = loss - target_extra * target_weight * target_logit
+    if z_loss != 0.0:
+        loss = loss + z_loss * lse * lse
+    ignored = flat_target == ignore_index
+    in_range = (flat_target >= 0) & (flat_target < num_classes)
+    loss = torch.where(in_range, loss, float("nan"))
+    loss = torch.where(ignored, 0.0, loss)
+    return RowTerms(loss, lse, total_mass, target_weight.clone(), ignored, in_range)
+
+
+def grad_coefs(upstream: Tensor, lse, total_mass, target_weight, ignored, in_range, masses,
+               z_loss: float) -> Tensor:  # fmt: skip
+    """The ``(4, rows)`` ``(lse, A, B, T)`` of ``shard_grad`` for per-row ``upstream``:
+    ``d loss / d x_i = softmax_i (S + 2 z lse) - b w_i - (a - b) w_y [i == y]``, times ``g``
+    (0 on ignored rows, NaN where the target is outside ``[0, C)``)."""
+    target_extra, other_mass = masses
+    upstream = upstream.to(lse.dtype)
+    upstream = torch.where(in_range, upstream, float("nan"))
+    upstream = torch.where(ignored, 0.0, upstream)
+    return torch.stack(
+        [
+            lse,
+            upstream * (total_mass + 2.0 * z_loss * lse),
+            upstream * other_mass,
+            upstream * (target_extra * target_weight),
+        ]
+    )
+
+
 class _ShardedRows(torch.autograd.Function):
     """Per-row sharded loss over a ``(B, S, C_local)`` row view; returns ``(loss, w_y)``."""
 
     @staticmethod
     def forward(ctx, rows, flat_target, local_target, weight, setup):
         group, backend, num_classes, masses, z_loss, ignore_index, _ = setup
-        target_extra, other_mass = masses
         stats_fn, _ = _kernels(backend)
         acc = policy.accumulation_dtype(rows.dtype)
         num_rows = flat_target.numel()
@@ -270,57 +383,23 @@ class _ShardedRows(torch.autograd.Function):
         if num_rows:  # every rank agrees on num_rows, so all skip the collectives together
             stats_fn(rows, local_target, weight, local)
             stats[5 * num_rows] = 0.0 if weight is None else weight.sum()
-            global_max = local[0].clone()
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-            # exp(m_k - M) <= 1; a shard whose max is -inf contributes exp(-inf) = 0.
-            shift = torch.where(global_max == float("-inf"), 0.0, global_max)
-            local[1].mul_(torch.exp(local[0] - shift))
-            dist.all_reduce(stats[num_rows:], op=dist.ReduceOp.SUM, group=group)
+            shift = all_reduce_stats(stats, num_rows, group)
         else:
             shift = stats[:0]
-        sum_exp, weighted_sum, target_logit, target_weight = local[1:]
         total_weight = float(num_classes) if weight is None else stats[5 * num_rows]
-        lse = shift + torch.log(sum_exp)
-        total_mass = other_mass * total_weight + target_extra * target_weight
-        loss = total_mass * lse
-        # As on one device: a term whose coefficient is 0 is dropped, not multiplied by inf.
-        if other_mass != 0.0:
-            loss = loss - other_mass * weighted_sum
-        if target_extra != 0.0:
-            loss = loss - target_extra * target_weight * target_logit
-        if z_loss != 0.0:
-            loss = loss + z_loss * lse * lse
-        ignored = flat_target == ignore_index
-        in_range = (flat_target >= 0) & (flat_target < num_classes)
-        loss = torch.where(in_range, loss, float("nan"))
-        loss = torch.where(ignored, 0.0, loss)
-        target_weight = target_weight.clone()
-        ctx.mark_non_differentiable(target_weight)
-        ctx.save_for_backward(
-            rows, local_target, weight, lse, total_mass, target_weight, ignored, in_range
-        )
+        scalars = (num_classes, masses, z_loss, ignore_index)
+        terms = row_terms(stats, shift, total_weight, flat_target, scalars)
+        ctx.mark_non_differentiable(terms.target_weight)
+        ctx.save_for_backward(rows, local_target, weight, *terms[1:])
         ctx.setup = setup
-        return loss, target_weight
+        return terms.loss, terms.target_weight
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_target_weight):
-        rows, local_target, weight, lse, total_mass, target_weight, ignored, in_range = (
-            ctx.saved_tensors
-        )
-        _, backend, _, (target_extra, other_mass), z_loss, _, inplace = ctx.setup
+        rows, local_target, weight, *terms = ctx.saved_tensors
+        _, backend, _, masses, z_loss, _, inplace = ctx.setup
         _, grad_fn = _kernels(backend)
-        upstream = grad_loss.to(lse.dtype)
-        upstream = torch.where(in_range, upstream, float("nan"))
-        upstream = torch.where(ignored, 0.0, upstream)
-        # d loss / d x_i = softmax_i (S + 2 z lse) - b w_i - (a - b) w_y [i == y], times g.
-        coefs = torch.stack(
-            [
-                lse,
-                upstream * (total_mass + 2.0 * z_loss * lse),
-                upstream * other_mass,
-                upstream * (target_extra * target_weight),
-            ]
-        )
+        coefs = grad_coefs(grad_loss, *terms, masses, z_loss)
         grad_rows = rows if inplace else torch.empty_like(rows)
         grad_fn(rows, local_target, weight, coefs, grad_rows)
         if inplace:
@@ -378,9 +457,11 @@ def sharded_label_smoothing_cross_entropy(
         flat_target = target.reshape(-1).to(torch.int64)
     except (TypeError, ValueError) as exc:
         local_error = exc
-    num_classes, offset = _agree(
-        group, logits, flat_target, getattr(target, "shape", ()), weight, options, local_error
-    )
+    shard = ShardInput.of_logits(logits) if local_error is None else None
+    num_classes, offset, _ = _agree(
+        group, shard, flat_target, getattr(target, "shape", ()), weight is not None, options,
+        local_error, device_of=logits,
+    )  # fmt: skip
 
     rows = policy.row_view(logits)
     acc = policy.accumulation_dtype(logits.dtype)

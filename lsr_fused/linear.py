@@ -407,6 +407,18 @@ LINEAR_DOC = r"""
             :func:`label_smoothing_cross_entropy`).
         chunk_size: rows per chunk. None: all rows while float32 ``(N, C)`` logits would take at
             most 256 MiB, else at most 1/8 of that size and at most 256 MiB.
+        process_group: a ``torch.distributed`` group over which the classes are sharded (a
+            tensor-parallel LM head): ``weight``, ``bias`` and ``class_weight`` hold this rank's
+            contiguous slice of the classes (ordered by rank; uneven slices allowed), ``hidden``
+            is the same on every rank, ``target`` holds global class indices. Every rank gets the
+            loss of the unsharded head; only O(N) statistics per chunk cross the network. See
+            :mod:`lsr_fused.linear_distributed`.
+        reduce_hidden_grad: with ``process_group``, whether ``hidden``'s gradient is summed over
+            the group inside the op (True: the true gradient of the loss, correct for plain code)
+            or is this rank's contribution only (False: for frameworks that all-reduce the
+            gradient of the head's input themselves, as Megatron-LM's
+            ``copy_to_tensor_model_parallel_region`` does). Without ``process_group`` every class
+            is local and both give the full gradient.
 """
 
 
@@ -496,7 +508,24 @@ def linear_label_smoothing_cross_entropy(
     z_loss: float = 0.0,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group: Optional[object] = None,
+    reduce_hidden_grad: bool = True,
 ) -> Tensor:
+    if process_group is not None:
+        # The classes are sharded over the group: checks run inside a collective exchange so that
+        # one rank's bad argument raises on every rank instead of leaving the others waiting.
+        from .linear_distributed import sharded_linear_label_smoothing_cross_entropy
+
+        return sharded_linear_label_smoothing_cross_entropy(
+            hidden, weight, target, label_smoothing, bias=bias, ignore_index=ignore_index,
+            reduction=reduction, class_weight=class_weight, spread=spread, z_loss=z_loss,
+            chunk_size=chunk_size, backend=backend, process_group=process_group,
+            reduce_hidden_grad=reduce_hidden_grad,
+        )  # fmt: skip
+    if not isinstance(reduce_hidden_grad, bool):
+        raise TypeError(
+            f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}"
+        )
     policy.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
     device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
     autocast = torch.is_autocast_enabled(device_type)

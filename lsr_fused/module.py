@@ -75,6 +75,8 @@ class LinearLabelSmoothingCE(nn.Module):
 
     The constructor takes every keyword of :func:`linear_label_smoothing_cross_entropy` except
     ``bias``; ``class_weight`` is kept as a buffer (moved by ``.to()``, saved in ``state_dict``).
+    With ``process_group=pg`` (a tensor-parallel head) ``weight``, ``bias`` and ``class_weight``
+    are this rank's slice of the classes.
     """
 
     def __init__(
@@ -88,9 +90,15 @@ class LinearLabelSmoothingCE(nn.Module):
         z_loss: float = 0.0,
         chunk_size: Optional[int] = None,
         backend: str = "auto",
+        process_group: Optional[object] = None,
+        reduce_hidden_grad: bool = True,
     ) -> None:
         super().__init__()
         check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
+        if not isinstance(reduce_hidden_grad, bool):
+            raise TypeError(
+                f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}"
+            )
         if class_weight is not None and (
             not isinstance(class_weight, Tensor) or class_weight.dim() != 1
         ):
@@ -106,6 +114,8 @@ class LinearLabelSmoothingCE(nn.Module):
         self.z_loss = z_loss
         self.chunk_size = chunk_size
         self.backend = backend
+        self.process_group = process_group
+        self.reduce_hidden_grad = reduce_hidden_grad
         self.register_buffer("class_weight", class_weight)
 
     def forward(
@@ -124,6 +134,8 @@ class LinearLabelSmoothingCE(nn.Module):
             z_loss=self.z_loss,
             chunk_size=self.chunk_size,
             backend=self.backend,
+            process_group=self.process_group,
+            reduce_hidden_grad=self.reduce_hidden_grad,
         )
 
     def extra_repr(self) -> str:
@@ -131,7 +143,9 @@ class LinearLabelSmoothingCE(nn.Module):
             f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
             f"spread={self.spread!r}, z_loss={self.z_loss}, ignore_index={self.ignore_index}, "
             f"chunk_size={self.chunk_size}, backend={self.backend!r}"
-        )
+            + ("" if self.process_group is None else
+               f", sharded, reduce_hidden_grad={self.reduce_hidden_grad}")
+        )  # fmt: skip
 
 
 LinearLabelSmoothingCE.__doc__ = LinearLabelSmoothingCE.__doc__ + LINEAR_DOC
