@@ -1,14 +1,9 @@
-// Op schemas (lsr_fused_C::*), the CPU implementation and the Meta (shape-only) implementation.
+// The lsr_fused_C::* ops: their schemas (declared once, in TORCH_LIBRARY at the end of this file),
+// the CPU implementation and the Meta (shape-only) implementation.
 //
-//   forward(logits, target, weight?, weight_total?, target_extra, other_mass, z_loss,
-//           ignore_index, grad_logits!? = None, grad_guess? = None) -> (loss, lse)
-//   backward(grad_loss, logits, target, weight?, weight_total?, lse, target_extra, other_mass,
-//            z_loss, ignore_index, grad_logits!, grad_guess? = None) -> ()
-//
-// Gradient in forward (training steps): given grad_logits and the (1,) grad_guess, forward also
-// writes every row's gradient for upstream grad_guess, each row right after its statistics while
-// it is still cached; backward given the same grad_guess then rewrites only the rows whose
-// grad_loss differs from it (and reads nothing of the others).
+// These ops are the C++ backend's kernel entry points, as the Triton kernels are the Triton
+// backend's: lsr_fused/backends/cpp_backend.py calls them from inside the lsr_fused::* custom ops
+// (lsr_fused/ops.py), which are the op layer autograd and torch.compile see. They carry no autograd.
 //
 // The CPU kernels are compiled once per instruction set (csrc/cpu/) and selected at runtime.
 #include <ATen/Parallel.h>
@@ -227,7 +222,8 @@ void backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const a
 }
 
 // ---------------------------------------------------------------------------------------------
-// Meta implementation (shapes only), for fake tensors / torch.compile tracing.
+// Meta implementation (shapes only), for calls on meta tensors. torch.compile does not need it:
+// it traces the lsr_fused::* ops, whose fake implementations (lsr_fused/ops.py) never call these.
 
 std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& logits, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight,
@@ -259,6 +255,16 @@ void backward_meta(const at::Tensor&, const at::Tensor& logits, const at::Tensor
 }  // namespace
 }  // namespace lsr_fused
 
+// The schemas, written once (lsr_fused/backends/cpp_backend.py and its tests refer here).
+//
+// forward -> (loss, lse): per-row loss and log-sum-exp (accumulation dtype) of logits (B, S, C).
+// Gradient in forward (training steps): given grad_logits and the (1,) grad_guess, forward also
+// writes every row's gradient for upstream grad_guess, each row right after its statistics while
+// it is still cached.
+//
+// backward writes the gradient into grad_logits (which may be the logits themselves); given the
+// same grad_guess as forward, it rewrites only the rows whose grad_loss differs from it (and reads
+// nothing of the others).
 TORCH_LIBRARY(lsr_fused_C, m) {
   m.def(
       "forward(Tensor logits, Tensor target, Tensor? weight, Tensor? weight_total, "

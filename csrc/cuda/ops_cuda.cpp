@@ -1,5 +1,6 @@
 // CUDA implementation of the lsr_fused_C ops: argument checks and packing here, kernels in
-// kernels.cu (torch-free). Compiled only into CUDA builds (setup.py defines LSR_FUSED_WITH_CUDA).
+// kernels.cu (torch-free). Compiled only into CUDA builds (lsr_fused/_build_config.py defines
+// LSR_FUSED_WITH_CUDA).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -6,21 +6,17 @@ call to :func:`is_available`, :func:`unavailable_reason`, :func:`forward` or :fu
 1. ``import lsr_fused._C``, the extension built by ``setup.py`` (``pip install .``);
 2. otherwise, when the sources are present (a source checkout), compile them just in time with
    :func:`torch.utils.cpp_extension.load` into a cache directory keyed by a hash of the sources, the
-   compiler flags and the torch/Python versions (``$LSR_FUSED_CACHE_DIR``, else
+   build configuration and the torch/Python versions (``$LSR_FUSED_CACHE_DIR``, else
    ``$XDG_CACHE_HOME/lsr_fused``, else ``~/.cache/lsr_fused``), printing one line to stderr. Set
    ``LSR_FUSED_NO_JIT=1`` to skip this step;
 3. otherwise the backend is unavailable and :func:`unavailable_reason` says why.
 
-The ops (schemas in ``csrc/ops.cpp``)::
-
-    lsr_fused_C::forward(Tensor logits, Tensor target, Tensor? weight, Tensor? weight_total,
-                         float target_extra, float other_mass, float z_loss, int ignore_index,
-                         Tensor(a!)? grad_logits=None, Tensor? grad_guess=None)
-        -> (Tensor loss, Tensor lse)
-    lsr_fused_C::backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight,
-                          Tensor? weight_total, Tensor lse, float target_extra, float other_mass,
-                          float z_loss, int ignore_index, Tensor(a!) grad_logits,
-                          Tensor? grad_guess=None) -> ()
+The ops ``lsr_fused_C::forward`` and ``lsr_fused_C::backward`` are this backend's kernel entry
+points (as the Triton kernels are the Triton backend's): in the package, only :func:`forward` and
+:func:`backward` below call them, from inside the ``lsr_fused::*`` custom ops of
+:mod:`lsr_fused.ops`, the op layer that autograd and ``torch.compile`` see. Their schemas are
+declared once, in ``csrc/ops.cpp``; what is compiled, and how, is in
+:mod:`lsr_fused._build_config` (shared with ``setup.py``).
 
 Training steps (``WRITES_GRAD_IN_FORWARD``): given ``grad_logits`` and a ``(1,)`` ``grad_guess``,
 ``forward`` also writes each row's gradient for upstream ``grad_guess``, right after the row's
@@ -58,30 +54,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import _build_config
 from .._params import RowParams
 
 _OP_NAMESPACE = "lsr_fused_C"
-_SOURCE_ROOT = Path(__file__).resolve().parents[2] / "csrc"
-# Link order matters: the baseline kernels come before the ISA variants (csrc/cpu/isa_prelude.h).
-_JIT_CPU_SOURCES = (
-    "ops.cpp",
-    "cpu/kernel_default.cpp",
-    "cpu/kernel_avx2.cpp",
-    "cpu/kernel_avx512.cpp",
-)
-_JIT_CUDA_SOURCES = ("cuda/ops_cuda.cpp", "cuda/kernels.cu")
-_JIT_HEADERS = (
-    "lsr_args.h",
-    "ops_common.h",
-    "cpu/kernel_impl.h",
-    "cpu/isa_prelude.h",
-    "cuda/launch.h",
-)
-_JIT_CFLAGS = ("-O3", "-fvisibility-inlines-hidden")
-# at::parallel_for is a header template: without OpenMP it compiles to a serial loop when torch
-# uses its OpenMP backend.
-_JIT_OPENMP_FLAGS = ("-fopenmp",)
-_JIT_CUDA_CFLAGS = ("-O3", "--expt-relaxed-constexpr")
+_SOURCE_ROOT = Path(__file__).resolve().parents[2] / _build_config.CSRC_DIR
 
 # Device types whose kernels write the gradient in forward (see lsr_fused.backends). The CUDA
 # kernels implement it too, but stay off until a GPU run of tests/test_cuda_parity.py passes.
@@ -96,54 +73,29 @@ def _ops_registered() -> bool:
 
 
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(_build_config.env_flag(name))
 
 
-def _cache_root() -> Path:
-    explicit = os.environ.get("LSR_FUSED_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "lsr_fused"
-
-
-def _jit_digest(sources: tuple[str, ...], flags: tuple[str, ...]) -> str:
+def _jit_digest(build: _build_config.BuildConfig) -> str:
     h = hashlib.sha256()
-    for part in (torch.__version__, str(torch.version.cuda), sys.version, platform.machine()):
+    parts = (torch.__version__, str(torch.version.cuda), sys.version, platform.machine())
+    for part in (*parts, *build.key()):
         h.update(part.encode())
         h.update(b"\0")
-    for flag in flags:
-        h.update(flag.encode())
-        h.update(b"\0")
-    for rel in sorted(set(sources) | set(_JIT_HEADERS)):
-        path = _SOURCE_ROOT / rel
-        h.update(rel.encode())
-        h.update(b"\0")
-        h.update(path.read_bytes() if path.exists() else b"<missing>")
+    for path in sorted(_SOURCE_ROOT.rglob("*")):
+        if path.suffix in _build_config.SOURCE_SUFFIXES and path.is_file():
+            h.update(path.relative_to(_SOURCE_ROOT).as_posix().encode())
+            h.update(b"\0")
+            h.update(path.read_bytes())
     return h.hexdigest()[:16]
-
-
-def _jit_wants_cuda() -> bool:
-    if os.environ.get("LSR_FUSED_FORCE_CUDA", "").strip() == "0":
-        return False
-    if _env_flag("LSR_FUSED_FORCE_CUDA"):
-        return True
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
 
 
 def _jit_build(with_cuda: bool) -> None:
     from torch.utils.cpp_extension import load
 
-    sources = _JIT_CPU_SOURCES + (_JIT_CUDA_SOURCES if with_cuda else ())
-    use_openmp = torch.backends.openmp.is_available() and sys.platform != "darwin"
-    cflags = _JIT_CFLAGS + (_JIT_OPENMP_FLAGS if use_openmp else ())
-    ldflags = _JIT_OPENMP_FLAGS if use_openmp else ()
-    flags = cflags + ldflags + (_JIT_CUDA_CFLAGS if with_cuda else ())
-    digest = _jit_digest(sources, flags)
-    build_dir = _cache_root() / f"{'cuda' if with_cuda else 'cpu'}-{digest}"
+    build = _build_config.configure(python_module=False, with_cuda=with_cuda)
+    digest = _jit_digest(build)
+    build_dir = _build_config.cache_root() / f"{'cuda' if with_cuda else 'cpu'}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
     name = f"lsr_fused_C_jit_{digest}"
     if not any(build_dir.glob(f"{name}.*")):  # a cached build is just loaded, silently
@@ -153,18 +105,28 @@ def _jit_build(with_cuda: bool) -> None:
             file=sys.stderr,
             flush=True,
         )
-    load(
-        name=name,
-        sources=[str(_SOURCE_ROOT / rel) for rel in sources],
-        extra_cflags=list(cflags) + (["-DLSR_FUSED_WITH_CUDA=1"] if with_cuda else []),
-        extra_ldflags=list(ldflags),
-        extra_cuda_cflags=list(_JIT_CUDA_CFLAGS) if with_cuda else None,
-        extra_include_paths=[str(_SOURCE_ROOT)],
-        build_directory=str(build_dir),
-        with_cuda=with_cuda,
-        is_python_module=False,
-        verbose=_env_flag("LSR_FUSED_VERBOSE_BUILD"),
-    )
+    # TORCH_CUDA_ARCH_LIST is read from the environment by torch: set it for this build only.
+    saved_arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if build.arch_list is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = build.arch_list
+    try:
+        load(
+            name=name,
+            sources=[str(_SOURCE_ROOT / rel) for rel in build.sources],
+            extra_cflags=[*build.cxx_flags, *build.define_flags()],
+            extra_ldflags=list(build.link_flags),
+            extra_cuda_cflags=[*build.nvcc_flags, *build.define_flags()] if with_cuda else None,
+            extra_include_paths=[str(_SOURCE_ROOT)],
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=_env_flag("LSR_FUSED_VERBOSE_BUILD"),
+        )
+    finally:
+        if saved_arch_list is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch_list
 
 
 def _load() -> tuple[bool, str | None, str | None]:
@@ -182,14 +144,16 @@ def _load() -> tuple[bool, str | None, str | None]:
 
     if _env_flag("LSR_FUSED_NO_JIT"):
         return False, f"{prebuilt_error}; just-in-time build disabled by LSR_FUSED_NO_JIT", None
-    missing = [rel for rel in _JIT_CPU_SOURCES if not (_SOURCE_ROOT / rel).is_file()]
+    missing = [rel for rel in _build_config.CPU_SOURCES if not (_SOURCE_ROOT / rel).is_file()]
     if missing:
         return False, f"{prebuilt_error}; no C++ sources for a just-in-time build ({missing})", None
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return False, f"{prebuilt_error}; no C++ compiler ({compiler!r} not found)", None
 
-    attempts = [True, False] if _jit_wants_cuda() else [False]
+    # A CUDA build as setup.py would make one (LSR_FUSED_FORCE_CUDA, else a CUDA torch and a
+    # toolkit), falling back to the CPU kernels alone when it fails.
+    attempts = [True, False] if _build_config.configure(python_module=False).with_cuda else [False]
     errors = []
     for with_cuda in attempts:
         try:
