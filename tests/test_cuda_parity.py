@@ -67,6 +67,22 @@ def test_cuda_matches_dense_reference(backend, shape, dtype, options):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_parity_with_cpu_reference(dtype):
+    logits = (torch.randn(33, 70000, device="cuda") * 3).to(dtype)
+    target = torch.randint(0, 70000, (33,), device="cuda")
+    target[::5] = -100
+    x = logits.clone().requires_grad_()
+    loss = label_smoothing_cross_entropy(x, target, 0.1, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    ref_input = logits.double().requires_grad_()
+    ref = dense_loss(ref_input, target, 0.1, reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), ref_input)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-4, rtol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2 * ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.double(), ref_grad, atol=tol, rtol=1e-2)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_offsets_past_two_to_the_31(backend):
     # 16384 x 151936 bf16 holds 2.49e9 elements: rows at the end start past 2**31.

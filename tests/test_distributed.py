@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from reference import dense_loss
+from reference import assert_close, dense_loss, tolerances
 
 import lsr_fused
 from lsr_fused import label_smoothing_cross_entropy
@@ -331,23 +331,6 @@ TASKS = {"parity": _parity_task, "errors": _errors_task}
 # ------------------------------------------------------------------------------------------------
 
 
-def _tolerances(dtype):
-    """(loss, gradient) tolerances relative to the reference's scale."""
-    if dtype == torch.float64:
-        return 1e-10, 1e-10
-    if dtype == torch.float32:
-        return 1e-5, 1e-5
-    return 1e-5, 2e-2
-
-
-def _assert_close(ours, ref, tol, what):
-    scale = ref.abs().nan_to_num(0.0, 0.0, 0.0).max().item() if ref.numel() else 1.0
-    torch.testing.assert_close(
-        ours.double(), ref.double(), atol=tol * max(scale, 1.0), rtol=tol, equal_nan=True,
-        msg=lambda message: f"{what}: {message}",
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_matches_single_process(world_size, tmp_path_factory):
     cases = _parity_cases(world_size)
@@ -367,16 +350,16 @@ def test_sharded_matches_single_process(world_size, tmp_path_factory):
         dense = dense_loss(dense_input, target, case["eps"], **options)
         (dense_grad,) = torch.autograd.grad(dense, dense_input, upstream)
 
-        loss_tol, grad_tol = _tolerances(case["dtype"])
+        loss_tol, grad_tol = tolerances(case["dtype"], "sharded")
         rows = max(1, target.numel())
         for rank, results in enumerate(per_rank):
             result = results[index]
             # Same loss on every rank, equal to the unsharded computation.
             assert result["loss"].dtype == single.dtype, what
             assert result["loss"].shape == single.shape, what
-            _assert_close(result["loss"], single.detach(), loss_tol, f"{what} rank {rank} loss")
+            assert_close(result["loss"], single.detach(), loss_tol, f"{what} rank {rank} loss")
             if case["layout"] != "masked":  # the dense reference makes 0 * -inf = NaN there
-                _assert_close(result["loss"], dense.detach(), loss_tol, f"{what} dense")
+                assert_close(result["loss"], dense.detach(), loss_tol, f"{what} dense")
             assert result["grad_dtype"] == logits.dtype, what
             # O(N) statistics only: a description exchange, a MAX and a SUM; nothing backward.
             kinds = [kind for kind, _ in result["forward_collectives"]]
@@ -384,9 +367,9 @@ def test_sharded_matches_single_process(world_size, tmp_path_factory):
             assert max(n for _, n in result["forward_collectives"]) <= max(4 * rows + 1, 32)
             assert result["backward_collectives"] == 0, what
         grad = torch.cat([results[index]["grad"] for results in per_rank], dim=class_dim)
-        _assert_close(grad, single_grad, grad_tol, f"{what} gradient vs single process")
+        assert_close(grad, single_grad, grad_tol, f"{what} gradient vs single process")
         if case["layout"] != "masked":
-            _assert_close(grad, dense_grad, grad_tol, f"{what} gradient vs dense reference")
+            assert_close(grad, dense_grad, grad_tol, f"{what} gradient vs dense reference")
 
 
 def test_bad_sharding_raises_on_every_rank(tmp_path_factory):
