@@ -14,6 +14,8 @@ import itertools
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -533,3 +535,20 @@ def test_reduce_hidden_grad_without_group_is_the_full_gradient():
         linear_label_smoothing_cross_entropy(hidden, weight, target, reduce_hidden_grad=1)
     with pytest.raises(TypeError, match="reduce_hidden_grad must be a bool"):
         LinearLabelSmoothingCE(reduce_hidden_grad="no")
+
+
+def test_tp_lm_head_example_runs_with_torchrun():
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("TRITON_INTERPRET", None)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(repo / "examples" / "tp_lm_head.py"), "--tokens", "300", "--vocab", "1001",
+        "--hidden", "16", "--chunk-size", "64",
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("the three agree") == 2, proc.stdout[-3000:]
+    assert "classes [501, 1001) of 1001" in proc.stdout, proc.stdout[-3000:]
