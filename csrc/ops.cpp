@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -19,6 +20,7 @@
 #include <string>
 #include <tuple>
 
+#include "grad_pool.h"
 #include "lsr_args.h"
 #include "ops_common.h"
 
@@ -131,14 +133,12 @@ void check_targets_cpu(const RowArgs& args) {
 // for them on such a buffer before the first write cuts that to one fault per 2 MiB. Only done
 // for a dense output of at least 4 MiB whose first huge page is not resident yet (i.e. a fresh
 // allocation); LSR_FUSED_THP=0 turns it off. It is only a hint: contents and semantics are
-// unchanged (torch's own allocator does the same under THP_MEM_ALLOC_ENABLE=1).
+// unchanged (torch's own allocator does the same under THP_MEM_ALLOC_ENABLE=1). Gradients from the
+// pool (grad_pool.h) were advised when mapped, and are resident from their second use on: the
+// check below skips them then, and steady-state training faults no page at all.
 void advise_huge_pages_for_fresh_output(const at::Tensor& out, const at::Tensor& logits) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool enabled = [] {
-    const char* env = std::getenv("LSR_FUSED_THP");
-    return env == nullptr || std::string(env) != "0";
-  }();
-  if (!enabled || !out.is_non_overlapping_and_dense()) return;
+  if (!grad_pool::thp_enabled() || !out.is_non_overlapping_and_dense()) return;
   const uintptr_t begin_addr = reinterpret_cast<uintptr_t>(out.const_data_ptr());
   const uintptr_t bytes = static_cast<uintptr_t>(out.numel()) * out.element_size();
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
@@ -252,6 +252,8 @@ void backward_meta(const at::Tensor&, const at::Tensor& logits, const at::Tensor
               "lsr_fused: grad_logits must have the logits' shape");
 }
 
+at::Tensor empty_grad_meta(const at::Tensor& logits) { return at::empty_like(logits); }
+
 }  // namespace
 }  // namespace lsr_fused
 
@@ -276,14 +278,22 @@ TORCH_LIBRARY(lsr_fused_C, m) {
       "int ignore_index, Tensor(a!) grad_logits, Tensor? grad_guess=None) -> ()");
   m.def("cpu_capability() -> str", &lsr_fused::cpu_capability);
   m.def("set_cpu_capability(str name) -> str", &lsr_fused::set_cpu_capability);
+  // The CPU gradient pool (csrc/grad_pool.h): empty_grad is empty_like(logits) whose memory, for
+  // a CPU gradient of at least 1 MiB, comes from and returns to the pool.
+  m.def("empty_grad(Tensor logits) -> Tensor");
+  m.def("grad_pool_set_max_bytes(int max_bytes) -> int", &lsr_fused::grad_pool::set_max_bytes);
+  m.def("grad_pool_trim() -> int", &lsr_fused::grad_pool::trim);
+  m.def("grad_pool_stats() -> int[]", &lsr_fused::grad_pool::stats);
 }
 
 TORCH_LIBRARY_IMPL(lsr_fused_C, CPU, m) {
   m.impl("forward", &lsr_fused::forward_cpu);
   m.impl("backward", &lsr_fused::backward_cpu);
+  m.impl("empty_grad", &lsr_fused::grad_pool::empty_grad);
 }
 
 TORCH_LIBRARY_IMPL(lsr_fused_C, Meta, m) {
   m.impl("forward", &lsr_fused::forward_meta);
   m.impl("backward", &lsr_fused::backward_meta);
+  m.impl("empty_grad", &lsr_fused::empty_grad_meta);
 }

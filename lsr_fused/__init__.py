@@ -7,11 +7,14 @@ Public API:
 * :func:`linear_label_smoothing_cross_entropy` and :class:`LinearLabelSmoothingCE`: the classifier
   matmul fused with that loss, chunk by chunk, so that the ``(N, C)`` logits never exist.
 * :func:`set_validation`: opt-in host-side target checks for CUDA tensors.
+* :func:`set_gradient_pool`, :func:`trim_gradient_pool`, :func:`gradient_pool_stats`: the bounded
+  pool of CPU gradient buffers the C++ backend reuses across training steps.
 * :class:`WarmupScheduler`, :class:`GradualWarmupScheduler`, :func:`linear_scaled_lr`: warmup
   and the linear scaling rule.
 """
 
 from ._validation import set_validation
+from .backends.cpp_backend import gradient_pool_stats, set_gradient_pool, trim_gradient_pool
 from .functional import available_backends, label_smoothing_cross_entropy
 from .linear import linear_label_smoothing_cross_entropy
 from .module import LabelSmoothingCE, LinearLabelSmoothingCE
@@ -25,8 +28,11 @@ __all__ = [
     "LinearLabelSmoothingCE",
     "WarmupScheduler",
     "available_backends",
+    "gradient_pool_stats",
     "label_smoothing_cross_entropy",
     "linear_label_smoothing_cross_entropy",
     "linear_scaled_lr",
+    "set_gradient_pool",
     "set_validation",
+    "trim_gradient_pool",
 ]

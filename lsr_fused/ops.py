@@ -51,6 +51,13 @@ def writes_grad_in_forward(backend: str, device_type: str) -> bool:
     return device_type in getattr(backend_module(backend), "WRITES_GRAD_IN_FORWARD", ())
 
 
+def new_gradient(logits: Tensor, backend: str) -> Tensor:
+    """A logits-sized gradient buffer (``torch.empty_like`` layout) from ``backend``'s allocator
+    when it has one (the C++ backend's CPU gradient pool), else ``torch.empty_like``."""
+    make = getattr(backend_module(backend), "empty_grad", None)
+    return torch.empty_like(logits) if make is None else make(logits)
+
+
 def _row_outputs(logits: Tensor) -> tuple[Tensor, Tensor]:
     rows = logits.shape[0] * logits.shape[1]
     acc = accumulation_dtype(logits.dtype)
@@ -85,8 +92,8 @@ def fused_forward_with_grad(
     """``lsr_fused::forward`` that also returns the gradient for upstream ``grad_guess``."""
     check_targets(target, logits.shape[-1], ignore_index)
     params = RowParams(target_extra, other_mass, z_loss, ignore_index)
-    # empty_like keeps the strides of a dense tensor, which the kernels rely on.
-    grad_logits = torch.empty_like(logits)
+    # empty_like's layout (the strides of a dense tensor), which autograd's layout contract wants.
+    grad_logits = new_gradient(logits, backend)
     loss, lse = backend_module(backend).forward(
         logits, target, weight, weight_total, params, grad_logits, grad_guess
     )
@@ -105,7 +112,7 @@ def fused_backward(
     z_loss: float, ignore_index: int, backend: str,
 ) -> Tensor:
     """Gradient of the per-row losses with respect to the logits, as a new tensor."""
-    grad_logits = torch.empty_like(logits)
+    grad_logits = new_gradient(logits, backend)
     params = RowParams(target_extra, other_mass, z_loss, ignore_index)
     backend_module(backend).backward(
         grad_loss, logits, target, weight, weight_total, lse, params, grad_logits

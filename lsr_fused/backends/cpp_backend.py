@@ -37,7 +37,19 @@ CPU tuning knobs (environment variables, read by the compiled code):
 * ``LSR_FUSED_STREAM_MIN_BYTES``: gradients at least this large (default 32 MiB) that do not alias
   the logits are written with non-temporal stores; a negative value disables them;
 * ``LSR_FUSED_THP=0``: do not ask for transparent huge pages on a large, freshly allocated gradient
-  (Linux ``madvise(MADV_HUGEPAGE)``; it only changes how fast its first write page-faults).
+  (Linux ``madvise(MADV_HUGEPAGE)``; it only changes how fast its first write page-faults);
+* ``LSR_FUSED_GRAD_POOL_BYTES``: the bound of the CPU gradient pool (below; default 1 GiB, ``0``
+  turns the pool off).
+
+The CPU gradient pool (``csrc/grad_pool.h``): the logits-sized gradients this backend returns on
+the CPU (:func:`empty_grad`, at least 1 MiB) are memory it owns. When the last tensor using one is
+gone (``x.grad = None``, ``optimizer.zero_grad()``), its pages, already faulted in, go back to a
+small pool and the next step's gradient reuses them: steady-state training touches no fresh pages,
+so it pays no page faults and no huge-page compaction stalls (issue 14). A gradient still
+referenced anywhere is never reused. The pool keeps at most ``max_bytes`` of released buffers (the
+least recently released are unmapped first, a larger buffer is never kept); unmapped memory goes
+back to the system. :func:`set_gradient_pool` changes the bound (``0`` disables the pool),
+:func:`trim_gradient_pool` empties it, :func:`gradient_pool_stats` reports it.
 """
 
 from __future__ import annotations
@@ -231,6 +243,60 @@ def set_cpu_capability(name: str) -> str:
     """
     _require()
     return torch.ops.lsr_fused_C.set_cpu_capability(name)
+
+
+def empty_grad(logits: Tensor) -> Tensor:
+    """A gradient buffer with the layout of ``torch.empty_like(logits)``: from the gradient pool on
+    the CPU (for at least 1 MiB, while the pool is on), else ``torch.empty_like``."""
+    if logits.device.type != "cpu":
+        return torch.empty_like(logits)
+    _require()
+    return torch.ops.lsr_fused_C.empty_grad(logits)
+
+
+_POOL_STATS = (
+    "max_bytes",
+    "cached_bytes",
+    "cached_buffers",
+    "outstanding_bytes",
+    "outstanding_buffers",
+    "hits",
+    "misses",
+)
+
+
+def set_gradient_pool(max_bytes: int | None) -> int:
+    """Bound the CPU gradient pool to ``max_bytes`` of released buffers; return the previous bound.
+
+    ``0`` disables the pool (and unmaps what it holds); ``None`` restores the default
+    (``$LSR_FUSED_GRAD_POOL_BYTES``, else 1 GiB). Buffers beyond a lower bound are unmapped now;
+    gradients in use are unaffected (unmapped when released, if they no longer fit). A no-op
+    returning 0 when the C++ backend is unavailable.
+    """
+    if not _ensure_loaded():
+        return 0
+    value = -1 if max_bytes is None else int(max_bytes)
+    if value < 0 and max_bytes is not None:
+        raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
+    return int(torch.ops.lsr_fused_C.grad_pool_set_max_bytes(value))
+
+
+def trim_gradient_pool() -> int:
+    """Unmap every buffer the CPU gradient pool holds (the pool stays on); return the bytes given
+    back to the system."""
+    if not _ensure_loaded():
+        return 0
+    return int(torch.ops.lsr_fused_C.grad_pool_trim())
+
+
+def gradient_pool_stats() -> dict[str, int]:
+    """The CPU gradient pool now: ``max_bytes`` (the bound), ``cached_bytes`` / ``cached_buffers``
+    (released buffers kept), ``outstanding_bytes`` / ``outstanding_buffers`` (pooled gradients
+    alive), ``hits`` / ``misses`` (hand-outs that reused a buffer / mapped a new one). All zero when
+    the C++ backend is unavailable."""
+    if not _ensure_loaded():
+        return dict.fromkeys(_POOL_STATS, 0)
+    return dict(zip(_POOL_STATS, torch.ops.lsr_fused_C.grad_pool_stats(), strict=True))
 
 
 def forward(
