@@ -11,7 +11,16 @@ All ops work on a ``(B, S, C)`` row view of the logits (see :mod:`lsr_fused.back
   whose real upstream differs from the guess (none, usually: then it touches no memory)
 
 Being custom ops, they are opaque to ``torch.compile`` (no graph break, no tracing into Triton) and
-free of host synchronisation, so CUDA graphs can capture them.
+free of host synchronisation, so CUDA graphs can capture them. This is the one op layer between
+autograd and the backends: the C++ extension's ``lsr_fused_C::*`` ops are kernel entry points of
+the ``"cpp"`` backend, called from inside these ops only. (The fused classifier + loss registers its
+ops the same way, in :mod:`lsr_fused.linear`.)
+
+The vocabulary-parallel forms (:mod:`lsr_fused.distributed`, :mod:`lsr_fused.linear_distributed`)
+use ``torch.autograd.Function`` instead, on purpose: their forward runs collectives on a
+``ProcessGroup`` object and raises agreement errors on every rank, and a custom op's schema can
+carry neither the group nor that control flow. They run eagerly (``torch.compile`` breaks the graph
+around them), as torch.distributed code generally does.
 """
 
 from __future__ import annotations
