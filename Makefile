@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
+$(STAMP): pyproject.toml setup.py lsr_fused/_build_config.py $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install numpy pytest ruff==0.17.6 ninja matplotlib scikit-learn
