@@ -48,6 +48,16 @@ size_t capacity_for(size_t nbytes) {
   return nbytes >= 2 * kHugePage ? round_up(nbytes, kHugePage) : round_up(nbytes, page_size());
 }
 
+// Without mmap (not Linux or macOS) the pool is off: its bound is 0 whatever is asked.
+int64_t supported_bound(int64_t max_bytes) {
+#if defined(LSR_FUSED_GRAD_POOL_MMAP)
+  return max_bytes;
+#else
+  (void)max_bytes;
+  return 0;
+#endif
+}
+
 // LSR_FUSED_GRAD_POOL_BYTES: a byte count, optionally with a K/M/G (binary) suffix, "KiB"/"KB"
 // spellings accepted; unset, empty or unparsable: the default.
 int64_t env_max_bytes() {
@@ -118,7 +128,7 @@ void unmap_block(Block* block) {
 
 class Pool {
  public:
-  Pool() : max_bytes_(env_max_bytes()) {}
+  Pool() : max_bytes_(supported_bound(env_max_bytes())) {}
 
   // A cached buffer of at least nbytes (and not much more), else a new mapping; nullptr when the
   // pool is off or the mapping failed.
@@ -210,7 +220,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       previous = max_bytes_;
-      max_bytes_ = max_bytes < 0 ? env_max_bytes() : max_bytes;
+      max_bytes_ = supported_bound(max_bytes < 0 ? env_max_bytes() : max_bytes);
       while (!cached_.empty() && cached_bytes_ > max_bytes_) {
         victims.push_back(cached_.back());
         cached_bytes_ -= static_cast<int64_t>(cached_.back()->capacity);
