@@ -62,7 +62,7 @@ _SHAPE_SLOTS = 8
 __all__ = ["sharded_label_smoothing_cross_entropy"]
 
 
-def _kernels(backend: str):
+def shard_kernels(backend: str):
     """``(stats, grad)`` functions of a resolved backend name (``"triton"`` or ``"torch"``)."""
     module = ops.backend_module("triton_sharded" if backend == "triton" else "torch")
     return module.shard_stats, module.shard_grad
@@ -205,7 +205,7 @@ def _disagreement(table: list[list[int]], columns) -> Optional[str]:
     return None
 
 
-def _agree(
+def agree(
     group,
     shard: Optional[ShardInput],
     flat_target,
@@ -274,7 +274,7 @@ def _agree(
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_group(process_group):
+def resolve_group(process_group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "process_group was given but torch.distributed is not initialised "
@@ -374,7 +374,7 @@ class _ShardedRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, flat_target, local_target, weight, setup):
         group, backend, num_classes, masses, z_loss, ignore_index, _ = setup
-        stats_fn, _ = _kernels(backend)
+        stats_fn, _ = shard_kernels(backend)
         acc = policy.accumulation_dtype(rows.dtype)
         num_rows = flat_target.numel()
         # [max | sum-exp | sum w x | x_y | w_y | W]: the last 4 N + 1 go through one SUM.
@@ -398,7 +398,7 @@ class _ShardedRows(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_target_weight):
         rows, local_target, weight, *terms = ctx.saved_tensors
         _, backend, _, masses, z_loss, _, inplace = ctx.setup
-        _, grad_fn = _kernels(backend)
+        _, grad_fn = shard_kernels(backend)
         coefs = grad_coefs(grad_loss, *terms, masses, z_loss)
         grad_rows = rows if inplace else torch.empty_like(rows)
         grad_fn(rows, local_target, weight, coefs, grad_rows)
@@ -446,7 +446,7 @@ def sharded_label_smoothing_cross_entropy(
         when any rank's arguments are invalid, or (CPU targets, or with
         :func:`lsr_fused.set_validation`) when a target is outside ``[0, C)``.
     """
-    group = _resolve_group(process_group)
+    group = resolve_group(process_group)
     options = (label_smoothing, ignore_index, reduction, spread, z_loss)
     local_error = None
     flat_target = None
@@ -458,7 +458,7 @@ def sharded_label_smoothing_cross_entropy(
     except (TypeError, ValueError) as exc:
         local_error = exc
     shard = ShardInput.of_logits(logits) if local_error is None else None
-    num_classes, offset, _ = _agree(
+    num_classes, offset, _ = agree(
         group, shard, flat_target, getattr(target, "shape", ()), weight is not None, options,
         local_error, device_of=logits,
     )  # fmt: skip

@@ -44,65 +44,14 @@ from torch import Tensor
 from . import ops, policy
 from ._params import RowParams, smoothing_masses
 from ._validation import check_targets
+from .linear_chunks import accumulate_weight_grad, logits_into
+from .linear_chunks import chunk_bounds as _chunks
+from .policy import default_chunk_size
 
 __all__ = ["LINEAR_DOC", "default_chunk_size", "linear_label_smoothing_cross_entropy"]
 
-# Beyond this many bytes of float32 (N, C) logits, the default chunk holds at most 1/8 of them.
-_FULL_LOGITS_LIMIT = 256 << 20
-_CHUNK_FRACTION = 8
-# ... and never more than this many bytes, whatever N.
-_CHUNK_MAX_BYTES = 256 << 20
-# A chunk of at least this many rows is rounded down to a multiple of it (GEMM-friendly).
-_CHUNK_ALIGN = 64
-
-
-def default_chunk_size(rows: int, num_classes: int, dtype: torch.dtype) -> int:
-    """Rows per chunk for ``rows`` x ``num_classes`` logits of ``dtype`` (the memory rule).
-
-    Up to 256 MiB of float32 ``(N, C)`` logits, one chunk (the unfused path would hold that much
-    too). Beyond, a chunk takes at most 1/8 of that float32 size and at most 256 MiB.
-    """
-    rows = max(int(rows), 1)
-    num_classes = max(int(num_classes), 1)
-    full_fp32 = rows * num_classes * 4
-    if full_fp32 <= _FULL_LOGITS_LIMIT:
-        return rows
-    budget = min(full_fp32 // _CHUNK_FRACTION, _CHUNK_MAX_BYTES)
-    chunk = max(1, budget // (num_classes * dtype.itemsize))
-    if chunk >= _CHUNK_ALIGN:
-        chunk -= chunk % _CHUNK_ALIGN
-    return min(chunk, rows)
-
-
 # ---------------------------------------------------------------------------------------------
 # The chunk loop shared by the ops.
-
-
-def _chunks(rows: int, chunk: int):
-    for start in range(0, rows, chunk):
-        yield start, min(rows, start + chunk)
-
-
-def _logits_into(buffer: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``h @ weight^T (+ bias)`` written into the first ``len(h)`` rows of ``buffer``."""
-    out = buffer[: h.shape[0]]
-    if bias is None:
-        torch.mm(h, weight.t(), out=out)
-    else:
-        torch.addmm(bias, h, weight.t(), out=out)
-    return out
-
-
-def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, h: Tensor) -> None:
-    """``acc += grad_logits^T @ h``, accumulated in ``acc``'s dtype."""
-    if acc.dtype == grad_logits.dtype:
-        acc.addmm_(grad_logits.t(), h)
-    elif acc.device.type == "cuda":
-        # cuBLAS multiplies half operands into the float32 accumulator directly.
-        torch.ops.aten.addmm.dtype_out(acc, grad_logits.t(), h, acc.dtype, out=acc)
-    else:
-        # The CPU has no mixed-dtype matmul: multiply in the accumulator's dtype.
-        acc.addmm_(grad_logits.t().to(acc.dtype), h.to(acc.dtype))
 
 
 class _Problem:
@@ -123,7 +72,7 @@ class _Problem:
         return self.hidden.new_empty((self.chunk, self.num_classes))
 
     def logits(self, buffer: Tensor, start: int, stop: int) -> Tensor:
-        return _logits_into(buffer, self.hidden[start:stop], self.weight, self.bias)
+        return logits_into(buffer, self.hidden[start:stop], self.weight, self.bias)
 
     def row_forward(self, logits: Tensor, start: int, stop: int, grad_guess=None):
         """Per-row (loss, lse) of a chunk; with ``grad_guess``, also its gradient, in place."""
@@ -158,7 +107,7 @@ class _Problem:
         if grad_hidden.numel():
             torch.mm(grad_logits, self.weight, out=grad_hidden[start:stop])
         if grad_weight.numel():
-            _accumulate_weight_grad(grad_weight, grad_logits, self.hidden[start:stop])
+            accumulate_weight_grad(grad_weight, grad_logits, self.hidden[start:stop])
         if grad_bias.numel():
             grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
 
@@ -422,78 +371,6 @@ LINEAR_DOC = r"""
 """
 
 
-def _check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast):
-    if not isinstance(hidden, Tensor):
-        raise TypeError(f"hidden must be a Tensor, got {type(hidden).__name__}")
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
-    if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
-    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in policy.FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if not autocast:
-        if weight.dtype != hidden.dtype:
-            raise TypeError(
-                f"hidden and weight must have the same dtype, got hidden {hidden.dtype} and "
-                f"weight {weight.dtype}"
-            )
-        if bias is not None and bias.dtype != weight.dtype:
-            raise TypeError(
-                f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}"
-            )
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have at least 1 dimension (the features), got a scalar")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (C, H), got shape {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight has {weight.shape[1]} input features but hidden has {hidden.shape[-1]} "
-            f"(weight shape {tuple(weight.shape)}, hidden shape {tuple(hidden.shape)})"
-        )
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
-    if bias is not None:
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(
-                f"bias must have shape ({weight.shape[0]},), one per class, got {tuple(bias.shape)}"
-            )
-        if bias.device != hidden.device:
-            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} does not match hidden shape "
-            f"{tuple(hidden.shape)}: expected {tuple(hidden.shape[:-1])}"
-        )
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
-    if target.device != hidden.device:
-        raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
-    if class_weight is not None:
-        if not isinstance(class_weight, Tensor):
-            raise TypeError(
-                f"class_weight must be a Tensor or None, got {type(class_weight).__name__}"
-            )
-        if not class_weight.is_floating_point():
-            raise TypeError(f"class_weight must be floating point, got {class_weight.dtype}")
-        if tuple(class_weight.shape) != (weight.shape[0],):
-            raise ValueError(
-                f"class_weight must have shape ({weight.shape[0]},), one per class, got "
-                f"{tuple(class_weight.shape)}"
-            )
-        if class_weight.device != hidden.device:
-            raise ValueError(
-                f"class_weight is on {class_weight.device} but hidden is on {hidden.device}"
-            )
-
-
 def linear_label_smoothing_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -529,7 +406,7 @@ def linear_label_smoothing_cross_entropy(
     policy.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
     device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
     autocast = torch.is_autocast_enabled(device_type)
-    _check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast)
+    policy.check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast)
     num_classes, features = weight.shape
     if num_classes == 0:
         raise ValueError("weight must have at least one class (C == 0)")
@@ -547,7 +424,7 @@ def linear_label_smoothing_cross_entropy(
     flat_target = target.reshape(-1).to(torch.int64)
     rows = flat_hidden.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk_size(rows, num_classes, hidden.dtype)
+        chunk_size = policy.default_chunk_size(rows, num_classes, hidden.dtype)
     target_extra, other_mass = smoothing_masses(float(label_smoothing), num_classes, spread)
     acc_dtype = policy.accumulation_dtype(hidden.dtype)
     class_weight_total = None

@@ -58,20 +58,14 @@ from . import policy
 from ._params import smoothing_masses
 from .distributed import (
     ShardInput,
-    _agree,
-    _kernels,
-    _resolve_group,
+    agree,
     all_reduce_stats,
     grad_coefs,
+    resolve_group,
     row_terms,
+    shard_kernels,
 )
-from .linear import (
-    _accumulate_weight_grad,
-    _check_linear_tensors,
-    _chunks,
-    _logits_into,
-    default_chunk_size,
-)
+from .linear_chunks import accumulate_weight_grad, chunk_bounds, logits_into
 
 __all__ = ["sharded_linear_label_smoothing_cross_entropy"]
 
@@ -118,14 +112,14 @@ class _Loop:
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.local_target, self.class_weight, self.setup = local_target, class_weight, setup
         self.rows, self.width = hidden.shape[0], weight.shape[0]
-        self.stats_fn, self.grad_fn = _kernels(setup.backend)
+        self.stats_fn, self.grad_fn = shard_kernels(setup.backend)
         self.acc = policy.accumulation_dtype(hidden.dtype)
 
     def buffer(self) -> Tensor:
         return self.hidden.new_empty((min(self.setup.chunk, max(self.rows, 1)), self.width))
 
     def logits(self, buffer: Tensor, start: int, stop: int) -> Tensor:
-        return _logits_into(buffer, self.hidden[start:stop], self.weight, self.bias)
+        return logits_into(buffer, self.hidden[start:stop], self.weight, self.bias)
 
     def gradients(self, needs) -> list[Tensor]:
         """hidden's gradient (to be filled; the accumulation dtype when summed over ranks),
@@ -149,7 +143,7 @@ class _Loop:
         if grad_hidden.numel():
             _hidden_grad_into(grad_hidden[start:stop], grad_logits, self.weight)
         if grad_weight.numel():
-            _accumulate_weight_grad(grad_weight, grad_logits, self.hidden[start:stop])
+            accumulate_weight_grad(grad_weight, grad_logits, self.hidden[start:stop])
         if grad_bias.numel():
             grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
 
@@ -184,7 +178,7 @@ class _ShardedLinear(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             buffer = loop.buffer()
             stats = torch.empty(5 * buffer.shape[0], dtype=acc, device=hidden.device)
-            for start, stop in _chunks(rows, setup.chunk):
+            for start, stop in chunk_bounds(rows, setup.chunk):
                 n = stop - start
                 logits = loop.logits(buffer, start, stop)
                 chunk_stats = stats[: 5 * n]
@@ -245,7 +239,7 @@ class _ShardedLinear(torch.autograd.Function):
         grads = loop.gradients(needs)
         with torch.autocast(hidden.device.type, enabled=False):
             buffer = loop.buffer()
-            for start, stop in _chunks(loop.rows, setup.chunk):
+            for start, stop in chunk_bounds(loop.rows, setup.chunk):
                 logits = loop.logits(buffer, start, stop)
                 part = slice(start, stop)
                 coefs = grad_coefs(
@@ -283,7 +277,7 @@ def sharded_linear_label_smoothing_cross_entropy(
     """The fused classifier + loss with ``weight``/``bias``/``class_weight`` holding this rank's
     class slice; see the module docstring. Raises ``ValueError`` on every rank of the group when
     ranks disagree or one rank's arguments are invalid."""
-    group = _resolve_group(process_group)
+    group = resolve_group(process_group)
     options = (label_smoothing, ignore_index, reduction, spread, z_loss)
     local_error = None
     flat_target = shard = None
@@ -293,7 +287,9 @@ def sharded_linear_label_smoothing_cross_entropy(
         _check_reduce_hidden_grad(reduce_hidden_grad)
         device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
         autocast = torch.is_autocast_enabled(device_type)
-        _check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast)
+        policy.check_linear_tensors(
+            hidden, weight, bias, target, class_weight, chunk_size, autocast
+        )
         resolved = policy.resolve_backend(backend, hidden.device, sharded=True)
         dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
         flat_target = target.reshape(-1).to(torch.int64)
@@ -318,7 +314,7 @@ def sharded_linear_label_smoothing_cross_entropy(
             strict=True,
         )
     )
-    agreement = _agree(
+    agreement = agree(
         group, shard, flat_target, getattr(target, "shape", ()), class_weight is not None,
         options, local_error, device_of=hidden, extra=extra, renames=_RENAMES, caller=_CALLER,
     )  # fmt: skip
@@ -333,7 +329,7 @@ def sharded_linear_label_smoothing_cross_entropy(
     rows, width = flat_hidden.shape[0], weight.shape[0]
     if chunk_size is None:
         # The same on every rank: the memory rule for the widest shard.
-        chunk_size = default_chunk_size(rows, max(widths), dtype)
+        chunk_size = policy.default_chunk_size(rows, max(widths), dtype)
     acc = policy.accumulation_dtype(dtype)
     local_target = flat_target - offset
     local_target = torch.where((local_target >= 0) & (local_target < width), local_target, -1)
