@@ -14,7 +14,8 @@ export MAX_JOBS=${MAX_JOBS:-16}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 $PY -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -3
-$PY -m pytest -q --maxfail=20 tests/test_cuda_parity.py tests/test_contract.py tests/test_linear.py -k "cuda" 2>&1 | tail -15
+$PY -m pytest -q --maxfail=20 tests/test_cuda_parity.py tests/test_contract.py tests/test_linear.py \
+  tests/test_distributed_cuda.py -k "cuda" 2>&1 | tail -15
 parity=${PIPESTATUS[0]}
 $PY benchmarks/bench_loss.py --device cuda "$@"
 # The fused classifier + loss head (issue 13): ours vs unfused eager / compiled, Liger, CCE.
