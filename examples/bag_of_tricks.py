@@ -744,6 +744,13 @@ def write_json(record: dict, path: Path) -> None:
     path.write_text(head[:-2] + ',\n "runs": [\n' + lines + "\n ]\n}\n")
 
 
+def _portable(path: Path) -> str:
+    """A path as the JSON records it: relative to the working directory when inside it, so that a
+    committed result names no machine's directories."""
+    resolved, here = path.resolve(), Path.cwd()
+    return str(resolved.relative_to(here)) if resolved.is_relative_to(here) else str(path)
+
+
 def replot(path: Path) -> int:
     """Print the table and draw the figure again from a JSON this script wrote (no training)."""
     record = json.loads(path.read_text())
@@ -772,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = sum(u.ru_utime + u.ru_stime for u in usage)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "bag_of_tricks_quick" if args.quick else "bag_of_tricks"
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = {k: (_portable(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     record = {
         "command": " ".join(["python", "examples/bag_of_tricks.py", *(argv or sys.argv[1:])]),
         "config": config,
