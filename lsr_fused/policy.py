@@ -34,6 +34,8 @@ def _triton_installed() -> bool:
 
 
 def triton_usable(device: torch.device) -> bool:
+    """Triton can run on ``device``: compiled on CUDA, interpreted on the CPU under
+    ``TRITON_INTERPRET=1`` (read at call time, as Triton itself reads it)."""
     if not _triton_installed():
         return False
     flag = os.environ.get("TRITON_INTERPRET", "").strip().lower()
@@ -68,25 +70,17 @@ def resolve_backend(backend: str, device: torch.device, *, sharded: bool = False
     kernels on the CPU), then pure PyTorch. The vocabulary-parallel loss (``sharded``) has Triton
     and torch kernels only: there ``"cpp"`` and ``"auto"`` off CUDA run ``"torch"``.
     """
-    if sharded:
-        if backend == "triton" or (backend == "auto" and device.type == "cuda"):
-            if triton_usable(device):
-                return "triton"
-            if backend == "triton":
-                raise ValueError(
-                    "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors, "
-                    f"and an installed triton (logits are on {device})"
-                )
-        return "torch"
-    if backend == "auto":
-        if device.type == "cuda" and triton_usable(device):
-            return "triton"
-        return "cpp" if _cpp_usable(device.type) else "torch"
     if backend == "triton" and not triton_usable(device):
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors, and an "
-            f"installed triton (logits are on {device})"
+            f"installed triton (the tensors are on {device})"
         )
+    if backend == "auto" and device.type == "cuda" and triton_usable(device):
+        return "triton"
+    if sharded:
+        return "triton" if backend == "triton" else "torch"
+    if backend == "auto":
+        return "cpp" if _cpp_usable(device.type) else "torch"
     if backend == "cpp" and not _cpp_usable(device.type):
         reason = ops.backend_module("cpp").unavailable_reason()
         raise ValueError(f"backend='cpp' is unavailable: {reason}")
