@@ -10,107 +10,28 @@ from __future__ import annotations
 
 import itertools
 import os
-import pickle
-import socket
 import subprocess
 import sys
-import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_groups import GroupResults
 from reference import assert_close, dense_loss, tolerances
 
 import lsr_fused
 from lsr_fused import label_smoothing_cross_entropy
 
 REPO = Path(__file__).resolve().parent.parent
-JOIN_TIMEOUT_S = 150
 SPLITS = {2: (7, 4), 3: (5, 4, 2)}  # C = 11, uneven
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
 
-# ------------------------------------------------------------------------------------------------
-# Process-group plumbing.
-# ------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank, world_size, port, task_names, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        result = {name: TASKS[name](rank, world_size) for name in task_names}
-        payload = {"ok": True, "result": result}
-    except BaseException:  # reported to the parent, which fails the test with it
-        payload = {"ok": False, "error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as handle:
-        pickle.dump(payload, handle)
-    dist.destroy_process_group()
-
-
-def run_group(world_size: int, task_names: tuple[str, ...], out_dir: Path) -> list[dict]:
-    """Run each ``TASKS[name](rank, world_size)`` on every rank of one fresh gloo group; returns
-    one ``{name: result}`` per rank."""
-    context = mp.get_context("spawn")
-    port = _free_port()
-    procs = [
-        context.Process(target=_worker, args=(rank, world_size, port, task_names, str(out_dir)))
-        for rank in range(world_size)
-    ]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
-    for rank in hung:
-        procs[rank].kill()
-        procs[rank].join()
-    assert not hung, f"ranks {hung} did not finish within {JOIN_TIMEOUT_S}s (a hang?)"
-    results = []
-    for rank, proc in enumerate(procs):
-        path = out_dir / f"rank{rank}.pkl"
-        assert path.exists(), f"rank {rank} exited with code {proc.exitcode} and no result"
-        payload = pickle.loads(path.read_bytes())
-        if not payload["ok"]:
-            pytest.fail(f"rank {rank} failed:\n{payload['error']}")
-        results.append(payload["result"])
-    return results
-
-
 # One spawned group per world size runs every task (process start-up dominates the cost).
 GROUP_TASKS = {2: ("parity", "errors"), 3: ("parity",)}
-_group_results: dict[int, object] = {}
-
-
-def group_results(world_size: int, tmp_path_factory) -> list[dict]:
-    if world_size not in _group_results:
-        try:
-            out_dir = tmp_path_factory.mktemp(f"world{world_size}")
-            _group_results[world_size] = run_group(world_size, GROUP_TASKS[world_size], out_dir)
-        except BaseException as exc:  # fail every test that needs this group, once each
-            _group_results[world_size] = exc
-    result = _group_results[world_size]
-    if isinstance(result, BaseException):
-        raise result
-    return result
+group_results = GroupResults(__name__, GROUP_TASKS, "world")
 
 
 # ------------------------------------------------------------------------------------------------
