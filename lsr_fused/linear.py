@@ -399,10 +399,7 @@ def linear_label_smoothing_cross_entropy(
             chunk_size=chunk_size, backend=backend, process_group=process_group,
             reduce_hidden_grad=reduce_hidden_grad,
         )  # fmt: skip
-    if not isinstance(reduce_hidden_grad, bool):
-        raise TypeError(
-            f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}"
-        )
+    policy.check_reduce_hidden_grad(reduce_hidden_grad)
     policy.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
     device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
     autocast = torch.is_autocast_enabled(device_type)

@@ -252,11 +252,6 @@ class _ShardedLinear(torch.autograd.Function):
         return (*loop.cast(grads, needs), *nones)
 
 
-def _check_reduce_hidden_grad(value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"reduce_hidden_grad must be a bool, got {type(value).__name__}")
-
-
 def sharded_linear_label_smoothing_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -284,7 +279,7 @@ def sharded_linear_label_smoothing_cross_entropy(
     extra_values = (0, 0, 0, 0, 0)
     try:
         policy.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
-        _check_reduce_hidden_grad(reduce_hidden_grad)
+        policy.check_reduce_hidden_grad(reduce_hidden_grad)
         device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
         autocast = torch.is_autocast_enabled(device_type)
         policy.check_linear_tensors(

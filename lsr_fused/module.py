@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .functional import LOSS_DOC, check_options, label_smoothing_cross_entropy
 from .linear import LINEAR_DOC, linear_label_smoothing_cross_entropy
+from .policy import check_reduce_hidden_grad
 
 
 class LabelSmoothingCE(nn.Module):
@@ -95,10 +96,7 @@ class LinearLabelSmoothingCE(nn.Module):
     ) -> None:
         super().__init__()
         check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
-        if not isinstance(reduce_hidden_grad, bool):
-            raise TypeError(
-                f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}"
-            )
+        check_reduce_hidden_grad(reduce_hidden_grad)
         if class_weight is not None and (
             not isinstance(class_weight, Tensor) or class_weight.dim() != 1
         ):

@@ -107,6 +107,15 @@ def check_options(label_smoothing, ignore_index, reduction, spread, z_loss, back
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def check_reduce_hidden_grad(reduce_hidden_grad) -> None:
+    """The fused head's ``reduce_hidden_grad`` switch must be a bool (a truthy tensor or string
+    would silently pick a gradient convention)."""
+    if not isinstance(reduce_hidden_grad, bool):
+        raise TypeError(
+            f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}"
+        )
+
+
 def check_tensors(logits, target, weight, spread, *, shard: bool = False) -> None:
     """Validate logits, target and class weights; ``shard``: the logits hold this rank's slice
     of the classes (so ``C`` is only known after the ranks' exchange)."""
