@@ -105,3 +105,21 @@ class GroupResults:
         if isinstance(result, BaseException):
             raise result
         return result
+
+
+def record_collectives() -> list[tuple[str, int]]:
+    """Wrap ``dist.all_reduce`` / ``dist.all_gather`` in this process so that the kind and size
+    (elements) of every collective issued is appended to the returned list."""
+    sizes = []
+    original_reduce, original_gather = dist.all_reduce, dist.all_gather
+
+    def all_reduce(tensor, *args, **kwargs):
+        sizes.append(("all_reduce", tensor.numel()))
+        return original_reduce(tensor, *args, **kwargs)
+
+    def all_gather(tensor_list, tensor, *args, **kwargs):
+        sizes.append(("all_gather", tensor.numel()))
+        return original_gather(tensor_list, tensor, *args, **kwargs)
+
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    return sizes

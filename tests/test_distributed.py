@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_groups import GroupResults
+from gloo_groups import GroupResults, record_collectives
 from reference import assert_close, dense_loss, tolerances
 
 import lsr_fused
@@ -149,25 +149,8 @@ def _shard(tensor: torch.Tensor, split, rank: int, dim: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def _record_collectives():
-    """Wrap the collectives used by lsr_fused.distributed so that their sizes are recorded."""
-    sizes = []
-    original_reduce, original_gather = dist.all_reduce, dist.all_gather
-
-    def all_reduce(tensor, *args, **kwargs):
-        sizes.append(("all_reduce", tensor.numel()))
-        return original_reduce(tensor, *args, **kwargs)
-
-    def all_gather(tensor_list, tensor, *args, **kwargs):
-        sizes.append(("all_gather", tensor.numel()))
-        return original_gather(tensor_list, tensor, *args, **kwargs)
-
-    dist.all_reduce, dist.all_gather = all_reduce, all_gather
-    return sizes
-
-
 def _parity_task(rank: int, world_size: int) -> list:
-    sizes = _record_collectives()
+    sizes = record_collectives()
     results = []
     for case in _parity_cases(world_size):
         logits, target, weight, options, upstream = _case_tensors(case)

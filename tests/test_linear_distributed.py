@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from gloo_groups import GroupResults
+from gloo_groups import GroupResults, record_collectives
 from reference import dense_loss
 
 from lsr_fused import LinearLabelSmoothingCE, linear_label_smoothing_cross_entropy
@@ -144,25 +144,8 @@ def _slice(tensor, split, rank):
 # ------------------------------------------------------------------------------------------------
 
 
-def _record_collectives():
-    """Wrap the collectives so that the kind and size of each one issued is recorded."""
-    sizes = []
-    original_reduce, original_gather = dist.all_reduce, dist.all_gather
-
-    def all_reduce(tensor, *args, **kwargs):
-        sizes.append(("all_reduce", tensor.numel()))
-        return original_reduce(tensor, *args, **kwargs)
-
-    def all_gather(tensor_list, tensor, *args, **kwargs):
-        sizes.append(("all_gather", tensor.numel()))
-        return original_gather(tensor_list, tensor, *args, **kwargs)
-
-    dist.all_reduce, dist.all_gather = all_reduce, all_gather
-    return sizes
-
-
 def _parity_task(rank: int, world_size: int) -> list:
-    sizes = _record_collectives()
+    sizes = record_collectives()
     results = []
     for case in _parity_cases(world_size):
         hidden, weight, bias, class_weight, target, upstream = _case_tensors(case)
