@@ -302,6 +302,13 @@ class RowTerms(NamedTuple):
     in_range: Tensor
 
 
+def local_targets(flat_target: Tensor, offset: int, width: int) -> Tensor:
+    """Each target as a class index of this rank's slice ``[offset, offset + width)``, or -1 where
+    the target lives on another rank (ignored and invalid targets included)."""
+    local = flat_target - offset
+    return torch.where((local >= 0) & (local < width), local, -1)
+
+
 def all_reduce_stats(stats: Tensor, num_rows: int, group) -> Tensor:
     """Turn this rank's statistics into the group's, in place; return the per-row shift.
 
@@ -467,10 +474,7 @@ def sharded_label_smoothing_cross_entropy(
     acc = policy.accumulation_dtype(logits.dtype)
     if weight is not None:
         weight = weight.to(acc).contiguous()
-    local_target = flat_target - offset
-    local_target = torch.where(
-        (local_target >= 0) & (local_target < rows.shape[-1]), local_target, -1
-    )
+    local_target = local_targets(flat_target, offset, rows.shape[-1])
     masses = smoothing_masses(float(label_smoothing), num_classes, spread)
     # In place needs storage we own: leaves always get a fresh gradient (as on one device).
     inplace = bool(inplace_backward) and not (logits.is_leaf and logits.requires_grad)

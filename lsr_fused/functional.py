@@ -100,10 +100,7 @@ def label_smoothing_cross_entropy(
     flat_target = target.reshape(-1).to(torch.int64)
     target_extra, other_mass = smoothing_masses(float(label_smoothing), num_classes, spread)
     acc_dtype = policy.accumulation_dtype(logits.dtype)
-    weight_total = None
-    if weight is not None:
-        weight = weight.to(acc_dtype).contiguous()
-        weight_total = weight.sum().reshape(1)
+    weight, weight_total = policy.class_weights(weight, acc_dtype)
     # In place needs storage we own: a leaf's data belongs to the caller (and its .grad would
     # alias it), so leaves always get a fresh gradient.
     inplace = bool(inplace_backward) and not (logits.is_leaf and logits.requires_grad)

@@ -424,10 +424,7 @@ def linear_label_smoothing_cross_entropy(
         chunk_size = policy.default_chunk_size(rows, num_classes, hidden.dtype)
     target_extra, other_mass = smoothing_masses(float(label_smoothing), num_classes, spread)
     acc_dtype = policy.accumulation_dtype(hidden.dtype)
-    class_weight_total = None
-    if class_weight is not None:
-        class_weight = class_weight.to(acc_dtype).contiguous()
-        class_weight_total = class_weight.sum().reshape(1)
+    class_weight, class_weight_total = policy.class_weights(class_weight, acc_dtype)
     scalars = (int(chunk_size), target_extra, other_mass, float(z_loss), ignore_index, backend)
     denominator = None
     if reduction == "mean":

@@ -61,6 +61,7 @@ from .distributed import (
     agree,
     all_reduce_stats,
     grad_coefs,
+    local_targets,
     resolve_group,
     row_terms,
     shard_kernels,
@@ -326,8 +327,7 @@ def sharded_linear_label_smoothing_cross_entropy(
         # The same on every rank: the memory rule for the widest shard.
         chunk_size = policy.default_chunk_size(rows, max(widths), dtype)
     acc = policy.accumulation_dtype(dtype)
-    local_target = flat_target - offset
-    local_target = torch.where((local_target >= 0) & (local_target < width), local_target, -1)
+    local_target = local_targets(flat_target, offset, width)
     counted = flat_target != ignore_index
     total_weight = denominator = None
     if class_weight is not None:

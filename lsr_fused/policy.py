@@ -172,6 +172,18 @@ def row_view(logits: Tensor) -> Tensor:
     return rows if is_dense(rows) else rows.contiguous()
 
 
+def class_weights(
+    weight: Optional[Tensor], acc_dtype: torch.dtype
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Class weights as the kernels read them: contiguous, in the accumulation dtype, with their
+    ``(1,)`` sum kept as a tensor (CUDA callers never read it on the host). ``(None, None)``
+    without weights."""
+    if weight is None:
+        return None, None
+    weight = weight.to(acc_dtype).contiguous()
+    return weight, weight.sum().reshape(1)
+
+
 def mean_denominator(
     flat_target: Tensor,
     weight: Optional[Tensor],
