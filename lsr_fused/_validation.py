@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .errors import TargetIndexError
+
 _validate_device_targets = False
 
 
@@ -32,7 +34,7 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         value = int(target[bad][0])
-        raise ValueError(
+        raise TargetIndexError(
             f"target contains {value}, which is neither ignore_index ({ignore_index}) nor a class "
             f"index in [0, {num_classes})"
         )

@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops, policy
-from ._params import smoothing_masses
+from . import composite, ops, policy
+from ._params import RowParams, smoothing_masses
+from ._validation import check_targets
 from .policy import available_backends, check_options
 
 __all__ = ["LOSS_DOC", "available_backends", "check_options", "label_smoothing_cross_entropy"]
@@ -97,19 +98,25 @@ def label_smoothing_cross_entropy(
     backend = policy.resolve_backend(backend, logits.device)
     rows = policy.row_view(logits)
     num_classes = rows.shape[-1]
-    flat_target = target.reshape(-1).to(torch.int64)
+    # Contiguous: the kernels read target[row] (a strided or expanded view would be misread).
+    flat_target = policy.flat_targets(target)
     target_extra, other_mass = smoothing_masses(float(label_smoothing), num_classes, spread)
     acc_dtype = policy.accumulation_dtype(logits.dtype)
+    composite_path = composite.wants_composite(logits, target, weights=(weight,))
     weight, weight_total = policy.class_weights(weight, acc_dtype)
-    # In place needs storage we own: a leaf's data belongs to the caller (and its .grad would
-    # alias it), so leaves always get a fresh gradient.
-    inplace = bool(inplace_backward) and not (logits.is_leaf and logits.requires_grad)
     scalars = (target_extra, other_mass, float(z_loss), ignore_index, backend)
     denominator = None
     if reduction == "mean":
         denominator = policy.mean_denominator(
             flat_target, weight, ignore_index, num_classes, acc_dtype
         )
+    if composite_path:
+        params = RowParams(*scalars[:4])
+        if not torch._C._functorch.is_functorch_wrapped_tensor(flat_target):
+            check_targets(flat_target, num_classes, ignore_index)
+        loss = composite.row_losses(rows, flat_target, weight, params)
+        return policy.reduce(loss, target.shape, reduction, denominator)
+    inplace = bool(inplace_backward) and policy.may_overwrite(logits)
     training = torch.is_grad_enabled() and logits.requires_grad
     if (
         training

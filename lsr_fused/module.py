@@ -7,6 +7,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from .errors import ArgumentValueError
 from .functional import LOSS_DOC, check_options, label_smoothing_cross_entropy
 from .linear import LINEAR_DOC, linear_label_smoothing_cross_entropy
 from .policy import check_reduce_hidden_grad
@@ -39,7 +40,9 @@ class LabelSmoothingCE(nn.Module):
         self.register_buffer("weight", weight)
         check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
         if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1):
-            raise ValueError("weight must be a 1-D tensor with one entry per class, or None")
+            raise ArgumentValueError(
+                "weight must be a 1-D tensor with one entry per class, or None"
+            )
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return label_smoothing_cross_entropy(
@@ -100,11 +103,13 @@ class LinearLabelSmoothingCE(nn.Module):
         if class_weight is not None and (
             not isinstance(class_weight, Tensor) or class_weight.dim() != 1
         ):
-            raise ValueError("class_weight must be a 1-D tensor with one entry per class, or None")
+            raise ArgumentValueError(
+                "class_weight must be a 1-D tensor with one entry per class, or None"
+            )
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
-            raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+            raise ArgumentValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
         self.label_smoothing = label_smoothing
         self.ignore_index = ignore_index
         self.reduction = reduction

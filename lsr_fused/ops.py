@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import composite
 from ._params import RowParams, accumulation_dtype
 from ._validation import check_targets
 
@@ -181,10 +182,22 @@ def _setup_forward(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
+def _composite_gradient(ctx, grad_loss: Tensor, logits, target, weight) -> Tensor:
+    """The logits' gradient as a differentiable graph (``create_graph=True``): the fused kernels'
+    arithmetic is invisible to autograd, so it is recomputed from the composite form."""
+    params = RowParams(*ctx.scalars[:4])
+    (grad_logits,) = composite.input_gradients(
+        lambda x: composite.row_losses(x, target, weight, params), (logits,), grad_loss
+    )
+    return grad_logits
+
+
 def _backward_forward(ctx, grad_loss: Optional[Tensor], grad_lse: Optional[Tensor]):
     logits, target, weight, weight_total, lse = ctx.saved_tensors
     if grad_loss is None:
         return (None, *_NO_GRADS)
+    if torch.is_grad_enabled():
+        return (_composite_gradient(ctx, grad_loss, logits, target, weight), *_NO_GRADS)
     if ctx.inplace_backward:
         torch.ops.lsr_fused.backward_(
             grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars
@@ -208,34 +221,28 @@ def _setup_forward_with_grad(ctx, inputs, output) -> None:
     # Unused outputs (lse, the gradient buffer) must not get zero-filled logits-sized gradients.
     ctx.set_materialize_grads(False)
     # Kept off save_for_backward on purpose: the backward mutates it (redo_gradient_), which
-    # would trip the saved-tensor version check. It is handed out once; a second backward
-    # (retain_graph) computes a fresh gradient instead of overwriting one autograd already holds.
-    ctx.grad_buffer = output[2]
+    # would trip the saved-tensor version check. Detached: a gradient carries no autograd history.
+    ctx.grad_buffer = output[2].detach()
 
 
 def _backward_forward_with_grad(ctx, grad_loss, grad_lse, grad_of_grad):
     logits, target, weight, weight_total, lse, grad_guess = ctx.saved_tensors
-    no_grads = (None,) * 9
     if grad_loss is None:
-        return (None, *no_grads)
+        return (None, *_NO_GRADS)
+    if torch.is_grad_enabled():
+        return (_composite_gradient(ctx, grad_loss, logits, target, weight), *_NO_GRADS)
     grad_buffer, ctx.grad_buffer = ctx.grad_buffer, None
     if grad_buffer is None:
-        grad_logits = torch.ops.lsr_fused.backward(
-            grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars
-        )
-        return (grad_logits, *no_grads)
+        # A second backward (retain_graph): autograd may own the first buffer by now. Redo the
+        # first backward's arithmetic exactly (the forward's gradient pass, then the rows whose
+        # upstream differs), so that repeated backward passes agree bitwise, as gradcheck asks.
+        grad_buffer = torch.ops.lsr_fused.forward_with_grad(
+            logits, target, weight, weight_total, grad_guess, *ctx.scalars
+        )[2]
     torch.ops.lsr_fused.redo_gradient_(
-        grad_loss,
-        logits,
-        target,
-        weight,
-        weight_total,
-        lse,
-        grad_guess,
-        grad_buffer,
-        *ctx.scalars,
+        grad_loss, logits, target, weight, weight_total, lse, grad_guess, grad_buffer, *ctx.scalars
     )
-    return (grad_buffer, *no_grads)
+    return (grad_buffer, *_NO_GRADS)
 
 
 fused_forward_with_grad.register_autograd(
