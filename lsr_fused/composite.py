@@ -75,6 +75,8 @@ def wants_composite(*tensors: Optional[Tensor], weights: tuple[Optional[Tensor],
     mode is on, or any tensor seen through a ``torch.func`` transform."""
     if torch.is_grad_enabled() and any(w is not None and w.requires_grad for w in weights):
         return True
+    if torch.compiler.is_compiling():
+        return False  # the compiler sees plain tensors (it handles transforms itself)
     return any(
         t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
         for t in (*tensors, *weights)
