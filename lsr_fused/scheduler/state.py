@@ -57,7 +57,7 @@ def parse_state(state: object, expected: Expected) -> SavedState:
     n = len(_list(state, "base_lrs"))
     if n != expected.num_groups:
         raise ValueError(
-            f"state_dict has {n} param groups, the optimizer has {expected.num_groups}"
+            f"state_dict['base_lrs'] has {n} param groups, the optimizer has {expected.num_groups}"
         )
     _check_same("compose", _get(state, "compose"), expected.compose)
     _check_same("after_clock", state.get("after_clock", "step"), expected.after_clock)

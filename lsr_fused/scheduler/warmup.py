@@ -42,9 +42,11 @@ The factors are in :mod:`.factors`, the reading and writing of lrs in :mod:`.sto
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import astuple
 from typing import Any, SupportsFloat
 
@@ -245,8 +247,10 @@ class WarmupScheduler(LRScheduler):
             self._adopt_added_groups()
         target = _position("epoch", epoch, self.last_epoch)
         self._check_step(target, metrics)
-        while self.last_epoch < target - 1:
-            self._advance(None)
+        if target - self.last_epoch > 1:
+            with _no_ordering_warning():
+                while self.last_epoch < target - 1:
+                    self._advance(None)
         if self.last_epoch < target:
             self._advance(metrics)
 
@@ -267,10 +271,11 @@ class WarmupScheduler(LRScheduler):
         _check_metrics(
             follower, metrics, distance, steps, "epoch", self.after_epoch, steps and distance > 1
         )
-        while self.after_epoch < target:
-            self.after_epoch += 1
-            if steps:
-                self._step_after_epoch(metrics if self.after_epoch == target else None)
+        with _no_ordering_warning() if distance > 1 else contextlib.nullcontext():
+            while self.after_epoch < target:
+                self.after_epoch += 1
+                if steps:
+                    self._step_after_epoch(metrics if self.after_epoch == target else None)
 
     def finish_warmup(self) -> None:
         """End the warmup at the current step (e.g. ResNet: once training error is below 80%).
@@ -578,6 +583,18 @@ def _check_metrics(
             f"the after-scheduler {type(follower.scheduler).__name__} needs metrics=... once "  # type: ignore[union-attr]
             "the warmup is over"
         )
+
+
+@contextlib.contextmanager
+def _no_ordering_warning() -> Iterator[None]:
+    """Ignore ``UserWarning`` over the steps of a jump.
+
+    torch's schedulers warn when stepped with no optimizer step in between (the ordering heuristic
+    of :mod:`.after`), and a fast-forward is made of exactly such steps.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 def _load_after(after: LRScheduler | ReduceLROnPlateau, saved: dict[str, Any]) -> None:
