@@ -13,7 +13,10 @@ The warmup is always counted in updates (``step_update``):
   update, so the scheduler must use ``after_clock="step"``; ``step(epoch)`` changes no lr.
 * ``t_in_epochs=True``: the after-scheduler is stepped per epoch by ``step(epoch)``, so the
   scheduler must use ``after_clock="epoch"`` (its epoch 0 is the first epoch, as timm's
-  ``warmup_prefix=False``).
+  ``warmup_prefix=False``). train.py's resume then calls only ``step(start_epoch)``, which cannot
+  tell how many updates that is: pass ``updates_per_epoch`` and ``step(epoch)`` also moves the
+  warmup to update ``epoch * updates_per_epoch`` if it is behind (a no-op in an uninterrupted
+  loop, where ``step_update`` got there first).
 
 ``metric`` goes to a metric-driven after-scheduler (``ReduceLROnPlateau``) from the call that
 steps it (``step_update`` or ``step``, as above) and is ignored otherwise, as timm's own
@@ -34,6 +37,8 @@ class TimmScheduler:
         scheduler: the :class:`WarmupScheduler` to drive; its warmup is counted in updates.
         t_in_epochs: whether its after-scheduler is stepped per epoch (``after_clock="epoch"``)
             rather than per update (``after_clock="step"``).
+        updates_per_epoch: optional; lets ``step(epoch)`` restore the warmup's position on a
+            resume that calls only ``step(start_epoch)``.
 
     Example (timm's cosine with warmup, ``sched_on_updates``)::
 
@@ -49,7 +54,13 @@ class TimmScheduler:
             sched.step(epoch + 1, val_metric)
     """
 
-    def __init__(self, scheduler: WarmupScheduler, t_in_epochs: bool = False) -> None:
+    def __init__(
+        self,
+        scheduler: WarmupScheduler,
+        t_in_epochs: bool = False,
+        *,
+        updates_per_epoch: int | None = None,
+    ) -> None:
         if not isinstance(scheduler, WarmupScheduler):
             raise ValueError(
                 f"scheduler must be an lsr_fused.WarmupScheduler, got {type(scheduler).__name__}"
@@ -63,6 +74,15 @@ class TimmScheduler:
                 f"{'epoch' if t_in_epochs else 'update'}: build the WarmupScheduler with "
                 f"after_clock={clock!r} (it has {scheduler.after_clock!r})"
             )
+        if updates_per_epoch is not None and (
+            not isinstance(updates_per_epoch, int)
+            or isinstance(updates_per_epoch, bool)
+            or updates_per_epoch <= 0
+        ):
+            raise ValueError(
+                f"updates_per_epoch must be None or an int > 0, got {updates_per_epoch!r}"
+            )
+        self.updates_per_epoch = updates_per_epoch
         self.scheduler = scheduler
         self.optimizer = scheduler.optimizer
         self.t_in_epochs = t_in_epochs
@@ -70,10 +90,14 @@ class TimmScheduler:
 
     def step(self, epoch: int, metric: SupportsFloat | None = None) -> None:
         """End of an epoch: ``epoch`` is the next epoch's index (timm passes ``epoch + 1``)."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         if self._by_epoch:
             self.scheduler.step_epoch(epoch, self._metric(metric))
-        elif not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        if self.updates_per_epoch is not None:
+            first_update = epoch * self.updates_per_epoch
+            if first_update > self.scheduler.last_epoch:
+                self.scheduler.step(first_update)
 
     def step_update(self, num_updates: int, metric: SupportsFloat | None = None) -> None:
         """After an optimizer step: ``num_updates`` optimizer steps have been made so far."""
