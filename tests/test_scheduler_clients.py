@@ -278,3 +278,28 @@ def test_timm_cosine_with_warmup(prefix: bool, init: float) -> None:
         group1 = [row[1] for row in rows[: warmup_t + 1]]
         assert all(a > b for a, b in itertools.pairwise(group1))
         assert rows[0][1] == pytest.approx(init, rel=1e-15)
+
+
+def test_timm_cosine_with_warmup_prefix_is_cosine_annealing_lr() -> None:
+    # The README's row: warmup_prefix=True is CosineAnnealingLR counted from the hand-off.
+    t_initial, lr_min, warmup_t, init = 16, 1e-4, 4, 0.05
+    opt = make_sgd()
+    after = CosineAnnealingLR(opt, T_max=t_initial, eta_min=lr_min)
+    sched = WarmupScheduler(opt, warmup_t, start_lr=init, after=after)
+    total = warmup_t + t_initial  # one cycle: timm then stays at lr_min, torch turns back up
+    expected = [
+        [
+            timm_cosine(
+                t,
+                b,
+                t_initial=t_initial,
+                lr_min=lr_min,
+                warmup_t=warmup_t,
+                warmup_lr_init=init,
+                warmup_prefix=True,
+            )
+            for b in BASES
+        ]
+        for t in range(total + 1)
+    ]
+    assert_rows_close(trace(opt, sched, total), expected, rel=1e-12)
