@@ -560,3 +560,46 @@ def test_zero_groups_then_add_param_group() -> None:
     empty.param_groups.clear()
     with pytest.raises(ValueError, match=r"^warmup_steps"):
         WarmupScheduler(empty, 2.5)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor lrs (fused / capturable optimizers) through the new paths
+
+
+def make_tensor_sgd() -> torch.optim.SGD:
+    groups = [
+        {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": torch.tensor(b, dtype=torch.float64)}
+        for b in BASES
+    ]
+    return torch.optim.SGD(groups, lr=1.0)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda o: WarmupScheduler(o, 5, start_lr=0.05, shape="1-sqrt"),
+        lambda o: WarmupScheduler(
+            o, 5, after=StepLR(o, 1, gamma=0.5), compose="multiply", after_clock="epoch"
+        ),
+        lambda o: GradualWarmupScheduler(
+            o, 3.0, 4, SequentialLR(o, [ConstantLR(o, 0.5, 2), ExponentialLR(o, 0.9)], [2])
+        ),
+    ],
+    ids=["start_lr 1-sqrt", "epoch clock", "gradual composite"],
+)
+def test_tensor_lrs_follow_the_float_lrs(build: Callable[[torch.optim.Optimizer], object]) -> None:
+    rows = []
+    for opt in (make_sgd(), make_tensor_sgd()):
+        lr_objects = [g["lr"] for g in opt.param_groups]
+        sched = build(opt)
+        seen = []
+        for t in range(12):
+            seen.append(lrs_of(opt))
+            opt.step()
+            sched.step()  # type: ignore[attr-defined]
+            if t % 3 == 2 and getattr(sched, "after_clock", "step") == "epoch":
+                sched.step_epoch()  # type: ignore[attr-defined]
+        if isinstance(lr_objects[0], torch.Tensor):
+            assert all(g["lr"] is lr for g, lr in zip(opt.param_groups, lr_objects, strict=True))
+        rows.append(seen)
+    assert_rows_close(rows[1], rows[0])

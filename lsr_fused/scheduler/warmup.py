@@ -18,7 +18,9 @@ The factors are in :mod:`.factors`, the reading and writing of lrs in :mod:`.sto
 * **step(epoch)** is a position, as in the seed class and torch's deprecated ``step(epoch)``:
   ``step(n)`` moves the clock to :math:`t = n` (``step()`` is ``step(t + 1)``). ``n = t`` changes
   nothing; ``n > t + 1`` makes the missing steps one by one, exactly as the uninterrupted calls
-  would (a resume by fast-forwarding); ``n < t`` raises (torch schedulers cannot step back). A
+  would (a resume by fast-forwarding; torch's ordering ``UserWarning`` is ignored over those
+  steps, as no optimizer step comes between them); ``n < t`` raises (torch schedulers cannot step
+  back). A
   positional number is always the epoch, never a metric: a non-int raises ``TypeError`` pointing
   to ``metrics=``. Calls that could mean two things raise: metrics at the current position (a
   metric is consumed by a step) and jumps over steps that a metric-driven after-scheduler would
@@ -28,11 +30,15 @@ The factors are in :mod:`.factors`, the reading and writing of lrs in :mod:`.sto
   ``torch.load(..., weights_only=True)``. It includes the lrs the optimizer holds, which
   ``load_state_dict()`` writes back, so a resume reproduces the uninterrupted sequence whether or
   not (and in whichever order) the optimizer's own state is loaded. ``state_dict()`` of tensor lrs
-  synchronises once with the device; ``step()`` never does.
+  synchronises once with the device; ``step()`` never does. ``load_state_dict()`` checks the whole
+  state first (:mod:`.state`): a malformed one raises naming the key and changes nothing.
+* **The after-scheduler's step-0 lrs** are read from its ``get_last_lr()``, not from the
+  optimizer, so a second scheduler built over the same after-scheduler sees the same values.
 * **add_param_group** after construction: a step pre-hook on the optimizer picks the new group up
   before the optimizer's next step, so it never runs a step at an unscheduled lr. It follows the
   same clock (its lr is its base lr times :math:`f(t)` for the current :math:`t`). This needs
-  scalar ``warmup_steps``/``start_factor``/``shape`` and no after-scheduler (torch schedulers fix
+  scalar ``warmup_steps``/``start_factor``/``start_lr``/``shape`` (an optimizer with no groups
+  yet included) and no after-scheduler (torch schedulers fix
   their per-group lists when built); otherwise the hook raises a ``RuntimeError`` saying so.
 * **last_step** is torch's ``last_epoch``: the index of the last step taken, -1 for a fresh start.
   Resuming with ``last_step >= 0`` needs ``initial_lr`` in every group and no after-scheduler
