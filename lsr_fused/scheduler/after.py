@@ -9,7 +9,7 @@ Let :math:`T = \max_g W_g` be the hand-off step (:attr:`WarmupScheduler.warmup_e
   hand-off. Groups with a shorter warmup hold their base lr until :math:`T`. The after-scheduler is
   stepped once per call, in the same unit as the warmup: to pair a per-iteration warmup with a
   per-epoch schedule, express that schedule in iterations (e.g.
-  ``StepLR(step_size=30 * iters_per_epoch)``).
+  ``StepLR(step_size=30 * iters_per_epoch)``) or give it a clock of its own (``after_clock``).
 * **compose="multiply"**: the after-scheduler is stepped on every call from the start and the
   optimizer gets :math:`f_g(t)\,a_g(t)`, where :math:`a_g(t)` is the after-scheduler's own lr. The
   warmup factor is divided back out before each after-step (its unscaled lrs are written back), so

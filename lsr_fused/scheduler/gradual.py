@@ -76,7 +76,9 @@ class GradualWarmupScheduler(WarmupScheduler):
 
     The seed's calls are accepted with its meaning: ``step()``, ``step(epoch)`` and
     ``step(epoch, metrics)``, where ``epoch`` is the position :math:`t` to move to (see
-    :meth:`WarmupScheduler.step`), and ``step(metrics=...)``.
+    :meth:`WarmupScheduler.step`), and ``step(metrics=...)``. One seed quirk is not kept: its
+    plateau path read ``step(0, metrics)`` as a move to 1; here 0 right after construction is the
+    current position, where a metric has no step to go to, so that call raises ``ValueError``.
 
     Args:
         optimizer: the wrapped optimizer.
