@@ -42,6 +42,8 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
 
 def is_dense(tensor: Tensor) -> bool:
     """True when the tensor's elements fill its storage span exactly, in some dimension order."""
+    if tensor.is_contiguous():
+        return True
     expected_stride = 1
     for dim in sorted(range(tensor.dim()), key=tensor.stride):
         size = tensor.size(dim)

@@ -110,12 +110,9 @@ def label_smoothing_cross_entropy(
         denominator = policy.mean_denominator(
             flat_target, weight, ignore_index, num_classes, acc_dtype
         )
+    tensors = (rows, flat_target, weight, weight_total)
     if composite_path:
-        params = RowParams(*scalars[:4])
-        if not torch._C._functorch.is_functorch_wrapped_tensor(flat_target):
-            check_targets(flat_target, num_classes, ignore_index)
-        loss = composite.row_losses(rows, flat_target, weight, params)
-        return policy.reduce(loss, target.shape, reduction, denominator)
+        return _composite_loss(tensors, scalars, target.shape, reduction, denominator)
     inplace = bool(inplace_backward) and policy.may_overwrite(logits)
     training = torch.is_grad_enabled() and logits.requires_grad
     if (
@@ -124,18 +121,33 @@ def label_smoothing_cross_entropy(
         and reduction != "none"
         and ops.writes_grad_in_forward(backend, logits.device.type)
     ):
-        # The upstream gradient of each row is 1 / denominator (mean) or 1 (sum) when the caller
-        # runs loss.backward(); the forward pass writes the gradient for that value right away.
-        # Computed as autograd's DivBackward will (ones / denominator): the two are bitwise equal.
-        grad_guess = torch.ones(1, dtype=acc_dtype, device=logits.device)
-        if denominator is not None:
-            grad_guess = grad_guess / denominator
-        loss, _, _ = ops.fused_forward_with_grad(
-            rows, flat_target, weight, weight_total, grad_guess, *scalars
-        )
-    else:
-        loss, _ = ops.fused_forward(rows, flat_target, weight, weight_total, *scalars, inplace)
+        return _loss_with_grad_in_forward(tensors, scalars, denominator)
+    loss, _ = ops.forward(*tensors, *scalars, inplace_backward=inplace)
     return policy.reduce(loss, target.shape, reduction, denominator)
+
+
+def _composite_loss(tensors, scalars, target_shape, reduction, denominator) -> Tensor:
+    """The loss through :mod:`lsr_fused.composite` (differentiable weights, torch.func)."""
+    rows, flat_target, weight, _ = tensors
+    if not torch._C._functorch.is_functorch_wrapped_tensor(flat_target):
+        check_targets(flat_target, rows.shape[-1], scalars[3])
+    loss = composite.row_losses(rows, flat_target, weight, RowParams(*scalars[:4]))
+    return policy.reduce(loss, target_shape, reduction, denominator)
+
+
+def _loss_with_grad_in_forward(tensors, scalars, denominator: Optional[Tensor]) -> Tensor:
+    """A training step's ``"sum"`` / ``"mean"`` loss whose forward pass already writes the
+    gradient: the upstream of each row is 1 / denominator (mean) or 1 (sum) when the caller runs
+    ``loss.backward()``, and backward only redoes rows whose real upstream differs."""
+    rows = tensors[0]
+    if ops.eager_call_allowed(rows):
+        return ops.reduced_loss_with_grad(*tensors, denominator, scalars)
+    # Computed as autograd's DivBackward will (ones / denominator): the two are bitwise equal.
+    grad_guess = torch.ones(1, dtype=policy.accumulation_dtype(rows.dtype), device=rows.device)
+    if denominator is not None:
+        grad_guess = grad_guess / denominator
+    loss, _, _ = ops.forward_with_grad(*tensors, grad_guess, *scalars)
+    return policy.reduce(loss, (), "sum" if denominator is None else "mean", denominator)
 
 
 label_smoothing_cross_entropy.__doc__ = (
