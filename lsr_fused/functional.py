@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import composite, ops, policy
+from ._docs import extends_doc
 from ._params import RowParams, smoothing_masses
 from ._validation import check_targets
 from .policy import available_backends, check_options
@@ -61,6 +62,7 @@ LOSS_DOC = r"""
 """
 
 
+@extends_doc(LOSS_DOC)
 def label_smoothing_cross_entropy(
     logits: Tensor,
     target: Tensor,
@@ -75,6 +77,8 @@ def label_smoothing_cross_entropy(
     backend: str = "auto",
     process_group: Optional[object] = None,
 ) -> Tensor:
+    """Label-smoothed cross-entropy fused with log-softmax (a drop-in for
+    ``F.cross_entropy(logits, target, label_smoothing=...)``)."""
     if process_group is not None:
         # The sharded path checks its options inside a collective exchange, so that one rank's
         # bad argument raises on every rank instead of leaving the others waiting.
@@ -148,9 +152,3 @@ def _loss_with_grad_in_forward(tensors, scalars, denominator: Optional[Tensor]) 
         grad_guess = grad_guess / denominator
     loss, _, _ = ops.forward_with_grad(*tensors, grad_guess, *scalars)
     return policy.reduce(loss, (), "sum" if denominator is None else "mean", denominator)
-
-
-label_smoothing_cross_entropy.__doc__ = (
-    "Label-smoothed cross-entropy fused with log-softmax (a drop-in for\n"
-    "    ``F.cross_entropy(logits, target, label_smoothing=...)``).\n" + LOSS_DOC
-)

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from . import composite, ops, policy
+from ._docs import extends_doc
 from ._params import RowParams, smoothing_masses
 from ._validation import check_targets
 from .errors import ArgumentValueError
@@ -401,6 +402,7 @@ LINEAR_DOC = r"""
 """
 
 
+@extends_doc(LINEAR_DOC)
 def linear_label_smoothing_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -418,6 +420,8 @@ def linear_label_smoothing_cross_entropy(
     process_group: Optional[object] = None,
     reduce_hidden_grad: bool = True,
 ) -> Tensor:
+    """Fused classifier + label-smoothed cross-entropy: the loss of
+    ``F.linear(hidden, weight, bias)`` without its ``(N, C)`` logits."""
     if process_group is not None:
         # The classes are sharded over the group: checks run inside a collective exchange so that
         # one rank's bad argument raises on every rank instead of leaving the others waiting.
@@ -493,9 +497,3 @@ def linear_label_smoothing_cross_entropy(
         return policy.reduce(loss_sum.reshape(1), target.shape, reduction, denominator)
     loss, _ = torch.ops.lsr_fused.linear_forward(*tensors, *scalars)
     return policy.reduce(loss, target.shape, reduction, denominator)
-
-
-linear_label_smoothing_cross_entropy.__doc__ = (
-    "Fused classifier + label-smoothed cross-entropy: the loss of\n"
-    "    ``F.linear(hidden, weight, bias)`` without its ``(N, C)`` logits.\n" + LINEAR_DOC
-)

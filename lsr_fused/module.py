@@ -7,13 +7,17 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from ._docs import extends_doc
 from .errors import ArgumentValueError
 from .functional import LOSS_DOC, check_options, label_smoothing_cross_entropy
 from .linear import LINEAR_DOC, linear_label_smoothing_cross_entropy
 from .policy import check_reduce_hidden_grad
 
 
+@extends_doc(LOSS_DOC)
 class LabelSmoothingCE(nn.Module):
+    """Label-smoothed cross-entropy loss module; ``forward(logits, target)``."""
+
     def __init__(
         self,
         label_smoothing: float = 0.1,
@@ -67,11 +71,7 @@ class LabelSmoothingCE(nn.Module):
         )
 
 
-LabelSmoothingCE.__doc__ = (
-    "Label-smoothed cross-entropy loss module; ``forward(logits, target)``.\n" + LOSS_DOC
-)
-
-
+@extends_doc(LINEAR_DOC)
 class LinearLabelSmoothingCE(nn.Module):
     """Fused classifier + label-smoothed cross-entropy module:
     ``forward(hidden, weight, target, bias=None)``, e.g. with an ``nn.Linear`` head ``lm_head``:
@@ -149,6 +149,3 @@ class LinearLabelSmoothingCE(nn.Module):
             + ("" if self.process_group is None else
                f", sharded, reduce_hidden_grad={self.reduce_hidden_grad}")
         )  # fmt: skip
-
-
-LinearLabelSmoothingCE.__doc__ = LinearLabelSmoothingCE.__doc__ + LINEAR_DOC
