@@ -9,19 +9,25 @@ process_group=pg)``) returns exactly the loss of the unsharded logits on every r
 receives the gradient of its own slice. The smoothing masses use the *global* class count, so
 ``spread="all"`` and ``spread="others"`` both match the single-device result.
 
-Per row, with the math of :mod:`lsr_fused.backends` (``b = other_mass``, ``a - b = target_extra``)::
+Per row, with the math of :mod:`lsr_fused.backends` (``b = other_mass``, ``a - b = target_extra``)
+and ``r_k`` the row's first logit on rank ``k`` (0 where it is not finite, or the slice is empty)::
 
     rank k, one fused pass over its slice (Triton kernel or chunked torch):
-        m_k   = max_c x_c           s_k = sum_c exp(x_c - m_k)      t_k = sum_c w_c x_c
-        xy_k  = x_y if y is in the slice else 0      wy_k = w_y likewise (1 without weights)
+        m_k   = max_c x_c           s_k = sum_c exp(x_c - m_k)      t_k = sum_c w_c (x_c - r_k)
+        xy_k  = x_y - r_k if y is in the slice else 0    wy_k = w_y likewise (1 without weights)
     all_reduce(MAX):  M = max_k m_k                                   (N values)
-    all_reduce(SUM):  sum_k s_k exp(m_k - M), sum_k t_k, sum_k xy_k, sum_k wy_k, and once
-                      W = sum_k sum(w_k)                              (4 N + 1 values)
-    every rank:       lse = M + log(sum_exp), S = b W + (a - b) w_y,
-                      loss = S lse - b t - (a - b) w_y x_y + z lse^2
+    every rank:       s_k *= exp(m_k - M),  t_k += (r_k - M) W_k,  xy_k += r_k - M (y's slice)
+    all_reduce(SUM):  sum_k s_k, sum_k t_k, sum_k xy_k, sum_k wy_k, and once
+                      W = sum_k W_k  (W_k = sum(w_k), or C_k)         (4 N + 1 values)
+    every rank:       lse - M = log(sum_k s_k), S = b W + (a - b) w_y,
+                      loss = S (lse - M) - b t - (a - b) w_y (x_y - M) + z lse^2
 
-Backward needs no communication: every rank holds the per-row ``lse``, ``S`` and ``w_y`` and writes
-its slice in one pass, ``g (softmax_i (S + 2 z lse) - b w_i - (a - b) w_y [i == y - offset])``.
+Every sum is relative to a logit of the same row, so a large offset shared by all logits cancels
+in ``r_k - M`` (two nearby numbers) rather than between sums of size ``C * offset``; an all-equal
+row of 1e30 gives ``S log(C)``. Backward needs no communication: every rank holds the per-row
+``lse - r_k``, ``S`` and ``w_y`` and writes its slice in one pass,
+``g (softmax_i (S + 2 z lse) - b w_i - (a - b) w_y [i == y - offset])`` with
+``softmax_i = exp((x_i - r_k) - (lse - r_k))``.
 The logits are never gathered: the collectives carry O(N) statistics only.
 
 Before any of that, each call all-gathers a small description of every rank's arguments (shard
@@ -295,11 +301,21 @@ class RowTerms(NamedTuple):
     """Per-row global quantities every rank holds after the statistics' all-reduce."""
 
     loss: Tensor  # per-row loss (0 where ignored, NaN for a target outside [0, C))
-    lse: Tensor
+    lse: Tensor  # the global log-sum-exp (absolute: it is what z-loss squares)
+    shard_lse: Tensor  # lse - r_k: the global log-sum-exp relative to this shard's reference
     total_mass: Tensor  # S = b W + (a - b) w_y
     target_weight: Tensor  # w_y (1 without class weights, 0 where the target is nowhere)
     ignored: Tensor
     in_range: Tensor
+
+
+class ReducedStats(NamedTuple):
+    """The group's statistics of each row, from :func:`all_reduce_stats`."""
+
+    shift: Tensor  # M, the global max (0 where it is not finite); the sums below are relative to it
+    reference: Tensor  # r_k, this shard's reference (local: it is not reduced)
+    sums: Tensor  # (4, N): sum-exp relative to M, sum w (x - M), x_y - M, w_y
+    extras: Tensor  # the caller's extra values, summed over ranks
 
 
 def local_targets(flat_target: Tensor, offset: int, width: int) -> Tensor:
@@ -309,39 +325,56 @@ def local_targets(flat_target: Tensor, offset: int, width: int) -> Tensor:
     return torch.where((local >= 0) & (local < width), local, -1)
 
 
-def all_reduce_stats(stats: Tensor, num_rows: int, group) -> Tensor:
-    """Turn this rank's statistics into the group's, in place; return the per-row shift.
+def all_reduce_stats(
+    stats: Tensor, local_target: Tensor, shard_weight, extras: Optional[Tensor], group
+) -> ReducedStats:
+    """Combine every rank's ``(6, N)`` ``shard_stats`` into the group's, in two collectives.
 
-    ``stats`` is contiguous, ``[max | sum-exp | sum w x | x_y | w_y | k more sums]`` (``5 N + k``
-    values, as ``shard_stats`` fills the first ``5 N``). Two collectives: a MAX of ``N`` values,
-    then one SUM of the remaining ``4 N + k`` after rescaling each sum-exp to the global max.
-    Afterwards ``stats[N:]`` holds global sums; the returned shift is the global max, 0 where it is
-    -inf (so the sum-exp stays relative to it).
+    A MAX of the ``N`` local maxima gives ``M``; each rank then moves its sums from its own
+    reference ``r_k`` to ``M`` (``t_k += (r_k - M) W_k``, ``x_y - r_k += r_k - M`` on the target's
+    shard, ``s_k *= exp(m_k - M)``; ``W_k`` = ``shard_weight``, this shard's weight sum or width)
+    and one SUM of ``4 N + len(extras)`` values adds them up. ``r_k - M`` is the difference of two
+    nearby logits, so a large offset shared by every logit cancels exactly instead of in the sums.
+    ``stats`` is modified in place.
     """
-    local = stats[: 5 * num_rows].view(5, num_rows)
-    global_max = local[0].clone()
+    local_max, sum_exp, weighted_sum, target_logit, _, reference = stats
+    global_max = local_max.clone()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    # exp(m_k - M) <= 1; a shard whose max is -inf contributes exp(-inf) = 0.
-    shift = torch.where(global_max == float("-inf"), 0.0, global_max)
-    local[1].mul_(torch.exp(local[0] - shift))
-    dist.all_reduce(stats[num_rows:], op=dist.ReduceOp.SUM, group=group)
-    return shift
+    # A row that is -inf everywhere keeps its sums relative to 0 (exp(-inf) = 0, never NaN).
+    shift = torch.where(torch.isfinite(global_max), global_max, 0.0)
+    to_shift = reference - shift
+    sum_exp.mul_(torch.exp(local_max - shift))  # <= 1; 0 for a shard whose max is -inf
+    weighted_sum.add_(to_shift * shard_weight)
+    target_logit.add_(torch.where(local_target >= 0, to_shift, 0.0))
+    parts = [stats[1:5].reshape(-1)] + ([] if extras is None else [extras.reshape(-1)])
+    summed = torch.cat(parts)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+    num_rows = local_max.shape[0]
+    sums = summed[: 4 * num_rows].view(4, num_rows)
+    return ReducedStats(shift, reference.clone(), sums, summed[4 * num_rows :])
 
 
-def row_terms(
-    stats: Tensor, shift: Tensor, total_weight, flat_target: Tensor, setup_scalars
-) -> RowTerms:
-    """The per-row loss and what backward needs, from reduced ``stats`` (see
-    :func:`all_reduce_stats`); ``total_weight`` is ``W`` (a float, or a 0-d tensor);
-    ``setup_scalars`` is ``(num_classes, (target_extra, other_mass), z_loss, ignore_index)``."""
+def no_rows_stats(stats: Tensor, extras: Optional[Tensor]) -> ReducedStats:
+    """The :class:`ReducedStats` of zero rows (every rank agrees on N, so all skip the
+    collectives together)."""
+    empty = stats[0]
+    return ReducedStats(empty, empty, stats[1:5], stats.new_zeros(0 if extras is None else 1))
+
+
+def row_terms(reduced: ReducedStats, total_weight, flat_target: Tensor, setup_scalars) -> RowTerms:
+    """The per-row loss and what backward needs, from :func:`all_reduce_stats`'s result.
+
+    ``loss = S (lse - M) - b sum w (x - M) - (a - b) w_y (x_y - M) + z lse^2``, equal to the
+    formula without ``M`` since ``S = b W + (a - b) w_y``. ``total_weight`` is ``W`` (a float, or
+    a 0-d tensor); ``setup_scalars`` is ``(num_classes, (target_extra, other_mass), z_loss,
+    ignore_index)``.
+    """
     num_classes, (target_extra, other_mass), z_loss, ignore_index = setup_scalars
-    num_rows = flat_target.numel()
-    sum_exp, weighted_sum, target_logit, target_weight = stats[num_rows : 5 * num_rows].view(
-        4, num_rows
-    )
-    lse = shift + torch.log(sum_exp)
+    sum_exp, weighted_sum, target_logit, target_weight = reduced.sums
+    shifted_lse = torch.log(sum_exp)
+    lse = reduced.shift + shifted_lse
     total_mass = other_mass * total_weight + target_extra * target_weight
-    loss = total_mass * lse
+    loss = total_mass * shifted_lse
     # As on one device: a term whose coefficient is 0 is dropped, not multiplied by inf.
     if other_mass != 0.0:
         loss = loss - other_mass * weighted_sum
@@ -353,12 +386,13 @@ def row_terms(
     in_range = (flat_target >= 0) & (flat_target < num_classes)
     loss = torch.where(in_range, loss, float("nan"))
     loss = torch.where(ignored, 0.0, loss)
-    return RowTerms(loss, lse, total_mass, target_weight.clone(), ignored, in_range)
+    shard_lse = (reduced.shift - reduced.reference) + shifted_lse
+    return RowTerms(loss, lse, shard_lse, total_mass, target_weight.clone(), ignored, in_range)
 
 
-def grad_coefs(upstream: Tensor, lse, total_mass, target_weight, ignored, in_range, masses,
-               z_loss: float) -> Tensor:  # fmt: skip
-    """The ``(4, rows)`` ``(lse, A, B, T)`` of ``shard_grad`` for per-row ``upstream``:
+def grad_coefs(upstream: Tensor, lse, shard_lse, total_mass, target_weight, ignored, in_range,
+               masses, z_loss: float) -> Tensor:  # fmt: skip
+    """The ``(4, rows)`` ``(lse - r_k, A, B, T)`` of ``shard_grad`` for per-row ``upstream``:
     ``d loss / d x_i = softmax_i (S + 2 z lse) - b w_i - (a - b) w_y [i == y]``, times ``g``
     (0 on ignored rows, NaN where the target is outside ``[0, C)``)."""
     target_extra, other_mass = masses
@@ -367,7 +401,7 @@ def grad_coefs(upstream: Tensor, lse, total_mass, target_weight, ignored, in_ran
     upstream = torch.where(ignored, 0.0, upstream)
     return torch.stack(
         [
-            lse,
+            shard_lse,
             upstream * (total_mass + 2.0 * z_loss * lse),
             upstream * other_mass,
             upstream * (target_extra * target_weight),
@@ -383,19 +417,18 @@ class _ShardedRows(torch.autograd.Function):
         group, backend, num_classes, masses, z_loss, ignore_index, _ = setup
         stats_fn, _ = shard_kernels(backend)
         acc = policy.accumulation_dtype(rows.dtype)
-        num_rows = flat_target.numel()
-        # [max | sum-exp | sum w x | x_y | w_y | W]: the last 4 N + 1 go through one SUM.
-        stats = torch.empty(5 * num_rows + 1, dtype=acc, device=rows.device)
-        local = stats[: 5 * num_rows].view(5, num_rows)
-        if num_rows:  # every rank agrees on num_rows, so all skip the collectives together
-            stats_fn(rows, local_target, weight, local)
-            stats[5 * num_rows] = 0.0 if weight is None else weight.sum()
-            shift = all_reduce_stats(stats, num_rows, group)
+        stats = torch.empty(6, flat_target.numel(), dtype=acc, device=rows.device)
+        # W_k, this shard's weight sum; summed with the statistics into W (weights only).
+        shard_weight = float(rows.shape[-1]) if weight is None else weight.sum()
+        extras = None if weight is None else shard_weight.reshape(1)
+        if flat_target.numel():
+            stats_fn(rows, local_target, weight, stats)
+            reduced = all_reduce_stats(stats, local_target, shard_weight, extras, group)
         else:
-            shift = stats[:0]
-        total_weight = float(num_classes) if weight is None else stats[5 * num_rows]
+            reduced = no_rows_stats(stats, extras)
+        total_weight = float(num_classes) if weight is None else reduced.extras[0]
         scalars = (num_classes, masses, z_loss, ignore_index)
-        terms = row_terms(stats, shift, total_weight, flat_target, scalars)
+        terms = row_terms(reduced, total_weight, flat_target, scalars)
         ctx.mark_non_differentiable(terms.target_weight)
         ctx.save_for_backward(rows, local_target, weight, *terms[1:])
         ctx.setup = setup

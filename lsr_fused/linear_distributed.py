@@ -12,8 +12,9 @@ Per chunk of ``n`` rows (the chunk loop of :mod:`lsr_fused.linear`, the statisti
 :mod:`lsr_fused.distributed`)::
 
     x_k   = h W_k^T + b_k                       (n, C_k) in one reusable buffer, torch matmul
-    stats = shard_stats(x_k)                    (5, n): max, sum-exp, sum w x, x_y, w_y
+    stats = shard_stats(x_k)                    (6, n): max, sum-exp, sum w (x - r), x_y - r, w_y, r
     all_reduce(MAX) of n values, all_reduce(SUM) of 4 n values   -> lse, S, loss per row
+                                                (r: the row's first logit on this shard)
     G_k   = shard_grad(x_k)                     written over x_k, in place (training, sum/mean)
     d h  += G_k W_k      d W_k += G_k^T h       d b_k += sum_rows G_k
 
@@ -173,26 +174,27 @@ class _ShardedLinear(torch.autograd.Function):
         loop = _Loop(hidden, weight, bias, local_target, class_weight, setup)
         rows, acc = loop.rows, loop.acc
         total = float(setup.num_classes) if total_weight is None else total_weight
-        per_row = torch.empty(4, rows, dtype=acc, device=hidden.device)  # loss, lse, S, w_y
+        # W_k, this shard's class-weight sum (its width without weights).
+        shard_weight = float(loop.width) if class_weight is None else class_weight.sum()
+        # loss, lse, lse - r_k, S, w_y
+        per_row = torch.empty(5, rows, dtype=acc, device=hidden.device)
         with_grad = grad_guess is not None
         grads = loop.gradients(setup.needs) if with_grad else None
         with torch.autocast(hidden.device.type, enabled=False):
             buffer = loop.buffer()
-            stats = torch.empty(5 * buffer.shape[0], dtype=acc, device=hidden.device)
+            stats = torch.empty(6 * buffer.shape[0], dtype=acc, device=hidden.device)
             for start, stop in chunk_bounds(rows, setup.chunk):
                 n = stop - start
                 logits = loop.logits(buffer, start, stop)
-                chunk_stats = stats[: 5 * n]
-                loop.stats_fn(
-                    logits.unsqueeze(1), local_target[start:stop], class_weight,
-                    chunk_stats.view(5, n),
-                )  # fmt: skip
-                shift = all_reduce_stats(chunk_stats, n, setup.group)
-                terms = row_terms(
-                    chunk_stats, shift, total, flat_target[start:stop], setup.row_scalars
+                chunk_stats = stats[: 6 * n].view(6, n)
+                chunk_target = local_target[start:stop]
+                loop.stats_fn(logits.unsqueeze(1), chunk_target, class_weight, chunk_stats)
+                reduced = all_reduce_stats(
+                    chunk_stats, chunk_target, shard_weight, None, setup.group
                 )
+                terms = row_terms(reduced, total, flat_target[start:stop], setup.row_scalars)
                 per_row[:, start:stop] = torch.stack(
-                    [terms.loss, terms.lse, terms.total_mass, terms.target_weight]
+                    [terms.loss, terms.lse, terms.shard_lse, terms.total_mass, terms.target_weight]
                 )
                 if with_grad:
                     coefs = grad_coefs(grad_guess.expand(n), *terms[1:], setup.masses, setup.z_loss)
@@ -200,10 +202,10 @@ class _ShardedLinear(torch.autograd.Function):
                     loop.accumulate(grads, logits, start, stop)  # `logits` holds G now
             if with_grad:
                 loop.reduce_hidden(grads, setup.needs)
-        loss, lse, total_mass, target_weight = per_row
+        loss, lse, shard_lse, total_mass, target_weight = per_row
         ctx.save_for_backward(
-            hidden, weight, bias, flat_target, local_target, class_weight, lse, total_mass,
-            target_weight, grad_guess,
+            hidden, weight, bias, flat_target, local_target, class_weight, lse, shard_lse,
+            total_mass, target_weight, grad_guess,
         )  # fmt: skip
         ctx.setup = setup
         ctx.set_materialize_grads(False)
@@ -216,7 +218,7 @@ class _ShardedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         hidden, weight, bias, flat_target, local_target, class_weight = saved[:6]
-        lse, total_mass, target_weight, grad_guess = saved[6:]
+        lse, shard_lse, total_mass, target_weight, grad_guess = saved[6:]
         setup = ctx.setup
         nones = (None,) * 6
         if grad_out is None:
@@ -244,8 +246,8 @@ class _ShardedLinear(torch.autograd.Function):
                 logits = loop.logits(buffer, start, stop)
                 part = slice(start, stop)
                 coefs = grad_coefs(
-                    upstream[part], lse[part], total_mass[part], target_weight[part],
-                    ignored[part], in_range[part], setup.masses, setup.z_loss,
+                    upstream[part], lse[part], shard_lse[part], total_mass[part],
+                    target_weight[part], ignored[part], in_range[part], setup.masses, setup.z_loss,
                 )  # fmt: skip
                 loop.write_grad(logits, coefs, start, stop)
                 loop.accumulate(grads, logits, start, stop)
