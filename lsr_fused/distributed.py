@@ -50,7 +50,9 @@ has no sharded kernels).
 
 from __future__ import annotations
 
+import operator
 import struct
+from collections.abc import Callable
 from typing import NamedTuple, Optional
 
 import torch
@@ -60,10 +62,6 @@ from torch import Tensor
 from . import ops, policy
 from ._params import smoothing_masses
 from ._validation import validation_enabled
-
-# Target dimensions described individually in the exchange; any further ones are folded into a
-# product (logits with more than 9 dimensions are still checked, slightly less precisely).
-_SHAPE_SLOTS = 8
 
 __all__ = ["sharded_label_smoothing_cross_entropy"]
 
@@ -81,25 +79,60 @@ def shard_kernels(backend: str):
 _REDUCTION_CODES = {name: i for i, name in enumerate(policy.REDUCTIONS)}
 _SPREAD_CODES = {name: i for i, name in enumerate(policy.SPREADS)}
 _DTYPE_CODES = {dtype: i for i, dtype in enumerate(policy.FLOAT_DTYPES)}
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
-# Header columns of a description row, then the columns every rank must agree on.
+
+def _float_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+class Field(NamedTuple):
+    """One thing every rank must agree on: ``width`` int64 columns of the description row.
+
+    ``key`` identifies the field (callers rename fields by key, never by their words); ``name``
+    says what it is in messages; ``show`` turns one rank's columns (a tuple) into what the
+    message prints.
+    """
+
+    key: str
+    name: str
+    width: int = 1
+    show: Callable[[tuple[int, ...]], object] = operator.itemgetter(0)
+
+
+def shown_as(convert: Callable[[int], object]) -> Callable[[tuple[int, ...]], object]:
+    """The ``show`` of a one-column field whose value prints as ``convert(value)``."""
+    return lambda values: convert(values[0])
+
+
+def _shown_as_shape(values: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(size for size in values if size >= 0)
+
+
+# Header columns of a description row, then the fields every rank must agree on.
 _ERROR, _WIDTH, _TARGET_MIN, _TARGET_MAX, _CHECKED, _CHECKSUM = range(6)
 _AGREED_START = 6
-# (name in messages, how a value is shown) of each agreed column; a caller may rename the first
-# entries (its input is not called logits) and append columns of its own (``extra``).
-_AGREED = (
-    ("the number of logits dimensions", int),
-    ("the number of rows (elements of target)", int),
-    *(("the target shape", int),) * _SHAPE_SLOTS,
-    ("the logits dtype", lambda v: str(policy.FLOAT_DTYPES[v])),
-    ("whether weight is given", bool),
-    ("reduction", lambda v: policy.REDUCTIONS[v]),
-    ("spread", lambda v: policy.SPREADS[v]),
-    ("ignore_index", int),
-    ("label_smoothing", lambda v: _bits_float(v)),
-    ("z_loss", lambda v: _bits_float(v)),
+# Target dimensions described individually in the exchange; any further ones are folded into a
+# product (logits with more than 9 dimensions are still checked, slightly less precisely).
+_SHAPE_SLOTS = 8
+# The fields of every entry point, in the order of the row; a caller may rename them (its input
+# is not called logits) and append fields of its own.
+COMMON_FIELDS = (
+    Field("ndim", "the number of logits dimensions"),
+    Field("rows", "the number of rows (elements of target)"),
+    Field("target_shape", "the target shape", _SHAPE_SLOTS, _shown_as_shape),
+    Field("dtype", "the logits dtype", show=shown_as(lambda v: str(policy.FLOAT_DTYPES[v]))),
+    Field("has_weight", "whether weight is given", show=shown_as(bool)),
+    Field("reduction", "reduction", show=shown_as(lambda v: policy.REDUCTIONS[v])),
+    Field("spread", "spread", show=shown_as(lambda v: policy.SPREADS[v])),
+    Field("ignore_index", "ignore_index"),
+    Field("label_smoothing", "label_smoothing", show=shown_as(_bits_float)),
+    Field("z_loss", "z_loss", show=shown_as(_bits_float)),
 )
-_TARGET_SHAPE_COLUMN = 2  # first of the target shape's columns within _AGREED
 
 
 class ShardInput(NamedTuple):
@@ -125,12 +158,25 @@ class Agreement(NamedTuple):
     widths: tuple[int, ...]
 
 
-def _float_bits(value: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _bits_float(bits: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", bits))[0]
+def check_exchange_values(label_smoothing, ignore_index, z_loss, chunk_size=None) -> None:
+    """Reject, naming the argument, a value of the right type that the exchange's int64 row
+    could not hold: an int outside int64 (``ignore_index``, ``chunk_size``), or an int too large
+    for a float (``label_smoothing``, ``z_loss``). Wrong types are left to the policy checks."""
+    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        if _is_int(value):
+            try:
+                float(value)
+            except OverflowError:
+                raise ValueError(
+                    f"{name} must be a finite number, got an integer of {value.bit_length()} bits"
+                ) from None
+    for name, value in (("ignore_index", ignore_index), ("chunk_size", chunk_size)):
+        if _is_int(value) and not _INT64_MIN <= value <= _INT64_MAX:
+            raise ValueError(f"{name} must fit in int64 ([-2**63, 2**63 - 1]), got {value}")
 
 
 def _target_summary(flat_target: Tensor, ignore_index: int) -> tuple[int, int, int, int]:
@@ -146,22 +192,31 @@ def _target_summary(flat_target: Tensor, ignore_index: int) -> tuple[int, int, i
     return 1, low, high, checksum
 
 
-def _describe(shard: ShardInput, flat_target, target_shape, has_weight, options, extra):
-    label_smoothing, ignore_index, reduction, spread, z_loss = options
+def _shape_columns(target_shape) -> list[int]:
     shape = list(target_shape)
     if len(shape) > _SHAPE_SLOTS:
         folded = 1
         for size in shape[_SHAPE_SLOTS - 1 :]:
             folded *= size
         shape = [*shape[: _SHAPE_SLOTS - 1], folded]
-    shape += [-1] * (_SHAPE_SLOTS - len(shape))
+    return shape + [-1] * (_SHAPE_SLOTS - len(shape))
+
+
+def describe(
+    shard: ShardInput, flat_target: Tensor, target_shape, has_weight: bool, options, extra=()
+) -> Tensor:
+    """This rank's description row (int64, on the CPU): header, :data:`COMMON_FIELDS`, then the
+    caller's ``extra`` values (one int per extra field). Raises where a value cannot be packed,
+    so call it where a failure still reaches the exchange (see :func:`agree`)."""
+    label_smoothing, ignore_index, reduction, spread, z_loss = options
     checked, low, high, checksum = _target_summary(flat_target, ignore_index)
-    description = [0, shard.width, low, high, checked, checksum]
-    description += [shard.ndim, flat_target.numel(), *shape, _DTYPE_CODES[shard.dtype]]
-    description += [int(bool(has_weight)), _REDUCTION_CODES[reduction], _SPREAD_CODES[spread]]
-    description += [ignore_index, _float_bits(label_smoothing), _float_bits(z_loss)]
-    description += [int(value) for _, value in extra]
-    return description
+    row = [0, shard.width, low, high, checked, checksum]
+    row += [shard.ndim, flat_target.numel(), *_shape_columns(target_shape)]
+    row += [_DTYPE_CODES[shard.dtype], int(bool(has_weight))]
+    row += [_REDUCTION_CODES[reduction], _SPREAD_CODES[spread], ignore_index]
+    row += [_float_bits(label_smoothing), _float_bits(z_loss)]
+    row += [int(value) for value in extra]
+    return torch.tensor(row, dtype=torch.int64)
 
 
 def _carries_cpu(group) -> bool:
@@ -185,62 +240,72 @@ def _exchange_device(group, tensor) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _exchange(group, description: list[int], device: torch.device) -> list[list[int]]:
-    mine = torch.tensor(description, dtype=torch.int64, device=device)
+def _exchange(group, description: Tensor, device: torch.device) -> list[list[int]]:
+    mine = description.to(device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, mine, group=group)
     return [row.tolist() for row in table]
 
 
-def _disagreement(table: list[list[int]], columns) -> Optional[str]:
-    values_by_column = list(zip(*table, strict=True))
-    shape_first = _AGREED_START + _TARGET_SHAPE_COLUMN
-    for index, (name, show) in enumerate(columns):
-        values = values_by_column[_AGREED_START + index]
-        if len(set(values)) == 1:
-            continue
-        if name == "the target shape":
-            shown = [tuple(s for s in row[shape_first : shape_first + _SHAPE_SLOTS] if s >= 0)
-                     for row in table]  # fmt: skip
-        else:
-            shown = [show(v) for v in values]
-        per_rank = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(shown))
-        return f"ranks disagree on {name} ({per_rank})"
+def _disagreement(table: list[list[int]], fields) -> Optional[str]:
+    start = _AGREED_START
+    for field in fields:
+        per_rank = [tuple(row[start : start + field.width]) for row in table]
+        start += field.width
+        if len(set(per_rank)) > 1:
+            shown = ", ".join(f"rank {r}: {field.show(v)}" for r, v in enumerate(per_rank))
+            return f"ranks disagree on {field.name} ({shown})"
     if all(row[_CHECKED] for row in table) and len({row[_CHECKSUM] for row in table}) > 1:
         return "ranks hold different targets (every rank must pass the same global class indices)"
     return None
 
 
+def _global_problem(table: list[list[int]], spread: str, ignore_index: int) -> Optional[str]:
+    """What is wrong with the group's arguments taken together (C, and the targets' range)."""
+    num_classes = sum(row[_WIDTH] for row in table)
+    if num_classes == 0:
+        return "the shards hold no classes at all (C == 0)"
+    if spread == "others" and num_classes == 1:
+        return "spread='others' needs at least 2 classes (C == 1)"
+    for row in table:
+        if row[_CHECKED] and (row[_TARGET_MIN] < 0 or row[_TARGET_MAX] >= num_classes):
+            value = row[_TARGET_MIN] if row[_TARGET_MIN] < 0 else row[_TARGET_MAX]
+            return (
+                f"target contains {value}, which is neither ignore_index ({ignore_index}) nor a "
+                f"class index in [0, {num_classes})"
+            )
+    return None
+
+
 def agree(
     group,
-    shard: Optional[ShardInput],
-    flat_target,
-    target_shape,
-    has_weight: bool,
+    description: Optional[Tensor],
+    local_error: Optional[BaseException],
     options,
-    local_error,
     *,
     device_of=None,
-    extra=(),
-    renames=None,
+    extra_fields: tuple[Field, ...] = (),
+    renames: Optional[dict[str, str]] = None,
     caller: str = "label_smoothing_cross_entropy",
 ) -> Agreement:
-    """Exchange descriptions; raise the same ``ValueError`` on every rank unless all agree.
+    """Exchange descriptions; raise on every rank unless all ranks' arguments are valid and agree.
 
-    ``shard`` describes this rank's class-sharded input (None when ``local_error`` is set);
-    ``extra`` is a sequence of ``(name, int value)`` pairs every rank must also agree on (the
-    names, hence the row length, are the same on every rank); ``renames`` maps names of the
-    common columns to the caller's words; ``device_of`` is a tensor whose device carries the
-    exchange on groups without CPU support.
+    Exactly one of ``description`` (from :func:`describe`) and ``local_error`` (whatever this
+    rank's checks or :func:`describe` raised) is given. The exchange happens either way, so a
+    rank with a bad argument re-raises its own error after it while every other rank raises a
+    ``ValueError`` naming that rank, instead of waiting in a collective. ``extra_fields`` are the
+    caller's fields after :data:`COMMON_FIELDS` (the same on every rank); ``renames`` maps field
+    keys to the caller's words; ``device_of`` is a tensor whose device carries the exchange on
+    groups without CPU support.
     """
-    if local_error is None:
-        try:
-            description = _describe(shard, flat_target, target_shape, has_weight, options, extra)
-        except (TypeError, ValueError, KeyError) as exc:  # pragma: no cover - defensive
-            local_error = exc
-    length = _AGREED_START + len(_AGREED) + len(extra)
+    fields = [
+        field._replace(name=(renames or {}).get(field.key, field.name))
+        for field in (*COMMON_FIELDS, *extra_fields)
+    ]
     if local_error is not None:
-        description = [1] + [0] * (length - 1)
+        length = _AGREED_START + sum(field.width for field in fields)
+        description = torch.zeros(length, dtype=torch.int64)
+        description[_ERROR] = 1
     table = _exchange(group, description, _exchange_device(group, device_of))
     if local_error is not None:
         raise local_error
@@ -251,36 +316,16 @@ def agree(
             f"{prefix}rank(s) {failed} of the process group rejected their arguments (see the "
             "error raised there)"
         )
-    renames = renames or {}
-    columns = [(renames.get(name, name), show) for name, show in _AGREED]
-    columns += [(name, bool if name.startswith("whether") else int) for name, _ in extra]
-    problem = _disagreement(table, columns)
+    _, ignore_index, _, spread, _ = options
+    problem = _disagreement(table, fields) or _global_problem(table, spread, ignore_index)
     if problem is not None:
         raise ValueError(prefix + problem)
     widths = tuple(row[_WIDTH] for row in table)
-    num_classes = sum(widths)
-    offset = sum(widths[: dist.get_rank(group)])
-    _, ignore_index, _, spread, _ = options
-    if num_classes == 0:
-        raise ValueError(f"{prefix}the shards hold no classes at all (C == 0)")
-    if spread == "others" and num_classes == 1:
-        raise ValueError(f"{prefix}spread='others' needs at least 2 classes (C == 1)")
-    for row in table:
-        if row[_CHECKED] and (row[_TARGET_MIN] < 0 or row[_TARGET_MAX] >= num_classes):
-            value = row[_TARGET_MIN] if row[_TARGET_MIN] < 0 else row[_TARGET_MAX]
-            raise ValueError(
-                f"{prefix}target contains {value}, which is neither ignore_index "
-                f"({ignore_index}) nor a class index in [0, {num_classes})"
-            )
-    return Agreement(num_classes, offset, widths)
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks of the sharded case (raised on every rank through the exchange).
-# --------------------------------------------------------------------------------------------
+    return Agreement(sum(widths), sum(widths[: dist.get_rank(group)]), widths)
 
 
 def resolve_group(process_group):
+    """The group to shard over (``None``: the default group); raises where there is none."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "process_group was given but torch.distributed is not initialised "
@@ -488,20 +533,20 @@ def sharded_label_smoothing_cross_entropy(
     """
     group = resolve_group(process_group)
     options = (label_smoothing, ignore_index, reduction, spread, z_loss)
-    local_error = None
-    flat_target = None
+    description = local_error = None
     try:
+        check_exchange_values(label_smoothing, ignore_index, z_loss)
         policy.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
         policy.check_tensors(logits, target, weight, spread, shard=True)
         resolved = policy.resolve_backend(backend, logits.device, sharded=True)
         flat_target = target.reshape(-1).to(torch.int64)
-    except (TypeError, ValueError) as exc:
+        shard = ShardInput.of_logits(logits)
+        description = describe(shard, flat_target, target.shape, weight is not None, options)
+    # Whatever fails here, on one rank only, must still reach the exchange: raising now would
+    # leave every other rank waiting in it. agree() re-raises it after the exchange.
+    except Exception as exc:
         local_error = exc
-    shard = ShardInput.of_logits(logits) if local_error is None else None
-    num_classes, offset, _ = agree(
-        group, shard, flat_target, getattr(target, "shape", ()), weight is not None, options,
-        local_error, device_of=logits,
-    )  # fmt: skip
+    num_classes, offset, _ = agree(group, description, local_error, options, device_of=logits)
 
     rows = policy.row_view(logits)
     acc = policy.accumulation_dtype(logits.dtype)

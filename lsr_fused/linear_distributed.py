@@ -58,26 +58,39 @@ from torch import Tensor
 from . import policy
 from ._params import smoothing_masses
 from .distributed import (
+    Field,
     ShardInput,
     agree,
     all_reduce_stats,
+    check_exchange_values,
+    describe,
     grad_coefs,
     local_targets,
     resolve_group,
     row_terms,
     shard_kernels,
+    shown_as,
 )
 from .linear_chunks import accumulate_weight_grad, chunk_bounds, logits_into
 
 __all__ = ["sharded_linear_label_smoothing_cross_entropy"]
 
 _CALLER = "linear_label_smoothing_cross_entropy"
-# The common columns of the agreement exchange, in this entry point's words.
+# The common fields of the agreement exchange (by key), in this entry point's words.
 _RENAMES = {
-    "the number of logits dimensions": "the number of hidden dimensions",
-    "the logits dtype": "the dtype of hidden and weight",
-    "whether weight is given": "whether class_weight is given",
+    "ndim": "the number of hidden dimensions",
+    "dtype": "the dtype of hidden and weight",
+    "has_weight": "whether class_weight is given",
 }
+# ... and its own fields, in the order of ``describe``'s ``extra``.
+_EXTRA_FIELDS = (
+    Field("features", "the number of features (hidden's last dimension)"),
+    Field("has_bias", "whether bias is given", show=shown_as(bool)),
+    Field("chunk_size", "chunk_size (0: the default)"),
+    Field("hidden_grad", "whether hidden requires a gradient (with grad mode on)",
+          show=shown_as(bool)),
+    Field("reduce_hidden_grad", "whether reduce_hidden_grad", show=shown_as(bool)),
+)  # fmt: skip
 
 
 class _Setup(NamedTuple):
@@ -277,10 +290,9 @@ def sharded_linear_label_smoothing_cross_entropy(
     ranks disagree or one rank's arguments are invalid."""
     group = resolve_group(process_group)
     options = (label_smoothing, ignore_index, reduction, spread, z_loss)
-    local_error = None
-    flat_target = shard = None
-    extra_values = (0, 0, 0, 0, 0)
+    description = local_error = None
     try:
+        check_exchange_values(label_smoothing, ignore_index, z_loss, chunk_size)
         policy.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
         policy.check_reduce_hidden_grad(reduce_hidden_grad)
         device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
@@ -293,28 +305,19 @@ def sharded_linear_label_smoothing_cross_entropy(
         flat_target = target.reshape(-1).to(torch.int64)
         shard = ShardInput(weight.shape[0], hidden.dim(), dtype)
         wants_hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
-        extra_values = (
+        extra = (
             weight.shape[1], bias is not None, chunk_size or 0, wants_hidden_grad,
             reduce_hidden_grad,
         )  # fmt: skip
-    except (TypeError, ValueError) as exc:
+        has_weight = class_weight is not None
+        description = describe(shard, flat_target, target.shape, has_weight, options, extra)
+    # Whatever fails here, on one rank only, must still reach the exchange: raising now would
+    # leave every other rank waiting in it. agree() re-raises it after the exchange.
+    except Exception as exc:
         local_error = exc
-    extra = tuple(
-        zip(
-            (
-                "the number of features (hidden's last dimension)",
-                "whether bias is given",
-                "chunk_size (0: the default)",
-                "whether hidden requires a gradient (with grad mode on)",
-                "whether reduce_hidden_grad",
-            ),
-            extra_values,
-            strict=True,
-        )
-    )
     agreement = agree(
-        group, shard, flat_target, getattr(target, "shape", ()), class_weight is not None,
-        options, local_error, device_of=hidden, extra=extra, renames=_RENAMES, caller=_CALLER,
+        group, description, local_error, options, device_of=hidden, extra_fields=_EXTRA_FIELDS,
+        renames=_RENAMES, caller=_CALLER,
     )  # fmt: skip
     num_classes, offset, widths = agreement
 
