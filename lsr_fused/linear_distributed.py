@@ -57,19 +57,22 @@ from torch import Tensor
 
 from . import policy
 from ._params import smoothing_masses
-from .distributed import (
+from .distributed.agreement import (
     Field,
     ShardInput,
     agree,
-    all_reduce_stats,
     check_exchange_values,
     describe,
+    resolve_group,
+    run_checks,
+    shown_as,
+)
+from .distributed.shard_math import (
+    all_reduce_stats,
     grad_coefs,
     local_targets,
-    resolve_group,
     row_terms,
     shard_kernels,
-    shown_as,
 )
 from .linear_chunks import accumulate_weight_grad, chunk_bounds, logits_into
 
@@ -268,6 +271,67 @@ class _ShardedLinear(torch.autograd.Function):
         return (*loop.cast(grads, needs), *nones)
 
 
+class _Checked(NamedTuple):
+    """This rank's arguments, checked: its description row and what the call goes on with."""
+
+    description: Tensor
+    backend: str
+    flat_target: Tensor
+    dtype: torch.dtype  # of the matmuls (the autocast dtype under autocast)
+    autocast: bool
+
+
+def _check(hidden, weight, bias, target, class_weight, options, chunk_size, backend,
+           reduce_hidden_grad) -> _Checked:  # fmt: skip
+    """Every local check, then :func:`describe`; raises what a check raises."""
+    label_smoothing, ignore_index, _, _, z_loss = options
+    check_exchange_values(label_smoothing, ignore_index, z_loss, chunk_size)
+    policy.check_options(*options, backend)
+    policy.check_reduce_hidden_grad(reduce_hidden_grad)
+    device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
+    autocast = torch.is_autocast_enabled(device_type)
+    policy.check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast)
+    resolved = policy.resolve_backend(backend, hidden.device, sharded=True)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    flat_target = target.reshape(-1).to(torch.int64)
+    shard = ShardInput(weight.shape[0], hidden.dim(), dtype)
+    wants_hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
+    extra = (
+        weight.shape[1], bias is not None, chunk_size or 0, wants_hidden_grad, reduce_hidden_grad,
+    )  # fmt: skip
+    has_weight = class_weight is not None
+    description = describe(shard, flat_target, target.shape, has_weight, options, extra)
+    return _Checked(description, resolved, flat_target, dtype, autocast)
+
+
+def _weight_totals(class_weight: Tensor, local_target: Tensor, counted: Tensor, group):
+    """``(W, sum of w_y over counted rows)`` over the group, each rank adding its own classes and
+    the targets it holds: one SUM of 2 values (skipped with no rows, on every rank alike)."""
+    here = (local_target >= 0) & counted
+    safe = torch.where(here, local_target, 0)
+    picked = class_weight.gather(0, safe) if class_weight.numel() else safe.to(class_weight.dtype)
+    totals = torch.stack([class_weight.sum(), torch.where(here, picked, 0.0).sum()])
+    if local_target.numel():
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
+    return totals[0], totals[1]
+
+
+def _apply(tensors, setup: _Setup, reduction: str, denominator, target_shape) -> Tensor:
+    """The op on ``tensors`` (as :class:`_ShardedLinear` takes them), then the reduction."""
+    flat_hidden = tensors[0]
+    if torch.is_grad_enabled() and any(setup.needs) and reduction != "none":
+        # As in lsr_fused.linear: gradients computed now for the upstream value loss.backward()
+        # sends (1 for sum, 1 / denominator for mean), scaled in backward by the real one.
+        acc = policy.accumulation_dtype(flat_hidden.dtype)
+        grad_guess = torch.ones(1, dtype=acc, device=flat_hidden.device)
+        if reduction == "mean":
+            grad_guess = grad_guess / denominator
+        loss_sum = _ShardedLinear.apply(*tensors, grad_guess, setup)
+        return policy.reduce(loss_sum.reshape(1), target_shape, reduction, denominator)
+    loss = _ShardedLinear.apply(*tensors, None, setup)
+    return policy.reduce(loss, target_shape, reduction, denominator)
+
+
 def sharded_linear_label_smoothing_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -290,62 +354,31 @@ def sharded_linear_label_smoothing_cross_entropy(
     ranks disagree or one rank's arguments are invalid."""
     group = resolve_group(process_group)
     options = (label_smoothing, ignore_index, reduction, spread, z_loss)
-    description = local_error = None
-    try:
-        check_exchange_values(label_smoothing, ignore_index, z_loss, chunk_size)
-        policy.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
-        policy.check_reduce_hidden_grad(reduce_hidden_grad)
-        device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
-        autocast = torch.is_autocast_enabled(device_type)
-        policy.check_linear_tensors(
-            hidden, weight, bias, target, class_weight, chunk_size, autocast
-        )
-        resolved = policy.resolve_backend(backend, hidden.device, sharded=True)
-        dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
-        flat_target = target.reshape(-1).to(torch.int64)
-        shard = ShardInput(weight.shape[0], hidden.dim(), dtype)
-        wants_hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
-        extra = (
-            weight.shape[1], bias is not None, chunk_size or 0, wants_hidden_grad,
-            reduce_hidden_grad,
-        )  # fmt: skip
-        has_weight = class_weight is not None
-        description = describe(shard, flat_target, target.shape, has_weight, options, extra)
-    # Whatever fails here, on one rank only, must still reach the exchange: raising now would
-    # leave every other rank waiting in it. agree() re-raises it after the exchange.
-    except Exception as exc:
-        local_error = exc
-    agreement = agree(
+    checked, local_error = run_checks(
+        _check, hidden, weight, bias, target, class_weight, options, chunk_size, backend,
+        reduce_hidden_grad,
+    )  # fmt: skip
+    description = None if checked is None else checked.description
+    num_classes, offset, widths = agree(
         group, description, local_error, options, device_of=hidden, extra_fields=_EXTRA_FIELDS,
         renames=_RENAMES, caller=_CALLER,
     )  # fmt: skip
-    num_classes, offset, widths = agreement
-
-    if autocast:
+    resolved, flat_target, dtype = checked.backend, checked.flat_target, checked.dtype
+    if checked.autocast:
         # As F.linear under autocast (see lsr_fused.linear): matmuls in the autocast dtype.
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    features = weight.shape[1]
-    flat_hidden = hidden.reshape(-1, features)
-    rows, width = flat_hidden.shape[0], weight.shape[0]
+    flat_hidden = hidden.reshape(-1, weight.shape[1])
     if chunk_size is None:
         # The same on every rank: the memory rule for the widest shard.
-        chunk_size = policy.default_chunk_size(rows, max(widths), dtype)
+        chunk_size = policy.default_chunk_size(flat_hidden.shape[0], max(widths), dtype)
     acc = policy.accumulation_dtype(dtype)
-    local_target = local_targets(flat_target, offset, width)
+    local_target = local_targets(flat_target, offset, weight.shape[0])
     counted = flat_target != ignore_index
     total_weight = denominator = None
     if class_weight is not None:
         class_weight = class_weight.to(acc).contiguous()
-        # W = sum of every rank's class weights, and the mean's sum of w_y over counted rows
-        # (each rank adds the targets it holds): one SUM of 2 values.
-        here = (local_target >= 0) & counted
-        safe = torch.where(here, local_target, 0)
-        picked = class_weight.gather(0, safe) if width else safe.to(acc)
-        totals = torch.stack([class_weight.sum(), torch.where(here, picked, 0.0).sum()])
-        if rows:
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
-        total_weight, denominator = totals[0], totals[1]
+        total_weight, denominator = _weight_totals(class_weight, local_target, counted, group)
     if reduction == "mean" and class_weight is None:
         denominator = counted.sum(dtype=acc)
     masses = smoothing_masses(float(label_smoothing), num_classes, spread)
@@ -357,14 +390,4 @@ def sharded_linear_label_smoothing_cross_entropy(
     setup = _Setup(group, resolved, num_classes, masses, float(z_loss), ignore_index,
                    int(chunk_size), reduce_hidden_grad, needs)  # fmt: skip
     tensors = (flat_hidden, weight, bias, flat_target, local_target, class_weight, total_weight)
-    training = torch.is_grad_enabled() and any(needs)
-    if training and reduction != "none":
-        # As in lsr_fused.linear: gradients computed now for the upstream value loss.backward()
-        # sends (1 for sum, 1 / denominator for mean), scaled in backward by the real one.
-        grad_guess = torch.ones(1, dtype=acc, device=flat_hidden.device)
-        if reduction == "mean":
-            grad_guess = grad_guess / denominator
-        loss_sum = _ShardedLinear.apply(*tensors, grad_guess, setup)
-        return policy.reduce(loss_sum.reshape(1), target.shape, reduction, denominator)
-    loss = _ShardedLinear.apply(*tensors, None, setup)
-    return policy.reduce(loss, target.shape, reduction, denominator)
+    return _apply(tensors, setup, reduction, denominator, target.shape)
