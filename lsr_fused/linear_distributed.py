@@ -232,6 +232,7 @@ class _ShardedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        policy.refuse_double_backward("the vocabulary-parallel fused head (process_group=)")
         saved = ctx.saved_tensors
         hidden, weight, bias, flat_target, local_target, class_weight = saved[:6]
         lse, shard_lse, total_mass, target_weight, grad_guess = saved[6:]
@@ -291,9 +292,10 @@ def _check(hidden, weight, bias, target, class_weight, options, chunk_size, back
     device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
     autocast = torch.is_autocast_enabled(device_type)
     policy.check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast)
+    policy.check_sharded_autograd(class_weight, "class_weight")
     resolved = policy.resolve_backend(backend, hidden.device, sharded=True)
     dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
-    flat_target = target.reshape(-1).to(torch.int64)
+    flat_target = policy.flat_targets(target)
     shard = ShardInput(weight.shape[0], hidden.dim(), dtype)
     wants_hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
     extra = (

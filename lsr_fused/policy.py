@@ -226,6 +226,25 @@ def row_view(logits: Tensor) -> Tensor:
     return rows if is_dense(rows) else rows.contiguous()
 
 
+def check_sharded_autograd(class_weight: Optional[Tensor], name: str) -> None:
+    """What the vocabulary-parallel forms do not differentiate, refused (inside their agreement
+    exchange, so that every rank raises): class weights that require grad."""
+    if class_weight is not None and class_weight.requires_grad and torch.is_grad_enabled():
+        raise ArgumentValueError(
+            f"{name} requires grad, which process_group= does not support (its gradient would "
+            f"be silently missing); pass {name}.detach(), or call without process_group"
+        )
+
+
+def refuse_double_backward(what: str) -> None:
+    """Raise in a backward pass run with ``create_graph=True`` that cannot build a graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"double backward (create_graph=True) is not supported by {what}; the first-order "
+            "gradient would have no graph"
+        )
+
+
 def flat_targets(target: Tensor) -> Tensor:
     """``target`` as the kernels read it: ``(rows,)`` int64, contiguous (a strided, expanded or
     offset view is copied; that is ``rows`` integers, never logits-sized)."""

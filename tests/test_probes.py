@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from reference import IGNORE, assert_close, dense_loss, tolerances
 
@@ -153,6 +154,21 @@ def _module_call(t, backend, options):
     return module(t["logits"], t["target"])
 
 
+def _one_rank_group():
+    """A world-1 gloo group in this process: the sharded entry points with every class local."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return dist.group.WORLD
+
+
+def _sharded_loss_call(t, backend, options):
+    return _loss_call(t, backend, {**options, "process_group": _one_rank_group()})
+
+
+def _sharded_linear_call(t, backend, options):
+    return _linear_call(t, backend, {**options, "process_group": _one_rank_group()})
+
+
 ENTRIES = [
     Entry("loss", _loss_build, _loss_call, _loss_reference, ("logits", "weight")),
     Entry("module", _loss_build, _module_call, _loss_reference, ("logits", "weight")),
@@ -164,13 +180,32 @@ ENTRIES = [
         _linear_reference,
         ("hidden", "weight", "bias", "class_weight"),
     ),
+    Entry(
+        "sharded-loss",
+        _loss_build,
+        _sharded_loss_call,
+        _loss_reference,
+        ("logits", "weight"),
+    ),
+    Entry(
+        "sharded-linear",
+        _linear_build,
+        _sharded_linear_call,
+        _linear_reference,
+        ("hidden", "weight", "bias", "class_weight"),
+    ),
 ]
+# The vocabulary-parallel forms refuse, with a clear error on every rank, what they do not
+# differentiate: class weights that require grad, and double backward.
+SHARDED = ("sharded-loss", "sharded-linear")
 ENTRY_IDS = [e.name for e in ENTRIES]
 _CLASS_WEIGHTS = {
     "loss": "weight",
     "module": "weight",
     "spatial": "weight",
     "linear": "class_weight",
+    "sharded-loss": "weight",
+    "sharded-linear": "class_weight",
 }
 
 OPTIONS = {
@@ -248,6 +283,10 @@ def test_requires_grad_on_each_floating_argument(entry, backend, options):
     for name in entry.floating:
         tensors = entry.build(torch.float64, torch.Generator().manual_seed(2))
         tensors[name].requires_grad_()
+        if entry.name in SHARDED and name == _CLASS_WEIGHTS[entry.name]:
+            with pytest.raises(ValueError, match=f"{name} requires grad"):
+                entry.call(tensors, backend, dict(options))
+            continue
         _check(entry, tensors, backend, options, (name,), torch.float64, f"only {name}")
 
 
@@ -266,6 +305,10 @@ def test_double_backward_gradient_penalty(entry, backend, options):
     (ref_second,) = torch.autograd.grad((ref_grad**2).sum(), ref[name])
 
     loss = entry.call(tensors, backend, dict(options)).sum()
+    if entry.name in SHARDED:
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            torch.autograd.grad(loss, tensors[name], create_graph=True)
+        return
     (grad,) = torch.autograd.grad(loss, tensors[name], create_graph=True)
     assert grad.requires_grad, "create_graph=True returned a gradient without a graph"
     (second,) = torch.autograd.grad((grad**2).sum(), tensors[name])
@@ -289,6 +332,11 @@ def test_gradcheck_and_gradgradcheck(entry, backend, options, wrt):
         return entry.call({**tensors, **dict(zip(names, values, strict=True))}, backend, options)
 
     inputs = tuple(tensors[k].clone().requires_grad_() for k in names)
+    if entry.name in SHARDED:
+        if wrt == "all":
+            pytest.skip("refused by the sharded forms (test_requires_grad_on_each_...)")
+        assert torch.autograd.gradcheck(loss_of, inputs, nondet_tol=1e-12)
+        return
     assert torch.autograd.gradcheck(loss_of, inputs)
     assert torch.autograd.gradgradcheck(loss_of, inputs)
 
@@ -517,12 +565,18 @@ def test_fused_head_huge_chunk_size_is_one_chunk(chunk_size):
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=ENTRY_IDS)
 def test_torch_func_grad_and_vmap(entry):
-    """torch.func transforms run the composite path: gradients equal the reference's."""
+    """torch.func transforms run the composite path: gradients equal the reference's (the
+    sharded forms, whose collectives no transform can batch, raise torch's clear error)."""
     tensors = entry.build(torch.float64, torch.Generator().manual_seed(10))
     name = entry.floating[0]
 
     def loss_of(value):
         return entry.call({**tensors, name: value}, "auto", dict(label_smoothing=0.1))
+
+    if entry.name in SHARDED:
+        with pytest.raises(RuntimeError, match=r"functorch|torch\.func|setup_context"):
+            torch.func.grad(loss_of)(tensors[name])
+        return
 
     grad = torch.func.grad(loss_of)(tensors[name])
     ref = tensors[name].clone().requires_grad_()

@@ -57,6 +57,7 @@ class _ShardedRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_target_weight):
+        policy.refuse_double_backward("the vocabulary-parallel loss (process_group=)")
         rows, local_target, weight, *terms = ctx.saved_tensors
         _, backend, _, masses, z_loss, _, inplace = ctx.setup
         _, grad_fn = shard_kernels(backend)
@@ -76,8 +77,9 @@ def _check(logits, target, weight, options, backend) -> tuple[Tensor, str, Tenso
     check_exchange_values(label_smoothing, ignore_index, z_loss)
     policy.check_options(*options, backend)
     policy.check_tensors(logits, target, weight, spread, shard=True)
+    policy.check_sharded_autograd(weight, "weight")
     resolved = policy.resolve_backend(backend, logits.device, sharded=True)
-    flat_target = target.reshape(-1).to(torch.int64)
+    flat_target = policy.flat_targets(target)
     shard = ShardInput.of_logits(logits)
     description = describe(shard, flat_target, target.shape, weight is not None, options)
     return description, resolved, flat_target
@@ -140,8 +142,8 @@ def sharded_label_smoothing_cross_entropy(
         weight = weight.to(acc).contiguous()
     local_target = local_targets(flat_target, offset, rows.shape[-1])
     masses = smoothing_masses(float(label_smoothing), num_classes, spread)
-    # In place needs storage we own: leaves always get a fresh gradient (as on one device).
-    inplace = bool(inplace_backward) and not (logits.is_leaf and logits.requires_grad)
+    # In place needs storage we own: a leaf's, or a view of a leaf's, is the caller's.
+    inplace = bool(inplace_backward) and policy.may_overwrite(logits)
     setup = (group, resolved, num_classes, masses, float(z_loss), ignore_index, inplace)
     loss, target_weight = _ShardedRows.apply(rows, flat_target, local_target, weight, setup)
     denominator = None
