@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import operator
 import os
 import platform
 import shutil
@@ -273,11 +274,19 @@ def set_gradient_pool(max_bytes: int | None) -> int:
     gradients in use are unaffected (unmapped when released, if they no longer fit). A no-op
     returning 0 when the C++ backend is unavailable.
     """
+    if max_bytes is None:
+        value = -1
+    else:
+        # int(1.5) or int(True) would silently become a 1-byte bound: only integers are bytes.
+        if isinstance(max_bytes, bool) or not hasattr(max_bytes, "__index__"):
+            raise TypeError(
+                f"max_bytes must be an int (bytes) or None, got {type(max_bytes).__name__}"
+            )
+        value = operator.index(max_bytes)
+        if value < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
     if not _ensure_loaded():
         return 0
-    value = -1 if max_bytes is None else int(max_bytes)
-    if value < 0 and max_bytes is not None:
-        raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
     return int(torch.ops.lsr_fused_C.grad_pool_set_max_bytes(value))
 
 

@@ -32,7 +32,8 @@ def _row_chunks(logits: Tensor):
 def _row_terms(
     x: Tensor, target: Tensor, weight: Tensor | None, weight_total: Tensor | None, params: RowParams
 ):
-    """Shared per-row quantities: clamped target, masks, w_y and the total target mass S."""
+    """Shared per-row quantities: clamped target, masks, w_y, the total target mass S and the
+    reference ``r`` (the first logit where finite, else 0) as a ``(rows, 1)`` column."""
     num_classes = x.shape[-1]
     ignored = target == params.ignore_index
     invalid = ~ignored & ((target < 0) | (target >= num_classes))
@@ -44,7 +45,12 @@ def _row_terms(
         target_weight = weight.gather(0, safe_target.squeeze(-1))
         total_weight = weight_total
     total_mass = params.other_mass * total_weight + params.target_extra * target_weight
-    return safe_target, ignored, invalid, target_weight, total_mass
+    if num_classes == 0:
+        reference = x.new_zeros(x.shape[0], 1)
+    else:
+        first = x[:, :1]
+        reference = torch.where(torch.isfinite(first), first, 0.0)
+    return safe_target, ignored, invalid, target_weight, total_mass, reference
 
 
 def forward(
@@ -54,6 +60,7 @@ def forward(
     weight_total: Tensor | None,
     params: RowParams,
 ) -> tuple[Tensor, Tensor]:
+    """Per-row loss and shifted log-sum-exp ``log(sum exp(x - r))`` (see lsr_fused.backends)."""
     acc = accumulation_dtype(logits.dtype)
     rows = target.numel()
     loss = torch.empty(rows, dtype=acc, device=logits.device)
@@ -61,23 +68,28 @@ def forward(
     for start, stop, _, _, chunk in _row_chunks(logits):
         x = chunk.to(acc)
         row_target = target[start:stop]
-        safe_target, ignored, invalid, target_weight, total_mass = _row_terms(
+        safe_target, ignored, invalid, target_weight, total_mass, reference = _row_terms(
             x, row_target, weight, weight_total, params
         )
-        row_max = x.amax(dim=-1)
-        # A row whose logits are all -inf has max -inf; shifting by 0 keeps exp() at 0, not NaN.
-        shift = torch.where(torch.isinf(row_max), 0.0, row_max).unsqueeze(-1)
-        row_lse = (x - shift).exp().sum(dim=-1).log() + shift.squeeze(-1)
+        # Every term relative to r: x - r is exact for logits near r, so a large offset shared by
+        # the row cancels before rounding instead of after.
+        shifted = x - reference
+        row_max = shifted.amax(dim=-1, keepdim=True)
+        # An all -inf row has max -inf: shifting by 0 keeps exp() at 0, not NaN. A +inf logit
+        # keeps its max, so that inf - inf makes the row NaN, as in F.cross_entropy.
+        shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+        row_lse = ((shifted - shift).exp().sum(dim=-1, keepdim=True).log() + shift).squeeze(-1)
         row_loss = total_mass * row_lse
         if params.other_mass != 0.0:
             # Skipped when b == 0 so that a masked (-inf) logit does not turn 0 * inf into NaN.
-            weighted_sum = x.sum(dim=-1) if weight is None else x @ weight
+            weighted_sum = shifted.sum(dim=-1) if weight is None else shifted @ weight
             row_loss = row_loss - params.other_mass * weighted_sum
         if params.target_extra != 0.0:
-            target_logit = x.gather(-1, safe_target).squeeze(-1)
+            target_logit = shifted.gather(-1, safe_target).squeeze(-1)
             row_loss = row_loss - params.target_extra * target_weight * target_logit
         if params.z_loss != 0.0:
-            row_loss = row_loss + params.z_loss * row_lse * row_lse
+            absolute_lse = row_lse + reference.squeeze(-1)
+            row_loss = row_loss + params.z_loss * absolute_lse * absolute_lse
         row_loss = torch.where(ignored, 0.0, row_loss)
         row_loss = torch.where(invalid, float("nan"), row_loss)
         loss[start:stop] = row_loss
@@ -95,19 +107,21 @@ def backward(
     params: RowParams,
     grad_logits: Tensor,
 ) -> None:
+    """Write ``grad_loss * d loss / d logits`` into ``grad_logits``; ``lse`` is forward's shifted
+    log-sum-exp (``r`` is recomputed from the logits, before ``grad_logits`` may overwrite them)."""
     acc = accumulation_dtype(logits.dtype)
     num_classes = logits.shape[-1]
     inner = logits.shape[1]
     for start, stop, _, _, chunk in _row_chunks(logits):
         x = chunk.to(acc)
         row_target = target[start:stop]
-        safe_target, ignored, invalid, target_weight, total_mass = _row_terms(
+        safe_target, ignored, invalid, target_weight, total_mass, reference = _row_terms(
             x, row_target, weight, weight_total, params
         )
         row_lse = lse[start:stop].unsqueeze(-1)
-        # d loss / d x_i = softmax_i * (S + 2 z lse) - b * w_i - (a - b) * w_y * [i == y]
-        softmax_scale = total_mass.unsqueeze(-1) + 2.0 * params.z_loss * row_lse
-        grad = (x - row_lse).exp_().mul_(softmax_scale)
+        # d loss / d x_i = softmax_i * (S + 2 z (r + lse_r)) - b * w_i - (a - b) * w_y * [i == y]
+        softmax_scale = total_mass.unsqueeze(-1) + 2.0 * params.z_loss * (row_lse + reference)
+        grad = (x - reference).sub_(row_lse).exp_().mul_(softmax_scale)
         if params.other_mass != 0.0:
             grad.sub_(params.other_mass if weight is None else params.other_mass * weight)
         grad.scatter_add_(-1, safe_target, (-params.target_extra * target_weight).unsqueeze(-1))
