@@ -148,11 +148,12 @@ def test_float64_offsets(backend, offset, options, weighted, path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("path", ["mean", "none"])
-def test_bfloat16_moderate_offset(backend, options, path):
+def test_bfloat16_moderate_offset(backend, options, weighted, path):
     # bfloat16 holds 1e3 + randn * 2 to 4 units; the loss (float32) still shows the offset.
     logits, target, weight, upstream = _case(1e3, torch.bfloat16, seed=5)
-    _check(backend, logits, target, path, upstream, *options, None)
+    _check(backend, logits, target, path, upstream, *options, weight if weighted else None)
 
 
 # ------------------------------------------------------------------------------------------------
