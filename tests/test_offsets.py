@@ -156,6 +156,37 @@ def test_bfloat16_moderate_offset(backend, options, weighted, path):
     _check(backend, logits, target, path, upstream, *options, weight if weighted else None)
 
 
+@pytest.fixture(params=["default", "avx2", "avx512"])
+def capability(request, cpp):
+    previous = cpp.cpu_capability()
+    try:
+        cpp.set_cpu_capability(request.param)
+    except ValueError:
+        pytest.skip(f"CPU kernels for {request.param} not available on this machine/build")
+    yield request.param
+    cpp.set_cpu_capability(previous)
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("path", ["mean", "none"])
+def test_every_cpu_kernel_variant(capability, options, weighted, path):
+    """The C++ kernels of every instruction set, both paths (written in forward; recomputed)."""
+    logits, target, weight, upstream = _case(1e5, torch.float32, seed=19)
+    _check("cpp", logits, target, path, upstream, *options, weight if weighted else None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("path", ["mean", "none"])
+def test_strided_classes(backend, options, path):
+    """(N, C, d) logits: the class dimension is strided (the kernels' gather path)."""
+    logits, target, weight, upstream = _case(1e5, torch.float32, seed=23)
+    logits = logits.view(4, 16, CLASSES).transpose(1, 2)
+    target, upstream = target.view(4, 16), upstream.view(4, 16)
+    _check(backend, logits, target, path, upstream, *options, weight)
+
+
 # ------------------------------------------------------------------------------------------------
 # Extreme rows
 # ------------------------------------------------------------------------------------------------

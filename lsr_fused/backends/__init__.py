@@ -9,11 +9,12 @@ Every backend implements the same two functions over a *row view* of the logits:
     weight_total: ``(1,)`` tensor holding ``weight.sum()`` (None without weight). It stays a
     tensor so that CUDA callers never read it on the host.
     params: :class:`lsr_fused._params.RowParams`.
-    Returns the per-row loss and the per-row log-sum-exp, both ``(B * S,)`` in the accumulation
-    dtype.
+    Returns the per-row loss and the per-row *shifted* log-sum-exp ``lse_r`` (below), both
+    ``(B * S,)`` in the accumulation dtype.
 
 ``backward(grad_loss, logits, target, weight, weight_total, lse, params, grad_logits) -> None``
     grad_loss: ``(B * S,)`` accumulation dtype, any stride (a broadcast stride of 0 is common).
+    lse: what ``forward`` returned for these logits (the shifted ``lse_r``).
     grad_logits: ``(B, S, C)`` output written in place; it may be ``logits`` itself.
 
 Optional extension, for the device types a backend lists in ``WRITES_GRAD_IN_FORWARD``:
@@ -23,13 +24,23 @@ takes ``grad_guess`` too and then rewrites only the rows whose ``grad_loss`` dif
 Correctness never depends on the guess; only the cost of the second pass does.
 
 Per row, with ``x`` the logits, ``y`` the target, ``w`` the class weights (all ones without weight),
-``W = sum(w)``, ``a - b = target_extra``, ``b = other_mass`` and ``z = z_loss``::
+``W = sum(w)``, ``a - b = target_extra``, ``b = other_mass`` and ``z = z_loss``, every term is taken
+relative to the row's reference ``r``: its first logit ``x_0`` (in the accumulation dtype) where
+finite, else 0. Forward and backward both compute ``r`` the same way, from that one load (before
+anything is written to a ``grad_logits`` that aliases the logits). Logits sharing a large offset
+then cancel exactly in ``x - r`` instead of after rounding (``F.cross_entropy``'s accuracy at any
+offset), and a row of equal huge logits gives ``S * log(C)``::
 
-    lse  = log(sum_c exp(x_c))
-    S    = b * W + (a - b) * w_y                 # total weighted target mass
-    loss = S * lse - b * sum_c w_c x_c - (a - b) * w_y * x_y + z * lse**2
-    d loss / d x_i = softmax_i * (S + 2 z lse) - b * w_i - (a - b) * w_y * [i == y]
+    lse_r = log(sum_c exp(x_c - r))          # saved; the absolute lse is r + lse_r
+    S     = b * W + (a - b) * w_y             # total weighted target mass
+    loss  = S * lse_r - b * sum_c w_c (x_c - r) - (a - b) * w_y * (x_y - r) + z * (r + lse_r)**2
+    softmax_i = exp((x_i - r) - lse_r)
+    d loss / d x_i = softmax_i * (S + 2 z (r + lse_r)) - b * w_i - (a - b) * w_y * [i == y]
 
-Ignored rows (``y == ignore_index``) give loss 0 and gradient 0. A target outside ``[0, C)`` gives a
-NaN loss and never an out-of-bounds read (the policy layer raises before that on the CPU).
+(``S = b W + (a - b) w_y``, so the ``r`` terms cancel: this equals the loss written with the
+absolute lse.) The ``b`` term is skipped when ``b == 0`` and the target term when ``a - b == 0``, so
+that a masked (-inf) logit never makes ``0 * inf = NaN``. A +inf logit makes the row NaN, as in
+``F.cross_entropy``. Ignored rows (``y == ignore_index``) give loss 0 and gradient 0. A target
+outside ``[0, C)`` gives a NaN loss and never an out-of-bounds read (the policy layer raises before
+that on the CPU).
 """
