@@ -3,7 +3,7 @@
 Every backend implements the same two functions over a *row view* of the logits:
 
 ``forward(logits, target, weight, weight_total, params) -> (loss, lse)``
-    logits: ``(B, S, C)`` float16/bfloat16/float32/float64, any strides; row ``r = b * S + s``.
+    logits: ``(B, S, C)`` float16/bfloat16/float32/float64, any strides; row index ``b * S + s``.
     target: ``(B * S,)`` int64, contiguous.
     weight: ``(C,)`` in the accumulation dtype (float32, float64 for float64 logits) or None.
     weight_total: ``(1,)`` tensor holding ``weight.sum()`` (None without weight). It stays a

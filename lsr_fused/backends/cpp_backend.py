@@ -18,7 +18,8 @@ points (as the Triton kernels are the Triton backend's): in the package, only :f
 declared once, in ``csrc/ops.cpp``; what is compiled, and how, is in
 :mod:`lsr_fused._build_config` (shared with ``setup.py``).
 
-Training steps (``WRITES_GRAD_IN_FORWARD``): given ``grad_logits`` and a ``(1,)`` ``grad_guess``,
+Training steps (``WRITES_GRAD_IN_FORWARD``, CPU only: the CUDA forward raises
+``NotImplementedError`` when given them): given ``grad_logits`` and a ``(1,)`` ``grad_guess``,
 ``forward`` also writes each row's gradient for upstream ``grad_guess``, right after the row's
 statistics while the row is still in the caches (one read of the logits instead of two for
 forward + backward); ``backward`` given the same ``grad_guess`` rewrites only the rows whose
@@ -73,8 +74,8 @@ from .._params import RowParams
 _OP_NAMESPACE = "lsr_fused_C"
 _SOURCE_ROOT = Path(__file__).resolve().parents[2] / _build_config.CSRC_DIR
 
-# Device types whose kernels write the gradient in forward (see lsr_fused.backends). The CUDA
-# kernels implement it too, but stay off until a GPU run of tests/test_cuda_parity.py passes.
+# Device types whose kernels write the gradient in forward (see lsr_fused.backends). The CUDA C++
+# forward does not (on CUDA the Triton backend is the default; this one is its fallback).
 WRITES_GRAD_IN_FORWARD = frozenset({"cpu"})
 
 _lock = threading.RLock()
