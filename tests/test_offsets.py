@@ -156,6 +156,21 @@ def test_bfloat16_moderate_offset(backend, options, weighted, path):
     _check(backend, logits, target, path, upstream, *options, weight if weighted else None)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first", [-1e4, -1e9, torch.finfo(torch.float32).min, 200.0], ids=str)
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("path", ["mean", "none", "sum-inplace"])
+def test_outlying_first_logit(backend, first, offset, options, path):
+    """A first class masked with a large finite value (a padding or blank class), or far above
+    the rest: the first logit is then no reference, and the row max is used instead."""
+    logits, target, weight, upstream = _case(offset, torch.float32, seed=29)
+    logits[:, 0] = first if first < 0 else offset + first
+    target[target == 0] = 1
+    # Weights below 1: w * finfo.min would overflow float32 (F.cross_entropy gives inf there too).
+    _check(backend, logits, target, path, upstream, *options, weight / 1.5)
+
+
 @pytest.fixture(params=["default", "avx2", "avx512"])
 def capability(request, cpp):
     previous = cpp.cpu_capability()

@@ -44,3 +44,7 @@ that a masked (-inf) logit never makes ``0 * inf = NaN``. A +inf logit makes the
 outside ``[0, C)`` gives a NaN loss and never an out-of-bounds read (the policy layer raises before
 that on the CPU).
 """
+
+# The reference r is the first logit only while it is at most this far below the row max (see the
+# contract above); the C++ kernels use the same value (csrc/cpu/kernel_impl.h, csrc/cuda/kernels.cu).
+FIRST_LOGIT_MAX_GAP = 64.0
