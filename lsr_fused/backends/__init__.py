@@ -9,12 +9,12 @@ Every backend implements the same two functions over a *row view* of the logits:
     weight_total: ``(1,)`` tensor holding ``weight.sum()`` (None without weight). It stays a
     tensor so that CUDA callers never read it on the host.
     params: :class:`lsr_fused._params.RowParams`.
-    Returns the per-row loss and the per-row *shifted* log-sum-exp ``lse_r`` (below), both
+    Returns the per-row loss and the per-row saved, *shifted* log-sum-exp ``lse`` (below), both
     ``(B * S,)`` in the accumulation dtype.
 
 ``backward(grad_loss, logits, target, weight, weight_total, lse, params, grad_logits) -> None``
     grad_loss: ``(B * S,)`` accumulation dtype, any stride (a broadcast stride of 0 is common).
-    lse: what ``forward`` returned for these logits (the shifted ``lse_r``).
+    lse: what ``forward`` returned for these logits.
     grad_logits: ``(B, S, C)`` output written in place; it may be ``logits`` itself.
 
 Optional extension, for the device types a backend lists in ``WRITES_GRAD_IN_FORWARD``:
@@ -25,26 +25,32 @@ Correctness never depends on the guess; only the cost of the second pass does.
 
 Per row, with ``x`` the logits, ``y`` the target, ``w`` the class weights (all ones without weight),
 ``W = sum(w)``, ``a - b = target_extra``, ``b = other_mass`` and ``z = z_loss``, every term is taken
-relative to the row's reference ``r``: its first logit ``x_0`` (in the accumulation dtype) where
-finite, else 0. Forward and backward both compute ``r`` the same way, from that one load (before
-anything is written to a ``grad_logits`` that aliases the logits). Logits sharing a large offset
-then cancel exactly in ``x - r`` instead of after rounding (``F.cross_entropy``'s accuracy at any
-offset), and a row of equal huge logits gives ``S * log(C)``::
+relative to a reference ``r`` so that logits sharing a large offset cancel exactly in ``x - r``
+instead of after rounding (``F.cross_entropy``'s accuracy at any offset), and a row of equal huge
+logits gives ``S * log(C)``. ``r`` is the row's first logit ``x_0`` (in the accumulation dtype)
+where it is finite and at most ``FIRST_LOGIT_MAX_GAP`` (64) below the row max ``m``, the common
+case, which backward recomputes from that one load; otherwise (a first class masked with a large
+finite value, or -inf) ``r = m`` where finite, else 0::
 
-    lse_r = log(sum_c exp(x_c - r))          # saved; the absolute lse is r + lse_r
+    lse_r = log(sum_c exp(x_c - r))          # the absolute lse is r + lse_r
     S     = b * W + (a - b) * w_y             # total weighted target mass
     loss  = S * lse_r - b * sum_c w_c (x_c - r) - (a - b) * w_y * (x_y - r) + z * (r + lse_r)**2
     softmax_i = exp((x_i - r) - lse_r)
     d loss / d x_i = softmax_i * (S + 2 z (r + lse_r)) - b * w_i - (a - b) * w_y * [i == y]
 
 (``S = b W + (a - b) w_y``, so the ``r`` terms cancel: this equals the loss written with the
-absolute lse.) The ``b`` term is skipped when ``b == 0`` and the target term when ``a - b == 0``, so
-that a masked (-inf) logit never makes ``0 * inf = NaN``. A +inf logit makes the row NaN, as in
+absolute lse.) The saved ``lse`` says which ``r`` was used: ``lse_r >= 0`` for ``r = x_0`` (the sum
+holds ``exp(0) = 1``), ``-(1 + lse_r) <= -1`` for ``r = m`` (backward then recomputes the row max),
+``-inf`` for an all -inf row (``r = 0``) and NaN for a row with a NaN or +inf logit. Backward:
+a finite negative ``lse`` means ``r = m``; anything else means ``r = x_0`` where finite, else 0.
+
+The ``b`` term is skipped when ``b == 0`` and the target term when ``a - b == 0``, so that a masked
+(-inf) logit never makes ``0 * inf = NaN``. A +inf logit makes the row NaN, as in
 ``F.cross_entropy``. Ignored rows (``y == ignore_index``) give loss 0 and gradient 0. A target
 outside ``[0, C)`` gives a NaN loss and never an out-of-bounds read (the policy layer raises before
 that on the CPU).
 """
 
-# The reference r is the first logit only while it is at most this far below the row max (see the
-# contract above); the C++ kernels use the same value (csrc/cpu/kernel_impl.h, csrc/cuda/kernels.cu).
+# How far below the row max the first logit may be and still serve as the reference r (above); the
+# C++ kernels use the same value (csrc/cpu/kernel_impl.h, csrc/cuda/kernels.cu).
 FIRST_LOGIT_MAX_GAP = 64.0
