@@ -7,8 +7,10 @@
 // anonymous namespace so that the per-ISA copies never meet at link time.
 //
 // Math per row (see lsr_fused/backends/__init__.py), relative to the row's reference r (its first
-// logit where finite, else 0) so that a large offset shared by the row cancels exactly in x - r:
-//   lse_r = log(sum_c exp(x_c - r))          (the saved lse; the absolute lse is r + lse_r)
+// logit where finite and at most kFirstLogitMaxGap below the max, else the max) so that a large
+// offset shared by the row cancels exactly in x - r:
+//   lse_r = log(sum_c exp(x_c - r))          (the absolute lse is r + lse_r; saved as choose_shift
+//                                             says)
 //   S     = b * W + (a - b) * w_y
 //   loss  = S * lse_r - b * sum_c w_c (x_c - r) - (a - b) * w_y * (x_y - r) + z * (r + lse_r)^2
 //   dx_i  = g * (exp((x_i - r) - lse_r) * (S + 2 z (r + lse_r)) - b * w_i - (a - b) * w_y * [i == y])
@@ -263,14 +265,79 @@ inline typename AccOf<T>::type to_acc(T x) {
   return static_cast<typename AccOf<T>::type>(x);
 }
 
-// The row's reference r: its first logit where finite, else 0 (forward and backward both take it
-// from this one load, before anything is written to a gradient that may alias the row).
+// The row's first logit where finite, else 0: the reference the forward sums are taken against
+// (and r itself in the common case, see choose_shift).
 template <typename T>
 inline typename AccOf<T>::type row_reference(const T* row, int64_t C) {
   using A = typename AccOf<T>::type;
   if (C == 0) return A(0);
   const A first = to_acc(row[0]);
   return std::isfinite(first) ? first : A(0);
+}
+
+// The first logit in double (-inf for a row without classes).
+template <typename T>
+inline double first_logit(const T* row, int64_t C) {
+  return C > 0 ? static_cast<double>(to_acc(row[0])) : -std::numeric_limits<double>::infinity();
+}
+
+// FIRST_LOGIT_MAX_GAP of lsr_fused/backends/__init__.py.
+constexpr double kFirstLogitMaxGap = 64.0;
+
+// r, lse_r and the value saved for backward (lsr_fused/backends/__init__.py) of a row with first
+// logit `first`, maximum row_max and log_sum = log(sum exp(x - row_max)) (NaN for a NaN or +inf
+// logit, -inf for an all -inf row): r is the first logit where finite and at most
+// kFirstLogitMaxGap below the max (saved: lse_r >= 0), else the max (saved: -(1 + lse_r)).
+struct Shift {
+  double ref;
+  double lse;
+  double saved;
+  bool from_max;
+};
+
+inline Shift choose_shift(double first, double row_max, double log_sum) {
+  if (!std::isfinite(log_sum)) {
+    return Shift{std::isfinite(first) ? first : 0.0, log_sum, log_sum, false};
+  }
+  if (std::isfinite(first) && row_max - first <= kFirstLogitMaxGap) {
+    const double lse = (row_max - first) + log_sum;
+    return Shift{first, lse, std::max(lse, 0.0), false};  // >= 0 but for rounding
+  }
+  return Shift{row_max, log_sum, -1.0 - log_sum, true};
+}
+
+// The row max (NaN-free rows), for a row whose reference is its max.
+template <typename T>
+inline typename AccOf<T>::type row_max_value(const T* row, int64_t C, int64_t sc) {
+  using A = typename AccOf<T>::type;
+  using V = Vectorized<A>;
+  constexpr int64_t kChunk = Io<T>::kChunk;
+  V m0(std::numeric_limits<A>::lowest()), m1(std::numeric_limits<A>::lowest());
+  int64_t i = 0;
+  if (sc == 1) {
+    for (; i + kChunk <= C; i += kChunk) {
+      V a, b;
+      Io<T>::load(row + i, a, b);
+      m0 = at::vec::clamp_min(m0, a);
+      m1 = at::vec::clamp_min(m1, b);
+    }
+  }
+  A m = hmax_nan<A>(at::vec::clamp_min(m0, m1));
+  for (; i < C; ++i) m = std::max(m, to_acc(row[i * sc]));
+  return m;
+}
+
+// sum_c w_c (x_c - ref) in double (w nullptr: unweighted), for a row whose reference is its max
+// (the fused sums were taken against its first logit).
+template <typename T>
+inline double shifted_sum(const T* row, int64_t C, int64_t sc, const typename AccOf<T>::type* w,
+                          double ref) {
+  double total = 0.0;
+  for (int64_t i = 0; i < C; ++i) {
+    const double d = static_cast<double>(to_acc(row[i * sc])) - ref;
+    total += w != nullptr ? d * static_cast<double>(w[i]) : d;
+  }
+  return total;
 }
 
 // Online softmax statistics of one row, kept per vector lane in a single pass over the logits:
@@ -287,8 +354,8 @@ struct LaneStats {
   V s0{A(0)};
   V s1{A(0)};
   V total{A(0)};
-  A ref = A(0);       // the row's reference r
-  double sumx = 0.0;  // sum of (weighted) x - r
+  A ref = A(0);       // what the sums are relative to (row_reference)
+  double sumx = 0.0;  // sum of (weighted) x - ref
 
   inline void add_chunk(const V& a, const V& b) {
     // clamp_min is a plain max instruction (not NaN-propagating: NaN logits reach the sums
@@ -311,17 +378,17 @@ struct LaneStats {
     s1 = V(A(0));
   }
 
-  // The shifted lse, log(sum exp(x - ref)) = (max - ref) + log(sum exp(x - max)).
-  double lse() {
+  // The row max and log(sum exp(x - max)): NaN for a NaN or a +inf logit (inf - inf in softmax,
+  // as F.cross_entropy gives), -inf for an all -inf (or empty) row, where every lane sum is 0.
+  void finish(double& row_max_out, double& log_sum) {
     flush();
     const A row_max = hmax_nan<A>(m);
-    // NaN, or a +inf logit (inf - inf in softmax): NaN, as F.cross_entropy gives.
+    row_max_out = static_cast<double>(row_max);
     if (std::isnan(row_max) || row_max == std::numeric_limits<A>::infinity()) {
-      return std::numeric_limits<double>::quiet_NaN();
+      log_sum = std::numeric_limits<double>::quiet_NaN();
+      return;
     }
-    // All -inf (or empty): every lane sum is 0 and log(0) = -inf.
-    const double sum = hsum<A>(total * vexp(m - V(row_max)));
-    return (static_cast<double>(row_max) - static_cast<double>(ref)) + std::log(sum);
+    log_sum = std::log(hsum<A>(total * vexp(m - V(row_max))));
   }
 };
 
@@ -447,11 +514,12 @@ inline void fill_row(T* out, int64_t C, int64_t sc, double value) {
 
 // Writes the gradient of one row for the upstream value g: zeros for an ignored row, NaN for an
 // invalid target, else g * (softmax * (S + 2 z (r + lse)) - b * w - (a - b) * w_y * [i == y]) with
-// lse the shifted lse and softmax = exp((x - r) - lse). out may alias row (r and x_y are read
-// before anything is written). buf: kBlock scratch for strided rows.
+// softmax = exp((x - r) - lse), r and lse decoded from forward's saved value (choose_shift). out
+// may alias row (r and x_y are read before anything is written). buf: kBlock scratch for strided
+// rows.
 template <typename T, bool kWeighted>
 inline void write_grad_row(const RowArgs& a, const RowInfo& info, const T* row, T* out, double g,
-                           double lse, double total_w, typename AccOf<T>::type* buf) {
+                           double saved, double total_w, typename AccOf<T>::type* buf) {
   using A = typename AccOf<T>::type;
   const A* w = static_cast<const A*>(a.weight);
   const int64_t C = a.num_classes;
@@ -469,8 +537,10 @@ inline void write_grad_row(const RowArgs& a, const RowInfo& info, const T* row, 
   const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
   const double total_mass = a.other_mass * total_w + a.target_extra * w_y;
   // Read r and x_y before the row is overwritten (grad may alias logits).
-  const A ref = row_reference(row, C);
+  const bool from_max = std::isfinite(saved) && saved < 0.0;
+  const A ref = from_max ? row_max_value(row, C, sc) : row_reference(row, C);
   const double ref_d = static_cast<double>(ref);
+  const double lse = from_max ? -1.0 - saved : saved;
   const double x_y = static_cast<double>(to_acc(row[y * sc]));
 
   if (!std::isfinite(lse)) {
@@ -561,12 +631,12 @@ void backward_rows(const RowArgs& a, int64_t row_begin, int64_t row_end) {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-// The (weighted) sum of x - ref and the shifted lse of one row by the single online pass (any
-// layout).
+// The max, log(sum exp(x - max)) and (weighted) sum of x - ref of one row by the single online
+// pass (any layout).
 template <typename T, int kSum>
 inline void online_row_stats(const T* row, int64_t C, int64_t sc, const typename AccOf<T>::type* w,
-                             typename AccOf<T>::type ref, typename AccOf<T>::type* buf, double& lse,
-                             double& sumx) {
+                             typename AccOf<T>::type ref, typename AccOf<T>::type* buf,
+                             double& row_max, double& log_sum, double& sumx) {
   using A = typename AccOf<T>::type;
   LaneStats<A> st;
   st.ref = ref;
@@ -582,7 +652,7 @@ inline void online_row_stats(const T* row, int64_t C, int64_t sc, const typename
       consume<A, kSum>(buf, len, w != nullptr ? w + i0 : nullptr, st);
     }
   }
-  lse = st.lse();
+  st.finish(row_max, log_sum);
   sumx = st.sumx;
 }
 
@@ -629,14 +699,16 @@ void forward_rows_impl(const RowArgs& a, int64_t row_begin, int64_t row_end) {
     const RowInfo info = row_info(a, r, grad != nullptr);
     const T* row = logits + info.in_offset;
     const A ref = row_reference(row, C);
-    double lse, sumx;
-    online_row_stats<T, kSum>(row, C, sc, w, ref, buf, lse, sumx);
-    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, ref, lse, sumx, total_w));
-    lse_out[r] = static_cast<A>(lse);
+    double row_max, log_sum, sumx;
+    online_row_stats<T, kSum>(row, C, sc, w, ref, buf, row_max, log_sum, sumx);
+    const Shift shift = choose_shift(first_logit(row, C), row_max, log_sum);
+    if (kSum != 0 && shift.from_max) sumx = shifted_sum(row, C, sc, w, shift.ref);
+    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, shift.ref, shift.lse, sumx, total_w));
+    lse_out[r] = static_cast<A>(shift.saved);
     if (grad != nullptr) {
       // kSum == 2 exactly when the gradient has a weighted smoothing term (weight and b != 0).
       write_grad_row<T, kSum == 2>(a, info, row, grad + info.out_offset, guess,
-                                   static_cast<double>(static_cast<A>(lse)), total_w, buf);
+                                   static_cast<double>(static_cast<A>(shift.saved)), total_w, buf);
     }
   }
 }
@@ -847,40 +919,38 @@ void forward_grad_rows_pipelined(const RowArgs& a, int64_t row_begin, int64_t ro
     T* out = grad + info.out_offset;
     const T* next = r + 1 < row_end ? logits + row_info(a, r + 1, false).in_offset : nullptr;
     const A ref = row_reference(row, C);
-    const double ref_d = static_cast<double>(ref);
     A row_max;
     double sumx;
     row_max_and_sum<T, kSum>(row, C, w, ref, row_max, sumx);
-    double lse = std::numeric_limits<double>::quiet_NaN(), exp_sum = 0.0;
+    double exp_sum = 0.0;
     A* e = buffers + which * buffer_stride;
-    if (std::isfinite(row_max)) {
-      exp_sum = pass2(row, row_max, e, next);
-      lse = (static_cast<double>(row_max) - ref_d) + std::log(exp_sum);  // shifted by r
-    }
+    if (std::isfinite(row_max)) exp_sum = pass2(row, row_max, e, next);
     // NaN logits give a NaN sum, an all -inf row a zero sum: the online path handles those.
     if (!(std::isfinite(exp_sum) && exp_sum > 0.0)) {
       // (The pending row keeps its buffer until it is written; writing it now keeps row order.)
       if (pending.e != nullptr) pass2(nullptr, A(0), nullptr, nullptr);
-      online_row_stats<T, kSum>(row, C, 1, w, ref, buf, lse, sumx);
-      loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, ref_d, lse, sumx, total_w));
-      lse_out[r] = static_cast<A>(lse);
-      write_grad_row<T, kWeighted>(a, info, row, out, g, static_cast<double>(static_cast<A>(lse)),
-                                   total_w, buf);
+      double max_d, log_sum;
+      online_row_stats<T, kSum>(row, C, 1, w, ref, buf, max_d, log_sum, sumx);
+      const Shift shift = choose_shift(first_logit(row, C), max_d, log_sum);
+      loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, shift.ref, shift.lse, sumx, total_w));
+      lse_out[r] = static_cast<A>(shift.saved);
+      write_grad_row<T, kWeighted>(a, info, row, out, g,
+                                   static_cast<double>(static_cast<A>(shift.saved)), total_w, buf);
       continue;
     }
-    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, ref_d, lse, sumx, total_w));
-    lse_out[r] = static_cast<A>(lse);
+    const Shift shift =
+        choose_shift(first_logit(row, C), static_cast<double>(row_max), std::log(exp_sum));
+    if (kSum != 0 && shift.from_max) sumx = shifted_sum(row, C, 1, w, shift.ref);
+    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, shift.ref, shift.lse, sumx, total_w));
+    lse_out[r] = static_cast<A>(shift.saved);
     if (info.ignored || info.invalid) {
       fill_row(out, C, 1, info.ignored ? 0.0 : std::numeric_limits<double>::quiet_NaN());
       continue;
     }
-    // The stored (rounded) lse in the z-loss term, as the backward pass would use it.
     const int64_t y = info.target;
     const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
     double scale = a.other_mass * total_w + a.target_extra * w_y;
-    if (a.z_loss != 0.0) {
-      scale += 2.0 * a.z_loss * (ref_d + static_cast<double>(static_cast<A>(lse)));
-    }
+    if (a.z_loss != 0.0) scale += 2.0 * a.z_loss * (shift.ref + shift.lse);
     const double coef = g * scale / exp_sum;  // softmax_i = e_i / exp_sum
     const double bw = g * a.other_mass;
     pending.e = e;
