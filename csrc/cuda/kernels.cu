@@ -136,11 +136,10 @@ struct Stats {
     sumx += osumx;
   }
 
-  // The shifted lse, log(sum exp(x - ref)) = (m - ref) + log(s): -inf for an all -inf row, NaN
-  // with a NaN or +inf logit.
-  __device__ __forceinline__ A lse(A ref) const {
+  // log(sum exp(x - m)): -inf for an all -inf row, NaN with a NaN or +inf logit.
+  __device__ __forceinline__ A log_sum() const {
     if (m == pos_inf<A>()) return quiet_nan<A>();
-    return (m - ref) + acc_log(s);
+    return acc_log(s);
   }
 };
 
@@ -190,13 +189,77 @@ struct RowPos {
   int64_t out_offset;
 };
 
-// The row's reference r: its first logit where finite, else 0 (see lsr_fused/backends/__init__.py).
+// The row's first logit where finite, else 0: what the forward sums are taken against, and the
+// reference r in the common case (see Shift).
 template <typename T>
 __device__ __forceinline__ typename AccOf<T>::type row_reference(const T* row, int64_t C) {
   using A = typename AccOf<T>::type;
   if (C == 0) return A(0);
   const A first = to_acc(row[0]);
   return isfinite(first) ? first : A(0);
+}
+
+// FIRST_LOGIT_MAX_GAP of lsr_fused/backends/__init__.py.
+constexpr double kFirstLogitMaxGap = 64.0;
+
+// r, lse_r and the value saved for backward (lsr_fused/backends/__init__.py) of a row with first
+// logit `first`, maximum row_max and log_sum = log(sum exp(x - row_max)): r is the first logit
+// where finite and at most kFirstLogitMaxGap below the max (saved: lse_r >= 0), else the max
+// (saved: -(1 + lse_r)); NaN and all -inf rows keep log_sum (NaN, -inf) with r = row_reference.
+template <typename A>
+struct Shift {
+  A ref;
+  A lse;
+  A saved;
+  bool from_max;
+
+  __device__ __forceinline__ static Shift choose(A first, A row_max, A log_sum) {
+    if (!isfinite(log_sum)) return Shift{isfinite(first) ? first : A(0), log_sum, log_sum, false};
+    if (isfinite(first) && row_max - first <= static_cast<A>(kFirstLogitMaxGap)) {
+      const A lse = (row_max - first) + log_sum;
+      return Shift{first, lse, lse > A(0) ? lse : A(0), false};  // >= 0 but for rounding
+    }
+    return Shift{row_max, log_sum, A(-1) - log_sum, true};
+  }
+};
+
+// The sum (kMax false) or max (kMax true) of v over the block, returned to every thread. Called by
+// every thread of the block.
+template <bool kMax, typename A, int kThreads>
+__device__ __forceinline__ A block_reduce(A v) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ A partial[kWarps];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const A other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = kMax ? acc_max(v, other) : v + other;
+  }
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+  __syncthreads();
+  A total = partial[0];
+#pragma unroll
+  for (int k = 1; k < kWarps; ++k) total = kMax ? acc_max(total, partial[k]) : total + partial[k];
+  __syncthreads();  // partial is reused by the next call
+  return total;
+}
+
+// The reference r and lse_r of a row from forward's saved value: a finite negative one means the
+// row max (recomputed here by the whole block; uniform over the block), else row_reference.
+template <typename T, int kThreads>
+__device__ __forceinline__ void decode_shift(const T* row, int64_t C, int64_t sc,
+                                             typename AccOf<T>::type saved,
+                                             typename AccOf<T>::type& ref,
+                                             typename AccOf<T>::type& lse) {
+  using A = typename AccOf<T>::type;
+  if (isfinite(saved) && saved < A(0)) {
+    A m = neg_inf<A>();
+    for (int64_t i = threadIdx.x; i < C; i += kThreads) m = acc_max(m, to_acc(row[i * sc]));
+    ref = block_reduce<true, A, kThreads>(m);
+    lse = A(-1) - saved;
+  } else {
+    ref = row_reference(row, C);
+    lse = saved;
+  }
 }
 
 __device__ __forceinline__ RowPos row_pos(const RowArgs& a, int64_t r) {
@@ -363,11 +426,35 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<T, kThreads>))
     accumulate_row<T, kSum, kThreads>(row, w, C, sc, ref, st);
     block_merge<A, kThreads>(st);
 
+    // Thread 0 holds the row's statistics; where r is the row max, the block sums again against
+    // it (rare: a first logit masked with a large finite value, or -inf).
+    __shared__ A shared_ref;
+    __shared__ int shared_from_max;
+    const Shift<A> shift =
+        Shift<A>::choose(C > 0 ? to_acc(row[0]) : neg_inf<A>(), st.m, st.log_sum());
+    if constexpr (kSum != 0) {
+      if (threadIdx.x == 0) {
+        shared_ref = shift.ref;
+        shared_from_max = shift.from_max;
+      }
+      __syncthreads();
+      if (shared_from_max) {  // uniform over the block
+        const A max_ref = shared_ref;
+        A partial = A(0);
+        for (int64_t i = threadIdx.x; i < C; i += kThreads) {
+          const A d = to_acc(row[i * sc]) - max_ref;
+          partial += kSum == 2 ? d * w[i] : d;
+        }
+        st.sumx = block_reduce<false, A, kThreads>(partial);
+      }
+    }
+
     if (threadIdx.x == 0) {
       const int64_t y = a.target[r];
       const bool ignored = y == a.ignore_index;
       const bool invalid = !ignored && (y < 0 || y >= C);
-      const A lse = st.lse(ref);
+      const A lse = shift.lse;
+      const A ref_r = shift.ref;
       double loss;
       if (ignored) {
         loss = 0.0;
@@ -381,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<T, kThreads>))
                                    : static_cast<double>(C);
         const double total_mass = a.other_mass * total_w + a.target_extra * w_y;
         const double l = static_cast<double>(lse);
-        const double ref_d = static_cast<double>(ref);
+        const double ref_d = static_cast<double>(ref_r);
         loss = total_mass * l;
         if (a.other_mass != 0.0) loss -= a.other_mass * static_cast<double>(st.sumx);
         if (a.target_extra != 0.0) {
@@ -390,8 +477,9 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<T, kThreads>))
         if (a.z_loss != 0.0) loss += a.z_loss * (ref_d + l) * (ref_d + l);
       }
       loss_out[r] = static_cast<A>(loss);
-      lse_out[r] = lse;
+      lse_out[r] = shift.saved;
     }
+    if constexpr (kSum != 0) __syncthreads();  // shared_ref is rewritten for the next row
   }
 }
 
@@ -415,11 +503,12 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<T, kThreads>))
     if (skip_guessed && g == guess) continue;  // the same decision in every thread of the block
     const RowPos pos = row_pos(a, r);
     const T* row = logits + pos.in_offset;
-    const A ref = row_reference(row, C);
+    A ref, lse;
+    decode_shift<T, kThreads>(row, C, a.stride_c, lse_in[r * a.lse_stride], ref, lse);
     // Every thread has read r before any writes: the gradient may overwrite the logits.
     __syncthreads();
     write_grad_row<T, kWeighted, kThreads>(a, row, grad + pos.out_offset, a.target[r], g, ref,
-                                           lse_in[r * a.lse_stride]);
+                                           lse);
   }
 }
 
