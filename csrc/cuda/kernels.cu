@@ -2,8 +2,9 @@
 //
 // One thread block per row (grid-stride over rows): each thread keeps an online (max, sum-exp)
 // pair plus the (weighted) sum of its logits, the block merges them, and thread 0 writes loss and
-// lse. Everything is relative to the row's reference r, its first logit where finite, else 0 (see
-// lsr_fused/backends/__init__.py): the saved lse is log(sum exp(x - r)), so that logits sharing a
+// lse. Everything is relative to the row's reference r (see lsr_fused/backends/__init__.py and
+// Shift): its first logit, or its max where the first logit is not finite or far below the max; the
+// saved lse is log(sum exp(x - r)) (encoded as -(1 + lse) for r = max), so that logits sharing a
 // large offset keep their accuracy. The backward recomputes softmax from the stored lse and writes
 // every gradient once; given a grad_guess it skips the rows whose upstream equals it. (These kernels
 // do not write the gradient in forward: ops_cuda.cpp rejects grad_logits there.) float32
