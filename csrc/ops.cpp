@@ -259,10 +259,12 @@ at::Tensor empty_grad_meta(const at::Tensor& logits) { return at::empty_like(log
 
 // The schemas, written once (lsr_fused/backends/cpp_backend.py and its tests refer here).
 //
-// forward -> (loss, lse): per-row loss and log-sum-exp (accumulation dtype) of logits (B, S, C).
-// Gradient in forward (training steps): given grad_logits and the (1,) grad_guess, forward also
-// writes every row's gradient for upstream grad_guess, each row right after its statistics while
-// it is still cached.
+// forward -> (loss, lse): per-row loss and shifted log-sum-exp log(sum exp(x - r)) (accumulation
+// dtype) of logits (B, S, C), r being the row's first logit where finite, else 0 (see
+// lsr_fused/backends/__init__.py); backward takes that lse back and recomputes r.
+// Gradient in forward (training steps, CPU only): given grad_logits and the (1,) grad_guess,
+// forward also writes every row's gradient for upstream grad_guess, each row right after its
+// statistics while it is still cached.
 //
 // backward writes the gradient into grad_logits (which may be the logits themselves); given the
 // same grad_guess as forward, it rewrites only the rows whose grad_loss differs from it (and reads

@@ -5,6 +5,7 @@ GPU). The Triton kernels' compile checks live in ``test_triton_compile.py``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -188,3 +189,78 @@ def test_cuda_glue_compiles(tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump from PATH, beside nvcc, or the copy Triton ships (triton/backends/nvidia/bin)."""
+    candidates = [shutil.which("cuobjdump")]
+    if _nvcc() is not None:
+        candidates.append(str(Path(_nvcc()).resolve().parent / "cuobjdump"))
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin is not None:
+        candidates.append(
+            str(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+        )
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def _innermost_loops(sass: str) -> list[list[str]]:
+    """Opcodes of each innermost loop body of one function (a backward branch closes a loop)."""
+    instructions = [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(sass)]
+    loops = []
+    for addr, opcode, operands in instructions:
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if opcode == "BRA" and target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    innermost = [
+        (lo, hi)
+        for lo, hi in loops
+        if not any((lo, hi) != other and lo <= other[0] and other[1] <= hi for other in loops)
+    ]
+    return [[op for a, op, _ in instructions if lo <= a <= hi] for lo, hi in innermost]
+
+
+@pytest.mark.skipif(
+    _nvcc() is None or _cuobjdump() is None, reason="nvcc or cuobjdump not found (no CUDA toolkit)"
+)
+def test_cuda_forward_hot_loop(tmp_path):
+    """Issue 20 item 7, read off the sm_90 SASS of every float/half/bfloat16 forward kernel: the
+    contiguous row loop issues two 16-byte loads before its first exponential (two in flight per
+    thread), computes one exponential per element plus one for the running-max rescale, and stays
+    under 20 instructions per element (the one-load, per-element-branch loop took 37.5 and 2)."""
+    cubin = tmp_path / "kernels.cubin"
+    cmd = [
+        _nvcc(), "-cubin", str(CSRC / "cuda" / "kernels.cu"), "-o", str(cubin), "-std=c++17",
+        "-O3", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90",
+        "-DLSR_FUSED_WITH_CUDA=1", f"-I{CSRC}", *_torch_includes(),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    sass = subprocess.run(
+        [_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+    parts = re.split(r"\n\s*Function : (\S+)\n", sass)
+    checked = []
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        kernel = re.search(r"forward_kernelI(13__nv_bfloat16|6__half|f)Li\dELi\d+E", name)
+        if kernel is None:
+            continue
+        per_load = 4 if kernel.group(1) == "f" else 8  # elements in 16 bytes
+        vector_loops = [
+            loop
+            for loop in _innermost_loops(body)
+            if any(".128" in op for op in loop if "LDG" in op)
+        ]
+        assert len(vector_loops) == 1, (name, vector_loops)
+        (loop,) = vector_loops
+        loads = [i for i, op in enumerate(loop) if op.startswith("LDG") and ".128" in op]
+        exps = [i for i, op in enumerate(loop) if op == "MUFU.EX2"]
+        elements = per_load * len(loads)
+        assert len(loads) >= 2 and loads[1] < exps[0], (name, loop)
+        assert len(exps) <= elements + 1, (name, len(exps), elements)
+        assert len(loop) / elements < 20, (name, len(loop), elements)
+        checked.append(name)
+    assert len(checked) == 18, checked  # 3 types x 3 sums x 2 block sizes

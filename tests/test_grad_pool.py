@@ -277,3 +277,12 @@ def test_environment_variable_sets_the_bound(value, expected):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert int(out.stdout.strip().splitlines()[-1]) == expected
+
+
+@pytest.mark.parametrize("bad", [1.5, True, False, "1024", 2.0])
+def test_bound_must_be_an_integer(bad):
+    """A float or a bool is not a byte count (int(1.5) and int(True) would be a 1-byte bound)."""
+    before = lsr_fused.gradient_pool_stats()["max_bytes"]
+    with pytest.raises(TypeError, match="max_bytes"):
+        lsr_fused.set_gradient_pool(bad)
+    assert lsr_fused.gradient_pool_stats()["max_bytes"] == before

@@ -6,11 +6,15 @@
 // namespace that receives the single exported symbol `kernels()`. Everything else lives in an
 // anonymous namespace so that the per-ISA copies never meet at link time.
 //
-// Math per row (see lsr_fused/backends/__init__.py):
-//   lse  = log(sum_c exp(x_c))
-//   S    = b * W + (a - b) * w_y
-//   loss = S * lse - b * sum_c w_c x_c - (a - b) * w_y * x_y + z * lse^2
-//   dx_i = g * (softmax_i * (S + 2 z lse) - b * w_i - (a - b) * w_y * [i == y])
+// Math per row (see lsr_fused/backends/__init__.py), relative to the row's reference r (its first
+// logit where finite and at most kFirstLogitMaxGap below the max, else the max) so that a large
+// offset shared by the row cancels exactly in x - r:
+//   lse_r = log(sum_c exp(x_c - r))          (the absolute lse is r + lse_r; saved as choose_shift
+//                                             says)
+//   S     = b * W + (a - b) * w_y
+//   loss  = S * lse_r - b * sum_c w_c (x_c - r) - (a - b) * w_y * (x_y - r) + z * (r + lse_r)^2
+//   dx_i  = g * (exp((x_i - r) - lse_r) * (S + 2 z (r + lse_r)) - b * w_i - (a - b) * w_y * [i == y])
+// A +inf logit makes the row NaN, as in F.cross_entropy.
 //
 // Training steps: with RowArgs::grad set, the forward also writes each row's gradient for
 // g = *grad_guess while the row is still cached (one read of the logits from memory instead of
@@ -261,6 +265,81 @@ inline typename AccOf<T>::type to_acc(T x) {
   return static_cast<typename AccOf<T>::type>(x);
 }
 
+// The row's first logit where finite, else 0: the reference the forward sums are taken against
+// (and r itself in the common case, see choose_shift).
+template <typename T>
+inline typename AccOf<T>::type row_reference(const T* row, int64_t C) {
+  using A = typename AccOf<T>::type;
+  if (C == 0) return A(0);
+  const A first = to_acc(row[0]);
+  return std::isfinite(first) ? first : A(0);
+}
+
+// The first logit in double (-inf for a row without classes).
+template <typename T>
+inline double first_logit(const T* row, int64_t C) {
+  return C > 0 ? static_cast<double>(to_acc(row[0])) : -std::numeric_limits<double>::infinity();
+}
+
+// FIRST_LOGIT_MAX_GAP of lsr_fused/backends/__init__.py.
+constexpr double kFirstLogitMaxGap = 64.0;
+
+// r, lse_r and the value saved for backward (lsr_fused/backends/__init__.py) of a row with first
+// logit `first`, maximum row_max and log_sum = log(sum exp(x - row_max)) (NaN for a NaN or +inf
+// logit, -inf for an all -inf row): r is the first logit where finite and at most
+// kFirstLogitMaxGap below the max (saved: lse_r >= 0), else the max (saved: -(1 + lse_r)).
+struct Shift {
+  double ref;
+  double lse;
+  double saved;
+  bool from_max;
+};
+
+inline Shift choose_shift(double first, double row_max, double log_sum) {
+  if (!std::isfinite(log_sum)) {
+    return Shift{std::isfinite(first) ? first : 0.0, log_sum, log_sum, false};
+  }
+  if (std::isfinite(first) && row_max - first <= kFirstLogitMaxGap) {
+    const double lse = (row_max - first) + log_sum;
+    return Shift{first, lse, std::max(lse, 0.0), false};  // >= 0 but for rounding
+  }
+  return Shift{row_max, log_sum, -1.0 - log_sum, true};
+}
+
+// The row max (NaN-free rows), for a row whose reference is its max.
+template <typename T>
+inline typename AccOf<T>::type row_max_value(const T* row, int64_t C, int64_t sc) {
+  using A = typename AccOf<T>::type;
+  using V = Vectorized<A>;
+  constexpr int64_t kChunk = Io<T>::kChunk;
+  V m0(std::numeric_limits<A>::lowest()), m1(std::numeric_limits<A>::lowest());
+  int64_t i = 0;
+  if (sc == 1) {
+    for (; i + kChunk <= C; i += kChunk) {
+      V a, b;
+      Io<T>::load(row + i, a, b);
+      m0 = at::vec::clamp_min(m0, a);
+      m1 = at::vec::clamp_min(m1, b);
+    }
+  }
+  A m = hmax_nan<A>(at::vec::clamp_min(m0, m1));
+  for (; i < C; ++i) m = std::max(m, to_acc(row[i * sc]));
+  return m;
+}
+
+// sum_c w_c (x_c - ref) in double (w nullptr: unweighted), for a row whose reference is its max
+// (the fused sums were taken against its first logit).
+template <typename T>
+inline double shifted_sum(const T* row, int64_t C, int64_t sc, const typename AccOf<T>::type* w,
+                          double ref) {
+  double total = 0.0;
+  for (int64_t i = 0; i < C; ++i) {
+    const double d = static_cast<double>(to_acc(row[i * sc])) - ref;
+    total += w != nullptr ? d * static_cast<double>(w[i]) : d;
+  }
+  return total;
+}
+
 // Online softmax statistics of one row, kept per vector lane in a single pass over the logits:
 // every chunk updates the lane maxima m (rescaling the lane sums in the rare chunks where a maximum
 // grows) and adds exp(x - m). m starts at the lowest finite value, not -inf, so that -inf logits
@@ -275,7 +354,8 @@ struct LaneStats {
   V s0{A(0)};
   V s1{A(0)};
   V total{A(0)};
-  double sumx = 0.0;  // sum of (weighted) logits
+  A ref = A(0);       // what the sums are relative to (row_reference)
+  double sumx = 0.0;  // sum of (weighted) x - ref
 
   inline void add_chunk(const V& a, const V& b) {
     // clamp_min is a plain max instruction (not NaN-propagating: NaN logits reach the sums
@@ -298,14 +378,17 @@ struct LaneStats {
     s1 = V(A(0));
   }
 
-  double lse() {
+  // The row max and log(sum exp(x - max)): NaN for a NaN or a +inf logit (inf - inf in softmax,
+  // as F.cross_entropy gives), -inf for an all -inf (or empty) row, where every lane sum is 0.
+  void finish(double& row_max_out, double& log_sum) {
     flush();
     const A row_max = hmax_nan<A>(m);
-    if (std::isnan(row_max)) return std::numeric_limits<double>::quiet_NaN();
-    if (row_max == std::numeric_limits<A>::infinity()) return static_cast<double>(row_max);
-    // All -inf (or empty): every lane sum is 0 and log(0) = -inf.
-    const double sum = hsum<A>(total * vexp(m - V(row_max)));
-    return static_cast<double>(row_max) + std::log(sum);
+    row_max_out = static_cast<double>(row_max);
+    if (std::isnan(row_max) || row_max == std::numeric_limits<A>::infinity()) {
+      log_sum = std::numeric_limits<double>::quiet_NaN();
+      return;
+    }
+    log_sum = std::log(hsum<A>(total * vexp(m - V(row_max))));
   }
 };
 
@@ -318,6 +401,7 @@ inline void consume(const T* p, int64_t len, const typename AccOf<T>::type* w,
   using V = Vectorized<A>;
   constexpr int64_t kChunk = Io<T>::kChunk;
   constexpr int64_t kV = V::size();
+  const V refv(st.ref);
   V vs0(A(0)), vs1(A(0));
   int64_t i = 0;
   for (; i + kChunk <= len; i += kChunk) {
@@ -326,11 +410,11 @@ inline void consume(const T* p, int64_t len, const typename AccOf<T>::type* w,
     Io<T>::load(p + i, a, b);
     st.add_chunk(a, b);
     if constexpr (kSum == 1) {
-      vs0 = vs0 + a;
-      vs1 = vs1 + b;
+      vs0 = vs0 + (a - refv);
+      vs1 = vs1 + (b - refv);
     } else if constexpr (kSum == 2) {
-      vs0 = at::vec::fmadd(a, V::loadu(w + i), vs0);
-      vs1 = at::vec::fmadd(b, V::loadu(w + i + kV), vs1);
+      vs0 = at::vec::fmadd(a - refv, V::loadu(w + i), vs0);
+      vs1 = at::vec::fmadd(b - refv, V::loadu(w + i + kV), vs1);
     }
   }
   double bsum = 0.0;
@@ -342,8 +426,8 @@ inline void consume(const T* p, int64_t len, const typename AccOf<T>::type* w,
     for (int64_t j = i; j < len; ++j) {
       const A x = to_acc(p[j]);
       tmp[j - i] = x;
-      if constexpr (kSum == 1) bsum += static_cast<double>(x);
-      if constexpr (kSum == 2) bsum += static_cast<double>(x) * static_cast<double>(w[j]);
+      if constexpr (kSum == 1) bsum += static_cast<double>(x - st.ref);
+      if constexpr (kSum == 2) bsum += static_cast<double>(x - st.ref) * static_cast<double>(w[j]);
     }
     st.add_chunk(V::loadu(tmp), V::loadu(tmp + kV));
   }
@@ -372,18 +456,18 @@ inline RowInfo row_info(const RowArgs& a, int64_t r, bool with_grad) {
   return info;
 }
 
-// grad = coef * exp(x - lse) - bw * w  over len contiguous elements (in and out may alias unless
-// kStream, which writes with non-temporal stores once out is aligned).
+// grad = coef * exp((x - ref) - lse) - bw * w  over len contiguous elements (in and out may alias
+// unless kStream, which writes with non-temporal stores once out is aligned).
 template <typename T, bool kWeighted, bool kStream>
-inline void grad_block(const T* in, T* out, int64_t len, typename AccOf<T>::type lse,
-                       typename AccOf<T>::type coef, typename AccOf<T>::type bw,
-                       const typename AccOf<T>::type* w) {
+inline void grad_block(const T* in, T* out, int64_t len, typename AccOf<T>::type ref,
+                       typename AccOf<T>::type lse, typename AccOf<T>::type coef,
+                       typename AccOf<T>::type bw, const typename AccOf<T>::type* w) {
   using A = typename AccOf<T>::type;
   using V = Vectorized<A>;
   constexpr int64_t kChunk = Io<T>::kChunk;
   constexpr int64_t kV = V::size();
   auto scalar = [&](int64_t i) {
-    const A e = static_cast<A>(std::exp(to_acc(in[i]) - lse));
+    const A e = static_cast<A>(std::exp((to_acc(in[i]) - ref) - lse));
     const A wi = kWeighted ? w[i] : A(1);
     out[i] = static_cast<T>(e * coef - bw * wi);
   };
@@ -396,18 +480,18 @@ inline void grad_block(const T* in, T* out, int64_t len, typename AccOf<T>::type
                              : std::min(len, (kStreamAlign - misalign) / static_cast<int64_t>(sizeof(T)));
     for (; i < head; ++i) scalar(i);
   }
-  const V lsev(lse), coefv(coef), bwv(bw);
+  const V refv(ref), lsev(lse), coefv(coef), bwv(bw);
   for (; i + kChunk <= len; i += kChunk) {
     V a, b;
     prefetch_chunk<T>(in + i);
     Io<T>::load(in + i, a, b);
     V ga, gb;
     if constexpr (kWeighted) {
-      ga = at::vec::fmsub(vexp(a - lsev), coefv, bwv * V::loadu(w + i));
-      gb = at::vec::fmsub(vexp(b - lsev), coefv, bwv * V::loadu(w + i + kV));
+      ga = at::vec::fmsub(vexp((a - refv) - lsev), coefv, bwv * V::loadu(w + i));
+      gb = at::vec::fmsub(vexp((b - refv) - lsev), coefv, bwv * V::loadu(w + i + kV));
     } else {
-      ga = at::vec::fmsub(vexp(a - lsev), coefv, bwv);
-      gb = at::vec::fmsub(vexp(b - lsev), coefv, bwv);
+      ga = at::vec::fmsub(vexp((a - refv) - lsev), coefv, bwv);
+      gb = at::vec::fmsub(vexp((b - refv) - lsev), coefv, bwv);
     }
     if constexpr (kStream) {
       stream_chunk<T>(out + i, ga, gb);
@@ -429,11 +513,13 @@ inline void fill_row(T* out, int64_t C, int64_t sc, double value) {
 }
 
 // Writes the gradient of one row for the upstream value g: zeros for an ignored row, NaN for an
-// invalid target, else g * (softmax * (S + 2 z lse) - b * w - (a - b) * w_y * [i == y]). out may
-// alias row (x_y is read before anything is written). buf: kBlock scratch for strided rows.
+// invalid target, else g * (softmax * (S + 2 z (r + lse)) - b * w - (a - b) * w_y * [i == y]) with
+// softmax = exp((x - r) - lse), r and lse decoded from forward's saved value (choose_shift). out
+// may alias row (r and x_y are read before anything is written). buf: kBlock scratch for strided
+// rows.
 template <typename T, bool kWeighted>
 inline void write_grad_row(const RowArgs& a, const RowInfo& info, const T* row, T* out, double g,
-                           double lse, double total_w, typename AccOf<T>::type* buf) {
+                           double saved, double total_w, typename AccOf<T>::type* buf) {
   using A = typename AccOf<T>::type;
   const A* w = static_cast<const A*>(a.weight);
   const int64_t C = a.num_classes;
@@ -450,14 +536,19 @@ inline void write_grad_row(const RowArgs& a, const RowInfo& info, const T* row, 
   const int64_t y = info.target;
   const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
   const double total_mass = a.other_mass * total_w + a.target_extra * w_y;
-  // Read x_y before the row is overwritten (grad may alias logits).
+  // Read r and x_y before the row is overwritten (grad may alias logits).
+  const bool from_max = std::isfinite(saved) && saved < 0.0;
+  const A ref = from_max ? row_max_value(row, C, sc) : row_reference(row, C);
+  const double ref_d = static_cast<double>(ref);
+  const double lse = from_max ? -1.0 - saved : saved;
   const double x_y = static_cast<double>(to_acc(row[y * sc]));
 
   if (!std::isfinite(lse)) {
     // Degenerate row (all -inf, +inf or NaN logits): follow the reference formula literally.
-    const double scale = total_mass + 2.0 * a.z_loss * lse;
+    const double scale = total_mass + 2.0 * a.z_loss * (ref_d + lse);
     for (int64_t i = 0; i < C; ++i) {
-      double gi = std::exp(static_cast<double>(to_acc(row[i * sc])) - lse) * scale;
+      const double x = static_cast<double>(to_acc(row[i * sc]));
+      double gi = std::exp((x - ref_d) - lse) * scale;
       if (a.other_mass != 0.0) {
         gi -= a.other_mass * (w != nullptr ? static_cast<double>(w[i]) : 1.0);
       }
@@ -468,30 +559,30 @@ inline void write_grad_row(const RowArgs& a, const RowInfo& info, const T* row, 
   }
 
   double scale = total_mass;
-  if (a.z_loss != 0.0) scale += 2.0 * a.z_loss * lse;
+  if (a.z_loss != 0.0) scale += 2.0 * a.z_loss * (ref_d + lse);
   const double coef = g * scale;
   const double bw = g * a.other_mass;
-  const double grad_y = coef * std::exp(x_y - lse) - bw * w_y - g * a.target_extra * w_y;
+  const double grad_y = coef * std::exp((x_y - ref_d) - lse) - bw * w_y - g * a.target_extra * w_y;
   const A lse_a = static_cast<A>(lse), coef_a = static_cast<A>(coef), bw_a = static_cast<A>(bw);
 
   if (sc == 1 && gsc == 1 && a.stream_grad) {
     for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
       const int64_t len = std::min(kBlock, C - i0);
-      grad_block<T, kWeighted, true>(row + i0, out + i0, len, lse_a, coef_a, bw_a,
+      grad_block<T, kWeighted, true>(row + i0, out + i0, len, ref, lse_a, coef_a, bw_a,
                                      kWeighted ? w + i0 : nullptr);
     }
     stream_fence();  // order the streamed row before the plain store of the target element
   } else if (sc == 1 && gsc == 1) {
     for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
       const int64_t len = std::min(kBlock, C - i0);
-      grad_block<T, kWeighted, false>(row + i0, out + i0, len, lse_a, coef_a, bw_a,
+      grad_block<T, kWeighted, false>(row + i0, out + i0, len, ref, lse_a, coef_a, bw_a,
                                       kWeighted ? w + i0 : nullptr);
     }
   } else {
     for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
       const int64_t len = std::min(kBlock, C - i0);
       for (int64_t j = 0; j < len; ++j) buf[j] = to_acc(row[(i0 + j) * sc]);
-      grad_block<A, kWeighted, false>(buf, buf, len, lse_a, coef_a, bw_a,
+      grad_block<A, kWeighted, false>(buf, buf, len, ref, lse_a, coef_a, bw_a,
                                       kWeighted ? w + i0 : nullptr);
       for (int64_t j = 0; j < len; ++j) out[(i0 + j) * gsc] = static_cast<T>(buf[j]);
     }
@@ -540,12 +631,15 @@ void backward_rows(const RowArgs& a, int64_t row_begin, int64_t row_end) {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-// The (weighted) logit sum and lse of one row by the single online pass (any layout).
+// The max, log(sum exp(x - max)) and (weighted) sum of x - ref of one row by the single online
+// pass (any layout).
 template <typename T, int kSum>
 inline void online_row_stats(const T* row, int64_t C, int64_t sc, const typename AccOf<T>::type* w,
-                             typename AccOf<T>::type* buf, double& lse, double& sumx) {
+                             typename AccOf<T>::type ref, typename AccOf<T>::type* buf,
+                             double& row_max, double& log_sum, double& sumx) {
   using A = typename AccOf<T>::type;
   LaneStats<A> st;
+  st.ref = ref;
   if (sc == 1) {
     for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
       const int64_t len = std::min(kBlock, C - i0);
@@ -558,13 +652,14 @@ inline void online_row_stats(const T* row, int64_t C, int64_t sc, const typename
       consume<A, kSum>(buf, len, w != nullptr ? w + i0 : nullptr, st);
     }
   }
-  lse = st.lse();
+  st.finish(row_max, log_sum);
   sumx = st.sumx;
 }
 
-// loss = S * lse - b * sum_c w_c x_c - (a - b) * w_y * x_y + z * lse^2 (0 ignored, NaN invalid).
+// loss = S * lse - b * sumx - (a - b) * w_y * (x_y - r) + z * (r + lse)^2 with lse and sumx
+// relative to r (0 ignored, NaN invalid).
 template <typename T>
-inline double row_loss(const RowArgs& a, const RowInfo& info, const T* row, double lse,
+inline double row_loss(const RowArgs& a, const RowInfo& info, const T* row, double ref, double lse,
                        double sumx, double total_w) {
   using A = typename AccOf<T>::type;
   if (info.ignored) return 0.0;
@@ -577,9 +672,9 @@ inline double row_loss(const RowArgs& a, const RowInfo& info, const T* row, doub
   // The torch backend skips these terms when their coefficient is 0 (0 * -inf would be NaN).
   if (a.other_mass != 0.0) loss -= a.other_mass * sumx;
   if (a.target_extra != 0.0) {
-    loss -= a.target_extra * w_y * static_cast<double>(to_acc(row[y * a.stride_c]));
+    loss -= a.target_extra * w_y * (static_cast<double>(to_acc(row[y * a.stride_c])) - ref);
   }
-  if (a.z_loss != 0.0) loss += a.z_loss * lse * lse;
+  if (a.z_loss != 0.0) loss += a.z_loss * (ref + lse) * (ref + lse);
   return loss;
 }
 
@@ -603,14 +698,17 @@ void forward_rows_impl(const RowArgs& a, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const RowInfo info = row_info(a, r, grad != nullptr);
     const T* row = logits + info.in_offset;
-    double lse, sumx;
-    online_row_stats<T, kSum>(row, C, sc, w, buf, lse, sumx);
-    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, lse, sumx, total_w));
-    lse_out[r] = static_cast<A>(lse);
+    const A ref = row_reference(row, C);
+    double row_max, log_sum, sumx;
+    online_row_stats<T, kSum>(row, C, sc, w, ref, buf, row_max, log_sum, sumx);
+    const Shift shift = choose_shift(first_logit(row, C), row_max, log_sum);
+    if (kSum != 0 && shift.from_max) sumx = shifted_sum(row, C, sc, w, shift.ref);
+    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, shift.ref, shift.lse, sumx, total_w));
+    lse_out[r] = static_cast<A>(shift.saved);
     if (grad != nullptr) {
       // kSum == 2 exactly when the gradient has a weighted smoothing term (weight and b != 0).
       write_grad_row<T, kSum == 2>(a, info, row, grad + info.out_offset, guess,
-                                   static_cast<double>(static_cast<A>(lse)), total_w, buf);
+                                   static_cast<double>(static_cast<A>(shift.saved)), total_w, buf);
     }
   }
 }
@@ -645,14 +743,17 @@ A* exp_buffers(int64_t n) {
 }
 
 // Pass 1: the row maximum (NaN lanes may be ignored here; they make the pass-2 sum NaN) and the
-// (weighted) logit sum. The maximum starts at the lowest finite value: an all -inf row sums to 0.
+// (weighted) sum of x - ref. The maximum starts at the lowest finite value: an all -inf row sums
+// to 0.
 template <typename T, int kSum>
 inline void row_max_and_sum(const T* p, int64_t C, const typename AccOf<T>::type* w,
-                            typename AccOf<T>::type& row_max, double& sumx) {
+                            typename AccOf<T>::type ref, typename AccOf<T>::type& row_max,
+                            double& sumx) {
   using A = typename AccOf<T>::type;
   using V = Vectorized<A>;
   constexpr int64_t kChunk = Io<T>::kChunk;
   constexpr int64_t kV = V::size();
+  const V refv(ref);
   V m0(std::numeric_limits<A>::lowest()), m1(std::numeric_limits<A>::lowest());
   A tail_max = std::numeric_limits<A>::lowest();
   double total = 0.0;
@@ -667,19 +768,19 @@ inline void row_max_and_sum(const T* p, int64_t C, const typename AccOf<T>::type
       m0 = at::vec::clamp_min(m0, a);
       m1 = at::vec::clamp_min(m1, b);
       if constexpr (kSum == 1) {
-        vs0 = vs0 + a;
-        vs1 = vs1 + b;
+        vs0 = vs0 + (a - refv);
+        vs1 = vs1 + (b - refv);
       } else if constexpr (kSum == 2) {
-        vs0 = at::vec::fmadd(a, V::loadu(w + i0 + i), vs0);
-        vs1 = at::vec::fmadd(b, V::loadu(w + i0 + i + kV), vs1);
+        vs0 = at::vec::fmadd(a - refv, V::loadu(w + i0 + i), vs0);
+        vs1 = at::vec::fmadd(b - refv, V::loadu(w + i0 + i + kV), vs1);
       }
     }
     if constexpr (kSum != 0) total += hsum<A>(vs0 + vs1);
     for (; i < len; ++i) {
       const A x = to_acc(q[i]);
       if (!(x <= tail_max)) tail_max = x;  // NaN included
-      if constexpr (kSum == 1) total += static_cast<double>(x);
-      if constexpr (kSum == 2) total += static_cast<double>(x) * static_cast<double>(w[i0 + i]);
+      if constexpr (kSum == 1) total += static_cast<double>(x - ref);
+      if constexpr (kSum == 2) total += static_cast<double>(x - ref) * static_cast<double>(w[i0 + i]);
     }
   }
   const A vmax = hmax_nan<A>(at::vec::clamp_min(m0, m1));
@@ -817,37 +918,39 @@ void forward_grad_rows_pipelined(const RowArgs& a, int64_t row_begin, int64_t ro
     const T* row = logits + info.in_offset;
     T* out = grad + info.out_offset;
     const T* next = r + 1 < row_end ? logits + row_info(a, r + 1, false).in_offset : nullptr;
+    const A ref = row_reference(row, C);
     A row_max;
     double sumx;
-    row_max_and_sum<T, kSum>(row, C, w, row_max, sumx);
-    double lse = std::numeric_limits<double>::quiet_NaN(), exp_sum = 0.0;
+    row_max_and_sum<T, kSum>(row, C, w, ref, row_max, sumx);
+    double exp_sum = 0.0;
     A* e = buffers + which * buffer_stride;
-    if (std::isfinite(row_max)) {
-      exp_sum = pass2(row, row_max, e, next);
-      lse = static_cast<double>(row_max) + std::log(exp_sum);
-    }
+    if (std::isfinite(row_max)) exp_sum = pass2(row, row_max, e, next);
     // NaN logits give a NaN sum, an all -inf row a zero sum: the online path handles those.
     if (!(std::isfinite(exp_sum) && exp_sum > 0.0)) {
       // (The pending row keeps its buffer until it is written; writing it now keeps row order.)
       if (pending.e != nullptr) pass2(nullptr, A(0), nullptr, nullptr);
-      online_row_stats<T, kSum>(row, C, 1, w, buf, lse, sumx);
-      loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, lse, sumx, total_w));
-      lse_out[r] = static_cast<A>(lse);
-      write_grad_row<T, kWeighted>(a, info, row, out, g, static_cast<double>(static_cast<A>(lse)),
-                                   total_w, buf);
+      double max_d, log_sum;
+      online_row_stats<T, kSum>(row, C, 1, w, ref, buf, max_d, log_sum, sumx);
+      const Shift shift = choose_shift(first_logit(row, C), max_d, log_sum);
+      loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, shift.ref, shift.lse, sumx, total_w));
+      lse_out[r] = static_cast<A>(shift.saved);
+      write_grad_row<T, kWeighted>(a, info, row, out, g,
+                                   static_cast<double>(static_cast<A>(shift.saved)), total_w, buf);
       continue;
     }
-    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, lse, sumx, total_w));
-    lse_out[r] = static_cast<A>(lse);
+    const Shift shift =
+        choose_shift(first_logit(row, C), static_cast<double>(row_max), std::log(exp_sum));
+    if (kSum != 0 && shift.from_max) sumx = shifted_sum(row, C, 1, w, shift.ref);
+    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, shift.ref, shift.lse, sumx, total_w));
+    lse_out[r] = static_cast<A>(shift.saved);
     if (info.ignored || info.invalid) {
       fill_row(out, C, 1, info.ignored ? 0.0 : std::numeric_limits<double>::quiet_NaN());
       continue;
     }
-    // The stored (rounded) lse in the z-loss term, as the backward pass would use it.
     const int64_t y = info.target;
     const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
     double scale = a.other_mass * total_w + a.target_extra * w_y;
-    if (a.z_loss != 0.0) scale += 2.0 * a.z_loss * static_cast<double>(static_cast<A>(lse));
+    if (a.z_loss != 0.0) scale += 2.0 * a.z_loss * (shift.ref + shift.lse);
     const double coef = g * scale / exp_sum;  // softmax_i = e_i / exp_sum
     const double bw = g * a.other_mass;
     pending.e = e;

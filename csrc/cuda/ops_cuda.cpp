@@ -29,6 +29,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const 
                                                 double z_loss, int64_t ignore_index,
                                                 const std::optional<at::Tensor>& grad_logits,
                                                 const std::optional<at::Tensor>& grad_guess) {
+  // The gradient-in-forward path is CPU-only (cpp_backend.WRITES_GRAD_IN_FORWARD): on CUDA the
+  // Triton backend writes it, and the C++ kernels compute the gradient in backward.
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !(grad_logits.has_value() && grad_logits->defined()) &&
+          !(grad_guess.has_value() && grad_guess->defined()),
+      "lsr_fused: the CUDA C++ forward does not write the gradient (grad_logits and grad_guess "
+      "are CPU-only); call backward instead");
   const c10::cuda::CUDAGuard guard(logits.device());
   ForwardCall call = prepare_forward(logits, target, weight, weight_total, target_extra,
                                      other_mass, z_loss, ignore_index, grad_logits, grad_guess);

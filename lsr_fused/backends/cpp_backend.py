@@ -18,7 +18,8 @@ points (as the Triton kernels are the Triton backend's): in the package, only :f
 declared once, in ``csrc/ops.cpp``; what is compiled, and how, is in
 :mod:`lsr_fused._build_config` (shared with ``setup.py``).
 
-Training steps (``WRITES_GRAD_IN_FORWARD``): given ``grad_logits`` and a ``(1,)`` ``grad_guess``,
+Training steps (``WRITES_GRAD_IN_FORWARD``, CPU only: the CUDA forward raises
+``NotImplementedError`` when given them): given ``grad_logits`` and a ``(1,)`` ``grad_guess``,
 ``forward`` also writes each row's gradient for upstream ``grad_guess``, right after the row's
 statistics while the row is still in the caches (one read of the logits instead of two for
 forward + backward); ``backward`` given the same ``grad_guess`` rewrites only the rows whose
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import operator
 import os
 import platform
 import shutil
@@ -72,8 +74,8 @@ from .._params import RowParams
 _OP_NAMESPACE = "lsr_fused_C"
 _SOURCE_ROOT = Path(__file__).resolve().parents[2] / _build_config.CSRC_DIR
 
-# Device types whose kernels write the gradient in forward (see lsr_fused.backends). The CUDA
-# kernels implement it too, but stay off until a GPU run of tests/test_cuda_parity.py passes.
+# Device types whose kernels write the gradient in forward (see lsr_fused.backends). The CUDA C++
+# forward does not (on CUDA the Triton backend is the default; this one is its fallback).
 WRITES_GRAD_IN_FORWARD = frozenset({"cpu"})
 # The CPU kernel raises ValueError for a target out of range while it reads the targets anyway.
 CHECKS_TARGETS = frozenset({"cpu"})
@@ -275,11 +277,19 @@ def set_gradient_pool(max_bytes: int | None) -> int:
     gradients in use are unaffected (unmapped when released, if they no longer fit). A no-op
     returning 0 when the C++ backend is unavailable.
     """
+    if max_bytes is None:
+        value = -1
+    else:
+        # int(1.5) or int(True) would silently become a 1-byte bound: only integers are bytes.
+        if isinstance(max_bytes, bool) or not hasattr(max_bytes, "__index__"):
+            raise TypeError(
+                f"max_bytes must be an int (bytes) or None, got {type(max_bytes).__name__}"
+            )
+        value = operator.index(max_bytes)
+        if value < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
     if not _ensure_loaded():
         return 0
-    value = -1 if max_bytes is None else int(max_bytes)
-    if value < 0 and max_bytes is not None:
-        raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
     return int(torch.ops.lsr_fused_C.grad_pool_set_max_bytes(value))
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._params import RowParams, accumulation_dtype
+from . import FIRST_LOGIT_MAX_GAP
 
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -47,6 +48,34 @@ def _row_terms(
     return safe_target, ignored, invalid, target_weight, total_mass
 
 
+def _first_logit(x: Tensor) -> Tensor:
+    """``(rows, 1)``: each row's first logit (``-inf`` for rows without classes)."""
+    if x.shape[-1] == 0:
+        return x.new_full((x.shape[0], 1), float("-inf"))
+    return x[:, :1]
+
+
+def _reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Forward's reference ``r`` ``(rows, 1)`` and whether it is the first logit (see
+    lsr_fused.backends): the first logit where finite and within FIRST_LOGIT_MAX_GAP of the row
+    max, else the max where finite, else 0."""
+    first = _first_logit(x)
+    row_max = x.amax(dim=-1, keepdim=True) if x.shape[-1] else first
+    from_first = torch.isfinite(first) & (row_max - first <= FIRST_LOGIT_MAX_GAP)
+    reference = torch.where(from_first, first, torch.where(torch.isfinite(row_max), row_max, 0.0))
+    return reference, from_first
+
+
+def _decode(x: Tensor, saved: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward's ``(r, lse_r)`` ``(rows, 1)`` from forward's saved value (see lsr_fused.backends):
+    a negative finite value ``-(1 + lse_r)`` says that r is the row max."""
+    first = _first_logit(x)
+    from_max = torch.isfinite(saved) & (saved < 0)
+    row_max = x.amax(dim=-1, keepdim=True) if x.shape[-1] else first
+    reference = torch.where(from_max, row_max, torch.where(torch.isfinite(first), first, 0.0))
+    return reference, torch.where(from_max, -1.0 - saved, saved)
+
+
 def forward(
     logits: Tensor,
     target: Tensor,
@@ -54,6 +83,7 @@ def forward(
     weight_total: Tensor | None,
     params: RowParams,
 ) -> tuple[Tensor, Tensor]:
+    """Per-row loss and the saved (shifted) log-sum-exp of lsr_fused.backends."""
     acc = accumulation_dtype(logits.dtype)
     rows = target.numel()
     loss = torch.empty(rows, dtype=acc, device=logits.device)
@@ -64,24 +94,33 @@ def forward(
         safe_target, ignored, invalid, target_weight, total_mass = _row_terms(
             x, row_target, weight, weight_total, params
         )
-        row_max = x.amax(dim=-1)
-        # A row whose logits are all -inf has max -inf; shifting by 0 keeps exp() at 0, not NaN.
-        shift = torch.where(torch.isinf(row_max), 0.0, row_max).unsqueeze(-1)
-        row_lse = (x - shift).exp().sum(dim=-1).log() + shift.squeeze(-1)
+        # Every term relative to r: x - r is exact for logits near r, so that a large offset shared
+        # by the row cancels before rounding instead of after. x - r <= FIRST_LOGIT_MAX_GAP: exp
+        # cannot overflow. An all -inf row has r = 0 and exp(-inf) = 0; a +inf logit gives NaN.
+        reference, from_first = _reference(x)
+        shifted = x - reference
+        row_lse = shifted.exp().sum(dim=-1).log()
+        row_lse = torch.where(shifted.amax(dim=-1) == float("inf"), float("nan"), row_lse)
         row_loss = total_mass * row_lse
         if params.other_mass != 0.0:
             # Skipped when b == 0 so that a masked (-inf) logit does not turn 0 * inf into NaN.
-            weighted_sum = x.sum(dim=-1) if weight is None else x @ weight
+            weighted_sum = shifted.sum(dim=-1) if weight is None else shifted @ weight
             row_loss = row_loss - params.other_mass * weighted_sum
         if params.target_extra != 0.0:
-            target_logit = x.gather(-1, safe_target).squeeze(-1)
+            target_logit = shifted.gather(-1, safe_target).squeeze(-1)
             row_loss = row_loss - params.target_extra * target_weight * target_logit
         if params.z_loss != 0.0:
-            row_loss = row_loss + params.z_loss * row_lse * row_lse
+            absolute_lse = row_lse + reference.squeeze(-1)
+            row_loss = row_loss + params.z_loss * absolute_lse * absolute_lse
         row_loss = torch.where(ignored, 0.0, row_loss)
         row_loss = torch.where(invalid, float("nan"), row_loss)
         loss[start:stop] = row_loss
-        lse[start:stop] = row_lse
+        # Saved: lse_r >= 0 where r is the first logit (the sum holds exp(0) = 1; clamped against
+        # rounding), -(1 + lse_r) <= -1 where r is the row max, -inf or NaN for degenerate rows.
+        from_first = from_first.squeeze(-1)
+        from_max = ~from_first & torch.isfinite(row_lse)
+        saved = torch.where(from_first, row_lse.clamp_min(0.0), row_lse)
+        lse[start:stop] = torch.where(from_max, -1.0 - row_lse, saved)
     return loss, lse
 
 
@@ -95,6 +134,8 @@ def backward(
     params: RowParams,
     grad_logits: Tensor,
 ) -> None:
+    """Write ``grad_loss * d loss / d logits`` into ``grad_logits``; ``lse`` is forward's saved
+    value (``r`` is recomputed from the logits, before ``grad_logits`` may overwrite them)."""
     acc = accumulation_dtype(logits.dtype)
     num_classes = logits.shape[-1]
     inner = logits.shape[1]
@@ -104,10 +145,10 @@ def backward(
         safe_target, ignored, invalid, target_weight, total_mass = _row_terms(
             x, row_target, weight, weight_total, params
         )
-        row_lse = lse[start:stop].unsqueeze(-1)
-        # d loss / d x_i = softmax_i * (S + 2 z lse) - b * w_i - (a - b) * w_y * [i == y]
-        softmax_scale = total_mass.unsqueeze(-1) + 2.0 * params.z_loss * row_lse
-        grad = (x - row_lse).exp_().mul_(softmax_scale)
+        reference, row_lse = _decode(x, lse[start:stop].unsqueeze(-1))
+        # d loss / d x_i = softmax_i * (S + 2 z (r + lse_r)) - b * w_i - (a - b) * w_y * [i == y]
+        softmax_scale = total_mass.unsqueeze(-1) + 2.0 * params.z_loss * (row_lse + reference)
+        grad = (x - reference).sub_(row_lse).exp_().mul_(softmax_scale)
         if params.other_mass != 0.0:
             grad.sub_(params.other_mass if weight is None else params.other_mass * weight)
         grad.scatter_add_(-1, safe_target, (-params.target_extra * target_weight).unsqueeze(-1))
