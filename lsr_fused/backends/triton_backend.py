@@ -75,7 +75,7 @@ def _forward_kernel(
     inner, stride_outer, stride_inner, stride_class, grad_stride_outer, grad_stride_inner,
     num_classes, target_extra: tl.float64, other_mass: tl.float64, z_loss: tl.float64,
     ignore_index, HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
-    ALIGN: tl.constexpr, ACC: tl.constexpr,
+    GRAD_BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
     target_extra = runtime_scalar(target_extra, ACC)
     other_mass = runtime_scalar(other_mass, ACC)
@@ -115,7 +115,8 @@ def _forward_kernel(
         gradient_row(
             row_ptr, grad_row_ptr, stride_class, num_classes, reference, lse_r,
             upstream * (total_mass + 2.0 * z_loss * lse), upstream * other_mass, target_col,
-            upstream * (target_extra * target_weight), weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC,
+            upstream * (target_extra * target_weight), weight_ptr, HAS_WEIGHT, GRAD_BLOCK, ALIGN,
+            ACC,
         )
 
 
@@ -183,15 +184,18 @@ def forward(
     write_grad = grad_logits is not None
     grad_arg = grad_logits if write_grad else logits
     check_gradient_layout(logits, grad_arg)
-    block, num_warps = launch_config(logits, stats_block_limit(logits))
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
+    block, num_warps = launch_config(logits, stats_block_limit(logits, has_weight))
+    # The gradient loop keeps to the backward's narrower block: half the registers of a
+    # statistics-wide one (values, weights and results per element), so the occupancy floor holds.
+    grad_block = min(block, launch_config(logits, GRADIENT_BLOCK_LIMIT)[0])
     # fmt: off
     _forward_kernel[(rows,)](
         logits, target, weight_arg, weight_total_arg, loss, lse, grad_arg,
         grad_guess if write_grad else lse,
         inner, *logits.stride(), grad_arg.stride(0), grad_arg.stride(1), num_classes,
         params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
-        HAS_WEIGHT=has_weight, WRITE_GRAD=write_grad, BLOCK=block,
+        HAS_WEIGHT=has_weight, WRITE_GRAD=write_grad, BLOCK=block, GRAD_BLOCK=grad_block,
         ALIGN=row_alignment(logits, grad_arg), ACC=triton_accumulation(logits.dtype),
         num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )

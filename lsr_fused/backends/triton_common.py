@@ -45,15 +45,15 @@ def runtime_scalar(value, ACC: tl.constexpr):
 def row_start(row, inner, stride_outer, stride_inner, ALIGN: tl.constexpr):
     """Element offset (int64) of the first class of ``row`` in a ``(B, S, C)`` view.
 
-    ``ALIGN > 1`` states what the caller checked (:func:`row_alignment`): the offset is a multiple
-    of ``ALIGN`` elements (16 bytes), which Triton cannot prove when a stride is a multiple of 8 but
-    not of 16, and without which it falls back to 16-bit accesses.
+    The caller checked (:func:`row_alignment`) that the strides of dimensions longer than 1 are
+    multiples of ``ALIGN``: counting in units of ``ALIGN`` and multiplying back by the constexpr
+    lets Triton prove the offset 16-byte aligned when a stride is a multiple of 8 but not of 16
+    (without it, it falls back to 16-bit accesses). A ``tl.multiple_of`` hint does not survive
+    the folding of ``row % 1`` when ``S == 1``.
     """
     row = row.to(tl.int64)
-    start = (row // inner) * stride_outer + (row % inner) * stride_inner
-    if ALIGN > 1:
-        start = tl.multiple_of(start, ALIGN)
-    return start
+    outer = (row // inner) * (stride_outer // ALIGN)
+    return (outer + (row % inner) * (stride_inner // ALIGN)) * ALIGN
 
 
 @triton.jit
@@ -193,19 +193,23 @@ def launch_config(logits: Tensor, max_block: int) -> tuple[int, int]:
     """``(BLOCK, num_warps)`` for a ``(B, S, C)`` view.
 
     Short rows take one block so that the loop runs once; long rows use ``max_block`` wide blocks,
-    enough bytes in flight per program for Hopper's memory system. A strided class dimension gets
-    at most ``STRIDED_BLOCK_LIMIT``: its 64-bit per-element addresses would otherwise cost
-    registers (and occupancy) for accesses that do not coalesce anyway.
+    enough bytes in flight per program for Hopper's memory system. A strided class dimension and
+    float64 get at most ``NARROW_BLOCK_LIMIT``: 64-bit per-element addresses (strided) or values
+    (float64) would otherwise cost registers, hence occupancy, for accesses that do not coalesce
+    (strided) or a dtype that is not a performance target (float64).
     """
-    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
-        max_block = min(max_block, STRIDED_BLOCK_LIMIT)
+    strided = logits.stride(-1) != 1 and logits.shape[-1] > 1
+    if strided or logits.dtype == torch.float64:
+        max_block = min(max_block, NARROW_BLOCK_LIMIT)
     block = min(triton.next_power_of_2(max(logits.shape[-1], 16)), max_block)
-    return block, (4 if block <= 2048 else 8)
+    # At least 8 elements per thread up to 8 warps: a 16-byte access for half precision.
+    return block, max(1, min(8, block // 256))
 
 
-def stats_block_limit(logits: Tensor) -> int:
-    """Widest block of the one-pass statistics loops: 16 KB of logits per iteration."""
-    return 16384 // logits.element_size()
+def stats_block_limit(logits: Tensor, weighted: bool) -> int:
+    """Widest block of the one-pass statistics loops: 16 KB of logits per iteration, half that
+    with class weights (their float32 values take the registers and bytes in flight instead)."""
+    return (8192 if weighted else 16384) // logits.element_size()
 
 
 def check_gradient_layout(logits: Tensor, grad_logits: Tensor) -> None:
@@ -225,5 +229,5 @@ FP_FUSION = True
 # A gradient pass reads and writes one block per iteration: 16 elements per thread at 8 warps.
 GRADIENT_BLOCK_LIMIT = 4096
 
-# Widest block for a class stride other than 1.
-STRIDED_BLOCK_LIMIT = 1024
+# Widest block for a class stride other than 1, and for float64.
+NARROW_BLOCK_LIMIT = 1024

@@ -127,7 +127,7 @@ def shard_stats(
         out.zero_()
         out[0].fill_(float("-inf"))
         return
-    block, num_warps = launch_config(logits, stats_block_limit(logits))
+    block, num_warps = launch_config(logits, stats_block_limit(logits, weight is not None))
     # fmt: off
     _stats_kernel[(num_rows,)](
         logits, local_target, logits if weight is None else weight,  # never read without weight
