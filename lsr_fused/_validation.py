@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .errors import TargetIndexError
+
 _validate_device_targets = False
 
 
@@ -32,7 +34,7 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         value = int(target[bad][0])
-        raise ValueError(
+        raise TargetIndexError(
             f"target contains {value}, which is neither ignore_index ({ignore_index}) nor a class "
             f"index in [0, {num_classes})"
         )
@@ -43,6 +45,8 @@ def is_dense(tensor: Tensor, *, allow_gaps: bool = False) -> bool:
 
     ``allow_gaps``: only ask that no two elements share memory (each stride, in increasing order,
     spans at least the dimensions below it), as in a slice of a wider tensor."""
+    if tensor.is_contiguous():
+        return True
     expected_stride = 1
     for dim in sorted(range(tensor.dim()), key=tensor.stride):
         size, stride = tensor.size(dim), tensor.stride(dim)

@@ -12,8 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops, policy
-from ._params import smoothing_masses
+from . import composite, ops, policy
+from ._docs import extends_doc
+from ._params import RowParams, smoothing_masses
+from ._validation import check_targets
 from .policy import available_backends, check_options
 
 __all__ = ["LOSS_DOC", "available_backends", "check_options", "label_smoothing_cross_entropy"]
@@ -60,6 +62,7 @@ LOSS_DOC = r"""
 """
 
 
+@extends_doc(LOSS_DOC)
 def label_smoothing_cross_entropy(
     logits: Tensor,
     target: Tensor,
@@ -74,6 +77,8 @@ def label_smoothing_cross_entropy(
     backend: str = "auto",
     process_group: Optional[object] = None,
 ) -> Tensor:
+    """Label-smoothed cross-entropy fused with log-softmax (a drop-in for
+    ``F.cross_entropy(logits, target, label_smoothing=...)``)."""
     if process_group is not None:
         # The sharded path checks its options inside a collective exchange, so that one rank's
         # bad argument raises on every rank instead of leaving the others waiting.
@@ -97,19 +102,22 @@ def label_smoothing_cross_entropy(
     backend = policy.resolve_backend(backend, logits.device)
     rows = policy.row_view(logits)
     num_classes = rows.shape[-1]
-    flat_target = target.reshape(-1).to(torch.int64)
+    # Contiguous: the kernels read target[row] (a strided or expanded view would be misread).
+    flat_target = policy.flat_targets(target)
     target_extra, other_mass = smoothing_masses(float(label_smoothing), num_classes, spread)
     acc_dtype = policy.accumulation_dtype(logits.dtype)
+    composite_path = composite.wants_composite(logits, target, weights=(weight,))
     weight, weight_total = policy.class_weights(weight, acc_dtype)
-    # In place needs storage we own: a leaf's data belongs to the caller (and its .grad would
-    # alias it), so leaves always get a fresh gradient.
-    inplace = bool(inplace_backward) and not (logits.is_leaf and logits.requires_grad)
     scalars = (target_extra, other_mass, float(z_loss), ignore_index, backend)
     denominator = None
     if reduction == "mean":
         denominator = policy.mean_denominator(
             flat_target, weight, ignore_index, num_classes, acc_dtype
         )
+    tensors = (rows, flat_target, weight, weight_total)
+    if composite_path:
+        return _composite_loss(tensors, scalars, target.shape, reduction, denominator)
+    inplace = bool(inplace_backward) and policy.may_overwrite(logits)
     training = torch.is_grad_enabled() and logits.requires_grad
     if (
         training
@@ -117,21 +125,30 @@ def label_smoothing_cross_entropy(
         and reduction != "none"
         and ops.writes_grad_in_forward(backend, logits.device.type)
     ):
-        # The upstream gradient of each row is 1 / denominator (mean) or 1 (sum) when the caller
-        # runs loss.backward(); the forward pass writes the gradient for that value right away.
-        # Computed as autograd's DivBackward will (ones / denominator): the two are bitwise equal.
-        grad_guess = torch.ones(1, dtype=acc_dtype, device=logits.device)
-        if denominator is not None:
-            grad_guess = grad_guess / denominator
-        loss, _, _ = ops.fused_forward_with_grad(
-            rows, flat_target, weight, weight_total, grad_guess, *scalars
-        )
-    else:
-        loss, _ = ops.fused_forward(rows, flat_target, weight, weight_total, *scalars, inplace)
+        return _loss_with_grad_in_forward(tensors, scalars, denominator)
+    loss, _ = ops.forward(*tensors, *scalars, inplace_backward=inplace)
     return policy.reduce(loss, target.shape, reduction, denominator)
 
 
-label_smoothing_cross_entropy.__doc__ = (
-    "Label-smoothed cross-entropy fused with log-softmax (a drop-in for\n"
-    "    ``F.cross_entropy(logits, target, label_smoothing=...)``).\n" + LOSS_DOC
-)
+def _composite_loss(tensors, scalars, target_shape, reduction, denominator) -> Tensor:
+    """The loss through :mod:`lsr_fused.composite` (differentiable weights, torch.func)."""
+    rows, flat_target, weight, _ = tensors
+    if not torch._C._functorch.is_functorch_wrapped_tensor(flat_target):
+        check_targets(flat_target, rows.shape[-1], scalars[3])
+    loss = composite.row_losses(rows, flat_target, weight, RowParams(*scalars[:4]))
+    return policy.reduce(loss, target_shape, reduction, denominator)
+
+
+def _loss_with_grad_in_forward(tensors, scalars, denominator: Optional[Tensor]) -> Tensor:
+    """A training step's ``"sum"`` / ``"mean"`` loss whose forward pass already writes the
+    gradient: the upstream of each row is 1 / denominator (mean) or 1 (sum) when the caller runs
+    ``loss.backward()``, and backward only redoes rows whose real upstream differs."""
+    rows = tensors[0]
+    if ops.eager_call_allowed(rows):
+        return ops.reduced_loss_with_grad(*tensors, denominator, scalars)
+    # Computed as autograd's DivBackward will (ones / denominator): the two are bitwise equal.
+    grad_guess = torch.ones(1, dtype=policy.accumulation_dtype(rows.dtype), device=rows.device)
+    if denominator is not None:
+        grad_guess = grad_guess / denominator
+    loss, _, _ = ops.forward_with_grad(*tensors, grad_guess, *scalars)
+    return policy.reduce(loss, (), "sum" if denominator is None else "mean", denominator)

@@ -41,9 +41,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops, policy
+from . import composite, ops, policy
+from ._docs import extends_doc
 from ._params import RowParams, smoothing_masses
 from ._validation import check_targets
+from .errors import ArgumentValueError
+from .functional import label_smoothing_cross_entropy
 from .linear_chunks import accumulate_weight_grad, logits_into
 from .linear_chunks import chunk_bounds as _chunks
 from .policy import default_chunk_size
@@ -270,11 +273,33 @@ def _grads_out(grads, computed, n_inputs: int):
     )
 
 
+def _composite_gradients(ctx, upstream: Tensor, needs, hidden, weight, bias, target, class_weight):
+    """The gradients as a differentiable graph (``create_graph=True``): the chunk loop's
+    arithmetic is invisible to autograd, so the head is recomputed from the composite form."""
+    params = RowParams(*ctx.scalars[1:5])
+    inputs = tuple(t for t, need in zip((hidden, weight, bias), needs, strict=True) if need)
+
+    def losses_of(*wanted):
+        given = iter(wanted)
+        tensors = (hidden, weight, bias)
+        h, w, b = (next(given) if need else t for t, need in zip(tensors, needs, strict=True))
+        logits = torch.nn.functional.linear(h, w, b)
+        return composite.row_losses(logits, target, class_weight, params)
+
+    grads = iter(composite.input_gradients(losses_of, inputs, upstream))
+    return tuple(next(grads) if need else None for need in needs)
+
+
 def _backward_forward(ctx, grad_loss, grad_lse):
     hidden, weight, bias, target, class_weight, class_weight_total, lse = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * (6 + _SCALARS)
     needs = _needs(ctx)
+    if torch.is_grad_enabled():
+        grads = _composite_gradients(
+            ctx, grad_loss, needs, hidden, weight, bias, target, class_weight
+        )
+        return _grads_out(grads, needs, 6 + _SCALARS)
     grads = torch.ops.lsr_fused.linear_backward(
         grad_loss.to(lse.dtype), hidden, weight, bias, target, class_weight, class_weight_total,
         lse, *ctx.scalars, *needs,
@@ -297,8 +322,8 @@ def _setup_forward_with_grad(ctx, inputs, output) -> None:
     ctx.computed = tuple(bool(n) for n in inputs[7 + _SCALARS :])
     ctx.set_materialize_grads(False)
     # Kept off save_for_backward on purpose: backward scales them in place. They are handed out
-    # once; a second backward (retain_graph) recomputes them.
-    ctx.grads = tuple(output[2:])
+    # once (detached: a gradient carries no autograd history).
+    ctx.grads = tuple(grad.detach() for grad in output[2:])
 
 
 def _backward_forward_with_grad(ctx, grad_loss, grad_lse, *unused):
@@ -306,14 +331,20 @@ def _backward_forward_with_grad(ctx, grad_loss, grad_lse, *unused):
     hidden, weight, bias, target, class_weight, class_weight_total, lse, grad_guess = saved
     if grad_loss is None:
         return (None,) * _WITH_GRAD_INPUTS
+    if torch.is_grad_enabled():
+        upstream = grad_loss.to(lse.dtype).reshape(1).expand(lse.shape[0])
+        grads = _composite_gradients(
+            ctx, upstream, ctx.computed, hidden, weight, bias, target, class_weight
+        )
+        return _grads_out(grads, ctx.computed, _WITH_GRAD_INPUTS)
     grads, ctx.grads = ctx.grads, None
     if grads is None:
-        upstream = grad_loss.to(lse.dtype).reshape(1).expand(lse.shape[0])
-        grads = torch.ops.lsr_fused.linear_backward(
-            upstream, hidden, weight, bias, target, class_weight, class_weight_total, lse,
+        # A second backward (retain_graph): autograd may own the first gradients by now. Redo the
+        # forward's gradient pass exactly, so that repeated backward passes agree bitwise.
+        grads = torch.ops.lsr_fused.linear_forward_with_grad(
+            hidden, weight, bias, target, class_weight, class_weight_total, grad_guess,
             *ctx.scalars, *ctx.computed,
-        )  # fmt: skip
-        return _grads_out(grads, ctx.computed, _WITH_GRAD_INPUTS)
+        )[2:]  # fmt: skip
     # The gradients were computed for upstream `grad_guess`; the real one is `grad_loss`. The
     # ratio is exactly 1 when they agree (and kept 1 when both are inf: all rows ignored, mean).
     upstream = grad_loss.to(lse.dtype).reshape(1)
@@ -371,6 +402,7 @@ LINEAR_DOC = r"""
 """
 
 
+@extends_doc(LINEAR_DOC)
 def linear_label_smoothing_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -388,6 +420,8 @@ def linear_label_smoothing_cross_entropy(
     process_group: Optional[object] = None,
     reduce_hidden_grad: bool = True,
 ) -> Tensor:
+    """Fused classifier + label-smoothed cross-entropy: the loss of
+    ``F.linear(hidden, weight, bias)`` without its ``(N, C)`` logits."""
     if process_group is not None:
         # The classes are sharded over the group: checks run inside a collective exchange so that
         # one rank's bad argument raises on every rank instead of leaving the others waiting.
@@ -406,10 +440,20 @@ def linear_label_smoothing_cross_entropy(
     policy.check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast)
     num_classes, features = weight.shape
     if num_classes == 0:
-        raise ValueError("weight must have at least one class (C == 0)")
+        raise ArgumentValueError("weight must have at least one class (C == 0)")
     if spread == "others" and num_classes == 1:
-        raise ValueError("spread='others' needs at least 2 classes (C == 1 leaves no other class)")
+        raise ArgumentValueError(
+            "spread='others' needs at least 2 classes (C == 1 leaves no other class)"
+        )
     backend = policy.resolve_backend(backend, hidden.device)
+    if features == 0 or composite.wants_composite(hidden, weight, bias, weights=(class_weight,)):
+        # No features (the logits are the bias), class weights that require grad, or a
+        # torch.func transform: the logits exist anyway, or autograd must see the arithmetic.
+        return label_smoothing_cross_entropy(
+            torch.nn.functional.linear(hidden, weight, bias), target, label_smoothing,
+            ignore_index=ignore_index, reduction=reduction, weight=class_weight, spread=spread,
+            z_loss=z_loss, backend=backend,
+        )  # fmt: skip
     if autocast:
         # As F.linear under autocast: the matmuls run in the autocast dtype (the casts are
         # differentiable, so float32 parameters get float32 gradients), the loss in float32.
@@ -418,10 +462,12 @@ def linear_label_smoothing_cross_entropy(
         bias = bias.to(dtype) if bias is not None else None
 
     flat_hidden = hidden.reshape(-1, features)
-    flat_target = target.reshape(-1).to(torch.int64)
+    flat_target = policy.flat_targets(target)
     rows = flat_hidden.shape[0]
     if chunk_size is None:
         chunk_size = policy.default_chunk_size(rows, num_classes, hidden.dtype)
+    # Any chunk of at least N rows is one chunk (and then fits the op schema's int64).
+    chunk_size = min(chunk_size, max(rows, 1))
     target_extra, other_mass = smoothing_masses(float(label_smoothing), num_classes, spread)
     acc_dtype = policy.accumulation_dtype(hidden.dtype)
     class_weight, class_weight_total = policy.class_weights(class_weight, acc_dtype)
@@ -451,9 +497,3 @@ def linear_label_smoothing_cross_entropy(
         return policy.reduce(loss_sum.reshape(1), target.shape, reduction, denominator)
     loss, _ = torch.ops.lsr_fused.linear_forward(*tensors, *scalars)
     return policy.reduce(loss, target.shape, reduction, denominator)
-
-
-linear_label_smoothing_cross_entropy.__doc__ = (
-    "Fused classifier + label-smoothed cross-entropy: the loss of\n"
-    "    ``F.linear(hidden, weight, bias)`` without its ``(N, C)`` logits.\n" + LINEAR_DOC
-)

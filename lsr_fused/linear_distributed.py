@@ -12,8 +12,9 @@ Per chunk of ``n`` rows (the chunk loop of :mod:`lsr_fused.linear`, the statisti
 :mod:`lsr_fused.distributed`)::
 
     x_k   = h W_k^T + b_k                       (n, C_k) in one reusable buffer, torch matmul
-    stats = shard_stats(x_k)                    (5, n): max, sum-exp, sum w x, x_y, w_y
+    stats = shard_stats(x_k)                    (6, n): max, sum-exp, sum w (x - r), x_y - r, w_y, r
     all_reduce(MAX) of n values, all_reduce(SUM) of 4 n values   -> lse, S, loss per row
+                                                (r: the row's first logit on this shard)
     G_k   = shard_grad(x_k)                     written over x_k, in place (training, sum/mean)
     d h  += G_k W_k      d W_k += G_k^T h       d b_k += sum_rows G_k
 
@@ -56,13 +57,20 @@ from torch import Tensor
 
 from . import policy
 from ._params import smoothing_masses
-from .distributed import (
+from .distributed.agreement import (
+    Field,
     ShardInput,
     agree,
+    check_exchange_values,
+    describe,
+    resolve_group,
+    run_checks,
+    shown_as,
+)
+from .distributed.shard_math import (
     all_reduce_stats,
     grad_coefs,
     local_targets,
-    resolve_group,
     row_terms,
     shard_kernels,
 )
@@ -71,12 +79,21 @@ from .linear_chunks import accumulate_weight_grad, chunk_bounds, logits_into
 __all__ = ["sharded_linear_label_smoothing_cross_entropy"]
 
 _CALLER = "linear_label_smoothing_cross_entropy"
-# The common columns of the agreement exchange, in this entry point's words.
+# The common fields of the agreement exchange (by key), in this entry point's words.
 _RENAMES = {
-    "the number of logits dimensions": "the number of hidden dimensions",
-    "the logits dtype": "the dtype of hidden and weight",
-    "whether weight is given": "whether class_weight is given",
+    "ndim": "the number of hidden dimensions",
+    "dtype": "the dtype of hidden and weight",
+    "has_weight": "whether class_weight is given",
 }
+# ... and its own fields, in the order of ``describe``'s ``extra``.
+_EXTRA_FIELDS = (
+    Field("features", "the number of features (hidden's last dimension)"),
+    Field("has_bias", "whether bias is given", show=shown_as(bool)),
+    Field("chunk_size", "chunk_size (0: the default)"),
+    Field("hidden_grad", "whether hidden requires a gradient (with grad mode on)",
+          show=shown_as(bool)),
+    Field("reduce_hidden_grad", "whether reduce_hidden_grad", show=shown_as(bool)),
+)  # fmt: skip
 
 
 class _Setup(NamedTuple):
@@ -173,26 +190,27 @@ class _ShardedLinear(torch.autograd.Function):
         loop = _Loop(hidden, weight, bias, local_target, class_weight, setup)
         rows, acc = loop.rows, loop.acc
         total = float(setup.num_classes) if total_weight is None else total_weight
-        per_row = torch.empty(4, rows, dtype=acc, device=hidden.device)  # loss, lse, S, w_y
+        # W_k, this shard's class-weight sum (its width without weights).
+        shard_weight = float(loop.width) if class_weight is None else class_weight.sum()
+        # loss, lse, lse - r_k, S, w_y
+        per_row = torch.empty(5, rows, dtype=acc, device=hidden.device)
         with_grad = grad_guess is not None
         grads = loop.gradients(setup.needs) if with_grad else None
         with torch.autocast(hidden.device.type, enabled=False):
             buffer = loop.buffer()
-            stats = torch.empty(5 * buffer.shape[0], dtype=acc, device=hidden.device)
+            stats = torch.empty(6 * buffer.shape[0], dtype=acc, device=hidden.device)
             for start, stop in chunk_bounds(rows, setup.chunk):
                 n = stop - start
                 logits = loop.logits(buffer, start, stop)
-                chunk_stats = stats[: 5 * n]
-                loop.stats_fn(
-                    logits.unsqueeze(1), local_target[start:stop], class_weight,
-                    chunk_stats.view(5, n),
-                )  # fmt: skip
-                shift = all_reduce_stats(chunk_stats, n, setup.group)
-                terms = row_terms(
-                    chunk_stats, shift, total, flat_target[start:stop], setup.row_scalars
+                chunk_stats = stats[: 6 * n].view(6, n)
+                chunk_target = local_target[start:stop]
+                loop.stats_fn(logits.unsqueeze(1), chunk_target, class_weight, chunk_stats)
+                reduced = all_reduce_stats(
+                    chunk_stats, chunk_target, shard_weight, None, setup.group
                 )
+                terms = row_terms(reduced, total, flat_target[start:stop], setup.row_scalars)
                 per_row[:, start:stop] = torch.stack(
-                    [terms.loss, terms.lse, terms.total_mass, terms.target_weight]
+                    [terms.loss, terms.lse, terms.shard_lse, terms.total_mass, terms.target_weight]
                 )
                 if with_grad:
                     coefs = grad_coefs(grad_guess.expand(n), *terms[1:], setup.masses, setup.z_loss)
@@ -200,10 +218,10 @@ class _ShardedLinear(torch.autograd.Function):
                     loop.accumulate(grads, logits, start, stop)  # `logits` holds G now
             if with_grad:
                 loop.reduce_hidden(grads, setup.needs)
-        loss, lse, total_mass, target_weight = per_row
+        loss, lse, shard_lse, total_mass, target_weight = per_row
         ctx.save_for_backward(
-            hidden, weight, bias, flat_target, local_target, class_weight, lse, total_mass,
-            target_weight, grad_guess,
+            hidden, weight, bias, flat_target, local_target, class_weight, lse, shard_lse,
+            total_mass, target_weight, grad_guess,
         )  # fmt: skip
         ctx.setup = setup
         ctx.set_materialize_grads(False)
@@ -214,9 +232,10 @@ class _ShardedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        policy.refuse_double_backward("the vocabulary-parallel fused head (process_group=)")
         saved = ctx.saved_tensors
         hidden, weight, bias, flat_target, local_target, class_weight = saved[:6]
-        lse, total_mass, target_weight, grad_guess = saved[6:]
+        lse, shard_lse, total_mass, target_weight, grad_guess = saved[6:]
         setup = ctx.setup
         nones = (None,) * 6
         if grad_out is None:
@@ -244,13 +263,75 @@ class _ShardedLinear(torch.autograd.Function):
                 logits = loop.logits(buffer, start, stop)
                 part = slice(start, stop)
                 coefs = grad_coefs(
-                    upstream[part], lse[part], total_mass[part], target_weight[part],
-                    ignored[part], in_range[part], setup.masses, setup.z_loss,
+                    upstream[part], lse[part], shard_lse[part], total_mass[part],
+                    target_weight[part], ignored[part], in_range[part], setup.masses, setup.z_loss,
                 )  # fmt: skip
                 loop.write_grad(logits, coefs, start, stop)
                 loop.accumulate(grads, logits, start, stop)
             loop.reduce_hidden(grads, needs)
         return (*loop.cast(grads, needs), *nones)
+
+
+class _Checked(NamedTuple):
+    """This rank's arguments, checked: its description row and what the call goes on with."""
+
+    description: Tensor
+    backend: str
+    flat_target: Tensor
+    dtype: torch.dtype  # of the matmuls (the autocast dtype under autocast)
+    autocast: bool
+
+
+def _check(hidden, weight, bias, target, class_weight, options, chunk_size, backend,
+           reduce_hidden_grad) -> _Checked:  # fmt: skip
+    """Every local check, then :func:`describe`; raises what a check raises."""
+    label_smoothing, ignore_index, _, _, z_loss = options
+    check_exchange_values(label_smoothing, ignore_index, z_loss, chunk_size)
+    policy.check_options(*options, backend)
+    policy.check_reduce_hidden_grad(reduce_hidden_grad)
+    device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
+    autocast = torch.is_autocast_enabled(device_type)
+    policy.check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast)
+    policy.check_sharded_autograd(class_weight, "class_weight")
+    resolved = policy.resolve_backend(backend, hidden.device, sharded=True)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    flat_target = policy.flat_targets(target)
+    shard = ShardInput(weight.shape[0], hidden.dim(), dtype)
+    wants_hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
+    extra = (
+        weight.shape[1], bias is not None, chunk_size or 0, wants_hidden_grad, reduce_hidden_grad,
+    )  # fmt: skip
+    has_weight = class_weight is not None
+    description = describe(shard, flat_target, target.shape, has_weight, options, extra)
+    return _Checked(description, resolved, flat_target, dtype, autocast)
+
+
+def _weight_totals(class_weight: Tensor, local_target: Tensor, counted: Tensor, group):
+    """``(W, sum of w_y over counted rows)`` over the group, each rank adding its own classes and
+    the targets it holds: one SUM of 2 values (skipped with no rows, on every rank alike)."""
+    here = (local_target >= 0) & counted
+    safe = torch.where(here, local_target, 0)
+    picked = class_weight.gather(0, safe) if class_weight.numel() else safe.to(class_weight.dtype)
+    totals = torch.stack([class_weight.sum(), torch.where(here, picked, 0.0).sum()])
+    if local_target.numel():
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
+    return totals[0], totals[1]
+
+
+def _apply(tensors, setup: _Setup, reduction: str, denominator, target_shape) -> Tensor:
+    """The op on ``tensors`` (as :class:`_ShardedLinear` takes them), then the reduction."""
+    flat_hidden = tensors[0]
+    if torch.is_grad_enabled() and any(setup.needs) and reduction != "none":
+        # As in lsr_fused.linear: gradients computed now for the upstream value loss.backward()
+        # sends (1 for sum, 1 / denominator for mean), scaled in backward by the real one.
+        acc = policy.accumulation_dtype(flat_hidden.dtype)
+        grad_guess = torch.ones(1, dtype=acc, device=flat_hidden.device)
+        if reduction == "mean":
+            grad_guess = grad_guess / denominator
+        loss_sum = _ShardedLinear.apply(*tensors, grad_guess, setup)
+        return policy.reduce(loss_sum.reshape(1), target_shape, reduction, denominator)
+    loss = _ShardedLinear.apply(*tensors, None, setup)
+    return policy.reduce(loss, target_shape, reduction, denominator)
 
 
 def sharded_linear_label_smoothing_cross_entropy(
@@ -275,72 +356,31 @@ def sharded_linear_label_smoothing_cross_entropy(
     ranks disagree or one rank's arguments are invalid."""
     group = resolve_group(process_group)
     options = (label_smoothing, ignore_index, reduction, spread, z_loss)
-    local_error = None
-    flat_target = shard = None
-    extra_values = (0, 0, 0, 0, 0)
-    try:
-        policy.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
-        policy.check_reduce_hidden_grad(reduce_hidden_grad)
-        device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
-        autocast = torch.is_autocast_enabled(device_type)
-        policy.check_linear_tensors(
-            hidden, weight, bias, target, class_weight, chunk_size, autocast
-        )
-        resolved = policy.resolve_backend(backend, hidden.device, sharded=True)
-        dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
-        flat_target = target.reshape(-1).to(torch.int64)
-        shard = ShardInput(weight.shape[0], hidden.dim(), dtype)
-        wants_hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
-        extra_values = (
-            weight.shape[1], bias is not None, chunk_size or 0, wants_hidden_grad,
-            reduce_hidden_grad,
-        )  # fmt: skip
-    except (TypeError, ValueError) as exc:
-        local_error = exc
-    extra = tuple(
-        zip(
-            (
-                "the number of features (hidden's last dimension)",
-                "whether bias is given",
-                "chunk_size (0: the default)",
-                "whether hidden requires a gradient (with grad mode on)",
-                "whether reduce_hidden_grad",
-            ),
-            extra_values,
-            strict=True,
-        )
-    )
-    agreement = agree(
-        group, shard, flat_target, getattr(target, "shape", ()), class_weight is not None,
-        options, local_error, device_of=hidden, extra=extra, renames=_RENAMES, caller=_CALLER,
+    checked, local_error = run_checks(
+        _check, hidden, weight, bias, target, class_weight, options, chunk_size, backend,
+        reduce_hidden_grad,
     )  # fmt: skip
-    num_classes, offset, widths = agreement
-
-    if autocast:
+    description = None if checked is None else checked.description
+    num_classes, offset, widths = agree(
+        group, description, local_error, options, device_of=hidden, extra_fields=_EXTRA_FIELDS,
+        renames=_RENAMES, caller=_CALLER,
+    )  # fmt: skip
+    resolved, flat_target, dtype = checked.backend, checked.flat_target, checked.dtype
+    if checked.autocast:
         # As F.linear under autocast (see lsr_fused.linear): matmuls in the autocast dtype.
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    features = weight.shape[1]
-    flat_hidden = hidden.reshape(-1, features)
-    rows, width = flat_hidden.shape[0], weight.shape[0]
+    flat_hidden = hidden.reshape(-1, weight.shape[1])
     if chunk_size is None:
         # The same on every rank: the memory rule for the widest shard.
-        chunk_size = policy.default_chunk_size(rows, max(widths), dtype)
+        chunk_size = policy.default_chunk_size(flat_hidden.shape[0], max(widths), dtype)
     acc = policy.accumulation_dtype(dtype)
-    local_target = local_targets(flat_target, offset, width)
+    local_target = local_targets(flat_target, offset, weight.shape[0])
     counted = flat_target != ignore_index
     total_weight = denominator = None
     if class_weight is not None:
         class_weight = class_weight.to(acc).contiguous()
-        # W = sum of every rank's class weights, and the mean's sum of w_y over counted rows
-        # (each rank adds the targets it holds): one SUM of 2 values.
-        here = (local_target >= 0) & counted
-        safe = torch.where(here, local_target, 0)
-        picked = class_weight.gather(0, safe) if width else safe.to(acc)
-        totals = torch.stack([class_weight.sum(), torch.where(here, picked, 0.0).sum()])
-        if rows:
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
-        total_weight, denominator = totals[0], totals[1]
+        total_weight, denominator = _weight_totals(class_weight, local_target, counted, group)
     if reduction == "mean" and class_weight is None:
         denominator = counted.sum(dtype=acc)
     masses = smoothing_masses(float(label_smoothing), num_classes, spread)
@@ -352,14 +392,4 @@ def sharded_linear_label_smoothing_cross_entropy(
     setup = _Setup(group, resolved, num_classes, masses, float(z_loss), ignore_index,
                    int(chunk_size), reduce_hidden_grad, needs)  # fmt: skip
     tensors = (flat_hidden, weight, bias, flat_target, local_target, class_weight, total_weight)
-    training = torch.is_grad_enabled() and any(needs)
-    if training and reduction != "none":
-        # As in lsr_fused.linear: gradients computed now for the upstream value loss.backward()
-        # sends (1 for sum, 1 / denominator for mean), scaled in backward by the real one.
-        grad_guess = torch.ones(1, dtype=acc, device=flat_hidden.device)
-        if reduction == "mean":
-            grad_guess = grad_guess / denominator
-        loss_sum = _ShardedLinear.apply(*tensors, grad_guess, setup)
-        return policy.reduce(loss_sum.reshape(1), target.shape, reduction, denominator)
-    loss = _ShardedLinear.apply(*tensors, None, setup)
-    return policy.reduce(loss, target.shape, reduction, denominator)
+    return _apply(tensors, setup, reduction, denominator, target.shape)

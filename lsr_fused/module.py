@@ -7,12 +7,17 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from ._docs import extends_doc
+from .errors import ArgumentValueError
 from .functional import LOSS_DOC, check_options, label_smoothing_cross_entropy
 from .linear import LINEAR_DOC, linear_label_smoothing_cross_entropy
 from .policy import check_reduce_hidden_grad
 
 
+@extends_doc(LOSS_DOC)
 class LabelSmoothingCE(nn.Module):
+    """Label-smoothed cross-entropy loss module; ``forward(logits, target)``."""
+
     def __init__(
         self,
         label_smoothing: float = 0.1,
@@ -39,7 +44,9 @@ class LabelSmoothingCE(nn.Module):
         self.register_buffer("weight", weight)
         check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
         if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1):
-            raise ValueError("weight must be a 1-D tensor with one entry per class, or None")
+            raise ArgumentValueError(
+                "weight must be a 1-D tensor with one entry per class, or None"
+            )
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return label_smoothing_cross_entropy(
@@ -64,11 +71,7 @@ class LabelSmoothingCE(nn.Module):
         )
 
 
-LabelSmoothingCE.__doc__ = (
-    "Label-smoothed cross-entropy loss module; ``forward(logits, target)``.\n" + LOSS_DOC
-)
-
-
+@extends_doc(LINEAR_DOC)
 class LinearLabelSmoothingCE(nn.Module):
     """Fused classifier + label-smoothed cross-entropy module:
     ``forward(hidden, weight, target, bias=None)``, e.g. with an ``nn.Linear`` head ``lm_head``:
@@ -100,11 +103,13 @@ class LinearLabelSmoothingCE(nn.Module):
         if class_weight is not None and (
             not isinstance(class_weight, Tensor) or class_weight.dim() != 1
         ):
-            raise ValueError("class_weight must be a 1-D tensor with one entry per class, or None")
+            raise ArgumentValueError(
+                "class_weight must be a 1-D tensor with one entry per class, or None"
+            )
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
-            raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+            raise ArgumentValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
         self.label_smoothing = label_smoothing
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -144,6 +149,3 @@ class LinearLabelSmoothingCE(nn.Module):
             + ("" if self.process_group is None else
                f", sharded, reduce_hidden_grad={self.reduce_hidden_grad}")
         )  # fmt: skip
-
-
-LinearLabelSmoothingCE.__doc__ = LinearLabelSmoothingCE.__doc__ + LINEAR_DOC

@@ -25,12 +25,13 @@ around them), as torch.distributed code generally does.
 
 from __future__ import annotations
 
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import composite
 from ._params import RowParams, accumulation_dtype
 from ._validation import check_targets
 
@@ -67,6 +68,23 @@ def new_gradient(logits: Tensor, backend: str) -> Tensor:
     return torch.empty_like(logits) if make is None else make(logits)
 
 
+def _checked_forward(backend: str, logits: Tensor, target: Tensor, weight, weight_total, params,
+                     *grad_args):  # fmt: skip
+    """``backend``'s forward, with bad targets raising the error that names the value. A backend
+    that checks targets itself on this device (``CHECKS_TARGETS``: the C++ CPU kernel, for free
+    while it reads them) raises ``ValueError``; only then are the targets examined here."""
+    module = backend_module(backend)
+    args = (logits, target, weight, weight_total, params, *grad_args)
+    if logits.device.type not in getattr(module, "CHECKS_TARGETS", ()):
+        check_targets(target, logits.shape[-1], params.ignore_index)
+        return module.forward(*args)
+    try:
+        return module.forward(*args)
+    except ValueError:
+        check_targets(target, logits.shape[-1], params.ignore_index)
+        raise
+
+
 def _row_outputs(logits: Tensor) -> tuple[Tensor, Tensor]:
     rows = logits.shape[0] * logits.shape[1]
     acc = accumulation_dtype(logits.dtype)
@@ -75,16 +93,19 @@ def _row_outputs(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 # The scalar tail shared by every op: (target_extra, other_mass, z_loss, ignore_index, backend).
 # fmt: off
-@torch.library.custom_op("lsr_fused::forward", mutates_args=())
-def fused_forward(
+def _forward_impl(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], weight_total: Optional[Tensor],
     target_extra: float, other_mass: float, z_loss: float, ignore_index: int, backend: str,
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per-row label-smoothed cross-entropy and log-sum-exp; see :mod:`lsr_fused.backends`."""
-    check_targets(target, logits.shape[-1], ignore_index)
     params = RowParams(target_extra, other_mass, z_loss, ignore_index)
-    return backend_module(backend).forward(logits, target, weight, weight_total, params)
+    return _checked_forward(backend, logits, target, weight, weight_total, params)
+
+
+fused_forward = torch.library.custom_op(
+    "lsr_fused::forward", mutates_args=()
+)(_forward_impl)
 
 
 @fused_forward.register_fake
@@ -92,21 +113,24 @@ def _(logits, target, weight, weight_total, *scalars):
     return _row_outputs(logits)
 
 
-@torch.library.custom_op("lsr_fused::forward_with_grad", mutates_args=())
-def fused_forward_with_grad(
+def _forward_with_grad_impl(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], weight_total: Optional[Tensor],
     grad_guess: Tensor, target_extra: float, other_mass: float, z_loss: float, ignore_index: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``lsr_fused::forward`` that also returns the gradient for upstream ``grad_guess``."""
-    check_targets(target, logits.shape[-1], ignore_index)
     params = RowParams(target_extra, other_mass, z_loss, ignore_index)
     # empty_like's layout (the strides of a dense tensor), which autograd's layout contract wants.
     grad_logits = new_gradient(logits, backend)
-    loss, lse = backend_module(backend).forward(
-        logits, target, weight, weight_total, params, grad_logits, grad_guess
+    loss, lse = _checked_forward(
+        backend, logits, target, weight, weight_total, params, grad_logits, grad_guess
     )
     return loss, lse, grad_logits
+
+
+fused_forward_with_grad = torch.library.custom_op(
+    "lsr_fused::forward_with_grad", mutates_args=()
+)(_forward_with_grad_impl)
 
 
 @fused_forward_with_grad.register_fake
@@ -114,8 +138,7 @@ def _(logits, target, weight, weight_total, grad_guess, *scalars):
     return (*_row_outputs(logits), torch.empty_like(logits))
 
 
-@torch.library.custom_op("lsr_fused::backward", mutates_args=())
-def fused_backward(
+def _backward_impl(
     grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
     weight_total: Optional[Tensor], lse: Tensor, target_extra: float, other_mass: float,
     z_loss: float, ignore_index: int, backend: str,
@@ -129,13 +152,17 @@ def fused_backward(
     return grad_logits
 
 
+fused_backward = torch.library.custom_op(
+    "lsr_fused::backward", mutates_args=()
+)(_backward_impl)
+
+
 @fused_backward.register_fake
 def _(grad_loss, logits, *rest):
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op("lsr_fused::backward_", mutates_args=("logits",))
-def fused_backward_inplace(
+def _backward_inplace_impl(
     grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
     weight_total: Optional[Tensor], lse: Tensor, target_extra: float, other_mass: float,
     z_loss: float, ignore_index: int, backend: str,
@@ -147,13 +174,17 @@ def fused_backward_inplace(
     )
 
 
+fused_backward_inplace = torch.library.custom_op(
+    "lsr_fused::backward_", mutates_args=("logits",)
+)(_backward_inplace_impl)
+
+
 @fused_backward_inplace.register_fake
 def _(*args):
     return None
 
 
-@torch.library.custom_op("lsr_fused::redo_gradient_", mutates_args=("grad_logits",))
-def redo_gradient(
+def _redo_gradient_impl(
     grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
     weight_total: Optional[Tensor], lse: Tensor, grad_guess: Tensor, grad_logits: Tensor,
     target_extra: float, other_mass: float, z_loss: float, ignore_index: int, backend: str,
@@ -165,12 +196,41 @@ def redo_gradient(
     )
 
 
+redo_gradient = torch.library.custom_op(
+    "lsr_fused::redo_gradient_", mutates_args=("grad_logits",)
+)(_redo_gradient_impl)
+
+
 @redo_gradient.register_fake
 def _(*args):
     return None
 # fmt: on
 
 _NO_GRADS = (None,) * 9
+
+
+def _increment_version_after(kernel):
+    def run(grad_loss, logits, *rest):
+        kernel(grad_loss, logits, *rest)
+        # What the op's declared mutation does through the dispatcher: anything else that saved
+        # these logits now fails loudly instead of reading a gradient.
+        torch.autograd.graph.increment_version(logits)
+
+    return run
+
+
+# The kernels as the backward passes call them: through the dispatcher (what torch.compile
+# traces), or directly from an eager call (the same functions, without the op's per-call cost).
+_DIRECT = SimpleNamespace(
+    forward_with_grad=_forward_with_grad_impl,
+    backward=_backward_impl,
+    backward_=_increment_version_after(_backward_inplace_impl),
+    redo_gradient_=_redo_gradient_impl,
+)
+
+
+def _kernels(ctx) -> SimpleNamespace:
+    return _DIRECT if getattr(ctx, "direct", False) else torch.ops.lsr_fused
 
 
 def _setup_forward(ctx, inputs, output) -> None:
@@ -181,21 +241,30 @@ def _setup_forward(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
+def _composite_gradient(ctx, grad_loss: Tensor, logits, target, weight) -> Tensor:
+    """The logits' gradient as a differentiable graph (``create_graph=True``): the fused kernels'
+    arithmetic is invisible to autograd, so it is recomputed from the composite form."""
+    params = RowParams(*ctx.scalars[:4])
+    (grad_logits,) = composite.input_gradients(
+        lambda x: composite.row_losses(x, target, weight, params), (logits,), grad_loss
+    )
+    return grad_logits
+
+
 def _backward_forward(ctx, grad_loss: Optional[Tensor], grad_lse: Optional[Tensor]):
     logits, target, weight, weight_total, lse = ctx.saved_tensors
     if grad_loss is None:
         return (None, *_NO_GRADS)
+    if torch.is_grad_enabled():
+        return (_composite_gradient(ctx, grad_loss, logits, target, weight), *_NO_GRADS)
+    kernels = _kernels(ctx)
+    args = (grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars)
     if ctx.inplace_backward:
-        torch.ops.lsr_fused.backward_(
-            grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars
-        )
-        # The op declares that it mutates `logits`, which bumps their version counter: any other
-        # autograd node that saved these logits now fails loudly instead of reading a gradient.
+        # The kernel mutates `logits` and bumps their version counter: any other autograd node
+        # that saved these logits now fails loudly instead of reading a gradient.
+        kernels.backward_(*args)
         return (logits, *_NO_GRADS)
-    grad_logits = torch.ops.lsr_fused.backward(
-        grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars
-    )
-    return (grad_logits, *_NO_GRADS)
+    return (kernels.backward(*args), *_NO_GRADS)
 
 
 fused_forward.register_autograd(_backward_forward, setup_context=_setup_forward)
@@ -208,36 +277,146 @@ def _setup_forward_with_grad(ctx, inputs, output) -> None:
     # Unused outputs (lse, the gradient buffer) must not get zero-filled logits-sized gradients.
     ctx.set_materialize_grads(False)
     # Kept off save_for_backward on purpose: the backward mutates it (redo_gradient_), which
-    # would trip the saved-tensor version check. It is handed out once; a second backward
-    # (retain_graph) computes a fresh gradient instead of overwriting one autograd already holds.
-    ctx.grad_buffer = output[2]
+    # would trip the saved-tensor version check. Detached: a gradient carries no autograd history.
+    ctx.grad_buffer = output[2].detach()
 
 
 def _backward_forward_with_grad(ctx, grad_loss, grad_lse, grad_of_grad):
     logits, target, weight, weight_total, lse, grad_guess = ctx.saved_tensors
-    no_grads = (None,) * 9
     if grad_loss is None:
-        return (None, *no_grads)
+        return (None, *_NO_GRADS)
+    if torch.is_grad_enabled():
+        return (_composite_gradient(ctx, grad_loss, logits, target, weight), *_NO_GRADS)
+    kernels = _kernels(ctx)
     grad_buffer, ctx.grad_buffer = ctx.grad_buffer, None
     if grad_buffer is None:
-        grad_logits = torch.ops.lsr_fused.backward(
-            grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars
-        )
-        return (grad_logits, *no_grads)
-    torch.ops.lsr_fused.redo_gradient_(
-        grad_loss,
-        logits,
-        target,
-        weight,
-        weight_total,
-        lse,
-        grad_guess,
-        grad_buffer,
-        *ctx.scalars,
+        # A second backward (retain_graph): autograd may own the first buffer by now. Redo the
+        # first backward's arithmetic exactly (the forward's gradient pass, then the rows whose
+        # upstream differs), so that repeated backward passes agree bitwise, as gradcheck asks.
+        grad_buffer = kernels.forward_with_grad(
+            logits, target, weight, weight_total, grad_guess, *ctx.scalars
+        )[2]
+    kernels.redo_gradient_(
+        grad_loss, logits, target, weight, weight_total, lse, grad_guess, grad_buffer, *ctx.scalars
     )
-    return (grad_buffer, *no_grads)
+    return (grad_buffer, *_NO_GRADS)
 
 
 fused_forward_with_grad.register_autograd(
     _backward_forward_with_grad, setup_context=_setup_forward_with_grad
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# The eager route: the same functions and autograd formulas as the ops above, as an
+# autograd.Function. The op dispatcher costs tens of microseconds per call in Python (defaults
+# filled in, redispatch, a dynamo-disabled wrapper), which decides small problems; an eager call
+# on plain tensors skips it. Anything traced or transformed (torch.compile, fake or meta tensors,
+# tensor subclasses) takes the ops.
+
+
+class _EagerForward(torch.autograd.Function):
+    # The scalars travel as one tuple: apply's per-argument cost is part of what is saved here.
+    @staticmethod
+    def forward(ctx, logits, target, weight, weight_total, scalars):
+        inputs = (logits, target, weight, weight_total, *scalars)
+        output = _forward_impl(*inputs)
+        _setup_forward(ctx, inputs, output)
+        ctx.direct = True
+        ctx.mark_non_differentiable(output[1])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        return _backward_forward(ctx, grad_loss, grad_lse)[:5]
+
+
+class _EagerForwardWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, weight_total, grad_guess, scalars):
+        inputs = (logits, target, weight, weight_total, grad_guess, *scalars)
+        output = _forward_with_grad_impl(*inputs)
+        _setup_forward_with_grad(ctx, inputs, output)
+        ctx.direct = True
+        ctx.mark_non_differentiable(output[1], output[2])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, grad_of_grad):
+        return _backward_forward_with_grad(ctx, grad_loss, grad_lse, grad_of_grad)[:6]
+
+
+class _EagerReducedLoss(torch.autograd.Function):
+    """The ``"sum"`` / ``"mean"`` training step as one node: the kernels of
+    ``lsr_fused::forward_with_grad`` with the reduction inside, so that autograd runs one backward
+    node instead of three (the reduction's nodes cost more than the kernels on small problems).
+    Same arithmetic as the op route: loss ``sum(l) [/ d]``; the upstream of every row is
+    ``g [/ d]`` for the incoming ``g``, compared with the guess ``1 [/ d]`` as there."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, weight_total, denominator, scalars):
+        if denominator is None:
+            grad_guess = torch.ones(1, dtype=accumulation_dtype(logits.dtype), device=logits.device)
+        else:
+            # IEEE 1 / d, as the backward's g / d is for g = 1 (a guess one ulp off would only
+            # cost a recomputation, never a wrong gradient).
+            grad_guess = denominator.reshape(1).reciprocal()
+        inputs = (logits, target, weight, weight_total, grad_guess, *scalars)
+        output = _forward_with_grad_impl(*inputs)
+        _setup_forward_with_grad(ctx, inputs, output)
+        ctx.direct = True
+        ctx.denominator = denominator
+        total = output[0].sum()
+        return total if denominator is None else total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        if grad_total is None:
+            return (None,) * 6
+        upstream = grad_total if ctx.denominator is None else grad_total / ctx.denominator
+        upstream = upstream.reshape(1)
+        grad_guess = ctx.saved_tensors[5]
+        no_grads = (None,) * 5
+        if (
+            upstream.device.type == "cpu"
+            and ctx.grad_buffer is not None
+            and not torch.is_grad_enabled()
+            and torch.equal(upstream, grad_guess)
+        ):
+            # Every row's upstream is the guess (a free host comparison on the CPU): the
+            # gradient written in forward is the answer, and redo_gradient_ would touch no row.
+            grad_buffer, ctx.grad_buffer = ctx.grad_buffer, None
+            return (grad_buffer, *no_grads)
+        rows = ctx.saved_tensors[1].shape[0]
+        grads = _backward_forward_with_grad(ctx, upstream.expand(rows), None, None)
+        return (grads[0], *no_grads)
+
+
+def reduced_loss_with_grad(logits, target, weight, weight_total, denominator, scalars) -> Tensor:
+    """The eager route of a ``"sum"`` (``denominator`` None) or ``"mean"`` training step's loss
+    (see :class:`_EagerReducedLoss`); call only where :func:`eager_call_allowed`."""
+    return _EagerReducedLoss.apply(logits, target, weight, weight_total, denominator, scalars)
+
+
+def eager_call_allowed(logits: Tensor) -> bool:
+    """Whether a call may skip the op dispatcher (see above): plain CPU/CUDA tensors, untraced."""
+    if torch.compiler.is_compiling():
+        return False
+    return type(logits) in (Tensor, torch.nn.Parameter) and logits.device.type in ("cpu", "cuda")
+
+
+def forward(logits, target, weight, weight_total, *scalars, inplace_backward: bool):
+    """``(loss, lse)`` per row: ``lsr_fused::forward``, or its eager route."""
+    if not eager_call_allowed(logits):
+        return fused_forward(logits, target, weight, weight_total, *scalars, inplace_backward)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return _forward_impl(logits, target, weight, weight_total, *scalars, inplace_backward)
+    scalars = (*scalars, inplace_backward)
+    return _EagerForward.apply(logits, target, weight, weight_total, scalars)
+
+
+def forward_with_grad(logits, target, weight, weight_total, grad_guess, *scalars):
+    """``(loss, lse, grad)`` per row: ``lsr_fused::forward_with_grad``, or its eager route."""
+    if not eager_call_allowed(logits):
+        return fused_forward_with_grad(logits, target, weight, weight_total, grad_guess, *scalars)
+    return _EagerForwardWithGrad.apply(logits, target, weight, weight_total, grad_guess, scalars)

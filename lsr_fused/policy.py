@@ -19,6 +19,7 @@ from torch import Tensor
 from . import ops
 from ._params import accumulation_dtype as accumulation_dtype  # the rule, re-exported
 from ._validation import is_dense
+from .errors import ArgumentTypeError, ArgumentValueError
 
 REDUCTIONS = ("none", "sum", "mean")
 SPREADS = ("all", "others")
@@ -26,26 +27,53 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-# Backend availability is a property of the installation, not of the tensors: torch.compile
-# evaluates these once while tracing instead of tracing into imports and builds.
-@torch.compiler.assume_constant_result
+# Backend availability is a property of the installation, not of the tensors: each answer is
+# computed once (a dict lookup afterwards: this is on every call's path), and torch.compile takes
+# it as a constant instead of tracing into imports and builds.
+_INSTALLATION: dict[tuple[str, str], bool] = {}
+
+
+def _constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (1.5 s) at
+    import time: the decorator only sets this attribute, which the compiler reads when tracing."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+def _installed(what: str, device_type: str, probe) -> bool:
+    key = (what, device_type)
+    answer = _INSTALLATION.get(key)
+    if answer is None:
+        answer = _INSTALLATION[key] = bool(probe())
+    return answer
+
+
+@_constant_result
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _installed("triton", "", lambda: importlib.util.find_spec("triton") is not None)
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Triton can run on ``device``: compiled on CUDA, interpreted on the CPU under
-    ``TRITON_INTERPRET=1`` (read at call time, as Triton itself reads it)."""
+    """Triton can run on ``device``: compiled on CUDA (where CUDA is available), interpreted on
+    the CPU under ``TRITON_INTERPRET=1`` (read at call time, as Triton itself reads it)."""
     if not _triton_installed():
         return False
+    if device.type == "cuda":
+        return _cuda_available()
     flag = os.environ.get("TRITON_INTERPRET", "").strip().lower()
-    interpreted = flag in ("1", "true", "on", "yes")
-    return device.type == "cuda" or interpreted
+    return device.type == "cpu" and flag in ("1", "true", "on", "yes")
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
+def _cuda_available() -> bool:
+    return _installed("cuda", "cuda", torch.cuda.is_available)
+
+
+@_constant_result
 def _cpp_usable(device_type: str) -> bool:
-    return ops.backend_module("cpp").is_available(device_type)
+    return _installed(
+        "cpp", device_type, lambda: ops.backend_module("cpp").is_available(device_type)
+    )
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -71,7 +99,7 @@ def resolve_backend(backend: str, device: torch.device, *, sharded: bool = False
     and torch kernels only: there ``"cpp"`` and ``"auto"`` off CUDA run ``"torch"``.
     """
     if backend == "triton" and not triton_usable(device):
-        raise ValueError(
+        raise ArgumentValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors, and an "
             f"installed triton (the tensors are on {device})"
         )
@@ -83,81 +111,107 @@ def resolve_backend(backend: str, device: torch.device, *, sharded: bool = False
         return "cpp" if _cpp_usable(device.type) else "torch"
     if backend == "cpp" and not _cpp_usable(device.type):
         reason = ops.backend_module("cpp").unavailable_reason()
-        raise ValueError(f"backend='cpp' is unavailable: {reason}")
+        raise ArgumentValueError(f"backend='cpp' is unavailable: {reason}")
     return backend
 
 
 def check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend) -> None:
     """Validate the scalar options (shared by the functional form and the module's constructor)."""
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+        raise ArgumentTypeError(
+            f"label_smoothing must be a float, got {type(label_smoothing).__name__}"
+        )
     if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        raise ArgumentValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
-        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
+        raise ArgumentTypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
     if not 0.0 <= float(z_loss) < float("inf"):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+        raise ArgumentValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        raise ArgumentTypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ArgumentValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if spread not in SPREADS:
-        raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
+        raise ArgumentValueError(f"spread must be one of {SPREADS}, got {spread!r}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ArgumentValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def check_reduce_hidden_grad(reduce_hidden_grad) -> None:
     """The fused head's ``reduce_hidden_grad`` switch must be a bool (a truthy tensor or string
     would silently pick a gradient convention)."""
     if not isinstance(reduce_hidden_grad, bool):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}"
         )
+
+
+def check_target_dtype(target: Tensor) -> None:
+    """Targets are class indices of any integer dtype (uint8 as PyTorch accepts, int32, int64,
+    ...); floating targets would be class probabilities, which these losses do not take."""
+    dtype = target.dtype
+    if dtype.is_floating_point or dtype.is_complex:
+        raise ArgumentTypeError(
+            f"target must hold integer class indices, got {dtype}: class-probability (soft) "
+            "targets are not supported"
+        )
+    if dtype == torch.bool:
+        raise ArgumentTypeError("target must hold integer class indices, got torch.bool")
 
 
 def check_tensors(logits, target, weight, spread, *, shard: bool = False) -> None:
     """Validate logits, target and class weights; ``shard``: the logits hold this rank's slice
     of the classes (so ``C`` is only known after the ranks' exchange)."""
     if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
+        raise ArgumentTypeError(f"logits must be a Tensor, got {type(logits).__name__}")
     if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+        raise ArgumentTypeError(f"target must be a Tensor, got {type(target).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(
-            f"target must hold int64 or int32 class indices, got {target.dtype} (probability "
-            "targets are not supported)"
+        raise ArgumentTypeError(
+            f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}"
         )
+    check_target_dtype(target)
     if logits.dim() == 0:
-        raise ValueError("logits must have at least 1 dimension (the classes), got a scalar")
+        raise ArgumentValueError(
+            "logits must have at least 1 dimension (the classes), got a scalar"
+        )
     expected_target_shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
     if tuple(target.shape) != tuple(expected_target_shape):
-        raise ValueError(
+        hint = ""
+        if logits.dim() >= 3 and tuple(target.shape) == tuple(logits.shape[:-1]):
+            # The language-model layout (B, T, V): classes last, where PyTorch wants them second.
+            hint = (
+                "; for (B, T, V) logits with classes last, pass logits.flatten(0, -2) and "
+                "target.flatten(), or logits.movedim(-1, 1)"
+            )
+        raise ArgumentValueError(
             f"target shape {tuple(target.shape)} does not match logits shape "
-            f"{tuple(logits.shape)}: expected {tuple(expected_target_shape)}"
+            f"{tuple(logits.shape)}: expected {tuple(expected_target_shape)}{hint}"
         )
     if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+        raise ArgumentValueError(f"target is on {target.device} but logits are on {logits.device}")
     num_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
     # A shard may be empty, and C is the sum over ranks: those two checks follow the exchange.
     if num_classes == 0 and not shard:
-        raise ValueError("logits must have at least one class (C == 0)")
+        raise ArgumentValueError("logits must have at least one class (C == 0)")
     if spread == "others" and num_classes == 1 and not shard:
-        raise ValueError("spread='others' needs at least 2 classes (C == 1 leaves no other class)")
+        raise ArgumentValueError(
+            "spread='others' needs at least 2 classes (C == 1 leaves no other class)"
+        )
     if weight is not None:
         if not isinstance(weight, Tensor):
-            raise TypeError(f"weight must be a Tensor or None, got {type(weight).__name__}")
+            raise ArgumentTypeError(f"weight must be a Tensor or None, got {type(weight).__name__}")
         if not weight.is_floating_point():
-            raise TypeError(f"weight must be floating point, got {weight.dtype}")
+            raise ArgumentTypeError(f"weight must be floating point, got {weight.dtype}")
         if tuple(weight.shape) != (num_classes,):
             what = "this rank's slice of the class weights" if shard else "one per class"
-            raise ValueError(
+            raise ArgumentValueError(
                 f"weight must have shape ({num_classes},), {what}, got {tuple(weight.shape)}"
             )
         if weight.device != logits.device:
-            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+            raise ArgumentValueError(
+                f"weight is on {weight.device} but logits are on {logits.device}"
+            )
 
 
 def row_view(logits: Tensor) -> Tensor:
@@ -173,6 +227,40 @@ def row_view(logits: Tensor) -> Tensor:
     # (unit class stride, gaps between rows) is read in place instead of copied.
     unit_class_stride = rows.stride(-1) == 1 or rows.shape[-1] == 1
     return rows if is_dense(rows, allow_gaps=unit_class_stride) else rows.contiguous()
+
+
+def check_sharded_autograd(class_weight: Optional[Tensor], name: str) -> None:
+    """What the vocabulary-parallel forms do not differentiate, refused (inside their agreement
+    exchange, so that every rank raises): class weights that require grad."""
+    if class_weight is not None and class_weight.requires_grad and torch.is_grad_enabled():
+        raise ArgumentValueError(
+            f"{name} requires grad, which process_group= does not support (its gradient would "
+            f"be silently missing); pass {name}.detach(), or call without process_group"
+        )
+
+
+def refuse_double_backward(what: str) -> None:
+    """Raise in a backward pass run with ``create_graph=True`` that cannot build a graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"double backward (create_graph=True) is not supported by {what}; the first-order "
+            "gradient would have no graph"
+        )
+
+
+def flat_targets(target: Tensor) -> Tensor:
+    """``target`` as the kernels read it: ``(rows,)`` int64, contiguous (a strided, expanded or
+    offset view is copied; that is ``rows`` integers, never logits-sized)."""
+    return target.reshape(-1).to(torch.int64).contiguous()
+
+
+def may_overwrite(logits: Tensor) -> bool:
+    """Whether ``inplace_backward`` may write the gradient into ``logits``' storage: not when
+    that storage belongs to a leaf the caller holds (``logits`` is the leaf, or a view of it:
+    ``p[:, :]``, ``p.view(...)``), whose data the caller still owns and whose ``.grad`` would
+    alias it. Everything else is an intermediate result autograd tracks (version counter)."""
+    base = logits if logits._base is None else logits._base
+    return not base.is_leaf
 
 
 def class_weights(
@@ -245,71 +333,78 @@ def default_chunk_size(rows: int, num_classes: int, dtype: torch.dtype) -> int:
 def check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast) -> None:
     """Validate the fused classifier + loss's tensors (``autocast``: dtypes are cast later)."""
     if not isinstance(hidden, Tensor):
-        raise TypeError(f"hidden must be a Tensor, got {type(hidden).__name__}")
+        raise ArgumentTypeError(f"hidden must be a Tensor, got {type(hidden).__name__}")
     if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+        raise ArgumentTypeError(f"weight must be a Tensor, got {type(weight).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
+        raise ArgumentTypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
     if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+        raise ArgumentTypeError(f"target must be a Tensor, got {type(target).__name__}")
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise ArgumentTypeError(
+                f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+            )
     if not autocast:
         if weight.dtype != hidden.dtype:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"hidden and weight must have the same dtype, got hidden {hidden.dtype} and "
                 f"weight {weight.dtype}"
             )
         if bias is not None and bias.dtype != weight.dtype:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}"
             )
     if hidden.dim() < 1:
-        raise ValueError("hidden must have at least 1 dimension (the features), got a scalar")
+        raise ArgumentValueError(
+            "hidden must have at least 1 dimension (the features), got a scalar"
+        )
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (C, H), got shape {tuple(weight.shape)}")
+        raise ArgumentValueError(f"weight must be 2-D (C, H), got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
+        raise ArgumentValueError(
             f"weight has {weight.shape[1]} input features but hidden has {hidden.shape[-1]} "
             f"(weight shape {tuple(weight.shape)}, hidden shape {tuple(hidden.shape)})"
         )
     if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+        raise ArgumentValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if bias is not None:
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(
+            raise ArgumentValueError(
                 f"bias must have shape ({weight.shape[0]},), one per class, got {tuple(bias.shape)}"
             )
         if bias.device != hidden.device:
-            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+            raise ArgumentValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
+        raise ArgumentValueError(
             f"target shape {tuple(target.shape)} does not match hidden shape "
             f"{tuple(hidden.shape)}: expected {tuple(hidden.shape[:-1])}"
         )
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+            raise ArgumentTypeError(
+                f"chunk_size must be an int or None, got {type(chunk_size).__name__}"
+            )
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
+            raise ArgumentValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_target_dtype(target)
     if target.device != hidden.device:
-        raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
+        raise ArgumentValueError(f"target is on {target.device} but hidden is on {hidden.device}")
     if class_weight is not None:
         if not isinstance(class_weight, Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"class_weight must be a Tensor or None, got {type(class_weight).__name__}"
             )
         if not class_weight.is_floating_point():
-            raise TypeError(f"class_weight must be floating point, got {class_weight.dtype}")
+            raise ArgumentTypeError(
+                f"class_weight must be floating point, got {class_weight.dtype}"
+            )
         if tuple(class_weight.shape) != (weight.shape[0],):
-            raise ValueError(
+            raise ArgumentValueError(
                 f"class_weight must have shape ({weight.shape[0]},), one per class, got "
                 f"{tuple(class_weight.shape)}"
             )
         if class_weight.device != hidden.device:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"class_weight is on {class_weight.device} but hidden is on {hidden.device}"
             )

@@ -281,10 +281,11 @@ def test_gradient_in_forward_is_exact_for_any_upstream(
     if taken == "cpp":
         request.getfixturevalue("cpp")  # skips when the C++ backend is unavailable
     calls = []
-    original = lsr_fused.functional.ops.fused_forward_with_grad
+    # The op body, which both routes run: the eager one (taken here) and the op dispatcher's.
+    original = lsr_fused.ops._forward_with_grad_impl
     monkeypatch.setattr(
-        lsr_fused.functional.ops,
-        "fused_forward_with_grad",
+        lsr_fused.ops,
+        "_forward_with_grad_impl",
         lambda *args: calls.append(args[-1]) or original(*args),
     )
     gen = torch.Generator().manual_seed(12)

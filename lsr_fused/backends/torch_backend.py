@@ -125,33 +125,52 @@ def backward(
 
 
 def _empty_shard_stats(out: Tensor) -> None:
+    """Statistics of a shard without classes: max -inf, every sum and the reference 0."""
     out.zero_()
     out[0].fill_(float("-inf"))
+
+
+def _shard_reference(x: Tensor) -> Tensor:
+    """``r_k`` per row: the shard row's first logit where it is finite, else 0 (``(rows,)``)."""
+    first = x[:, 0]
+    return torch.where(torch.isfinite(first), first, 0.0)
 
 
 def shard_stats(
     logits: Tensor, local_target: Tensor, weight: Optional[Tensor], out: Tensor
 ) -> None:
-    """Fill ``out`` ``(5, rows)`` with each row's (max, sum-exp relative to the max, sum w x, x_y,
-    w_y) over this shard; ``local_target`` is ``y - offset``, or -1 where the target is elsewhere.
-    The sum-exp is relative to 0 instead where the max is -inf."""
+    """Fill ``out`` ``(6, rows)`` (accumulation dtype) with this shard's per-row statistics.
+
+    With ``r`` the row's first logit on this shard (0 where it is not finite, or for an empty
+    shard) and ``m`` the row's max over the shard, the rows of ``out`` are::
+
+        0: m                 1: sum_c exp(x_c - m)     (relative to 0 where m is -inf)
+        2: sum_c w_c (x_c - r)                          3: x_y - r where y is here, else 0
+        4: w_y where y is here, else 0 (1 without weights)                   5: r
+
+    Sums relative to ``r`` keep their error at the scale of the logits' spread, not of a large
+    offset they share. ``local_target`` is ``y - offset``, or -1 where the target is elsewhere.
+    """
     if logits.shape[-1] == 0:
         _empty_shard_stats(out)
         return
     for start, stop, _, _, chunk in _row_chunks(logits):
         x = chunk.to(out.dtype)
+        reference = _shard_reference(x)
         row_max = x.amax(dim=-1)
         shift = torch.where(row_max == float("-inf"), 0.0, row_max)
         out[0, start:stop] = row_max
         out[1, start:stop] = (x - shift.unsqueeze(-1)).exp().sum(dim=-1)
-        out[2, start:stop] = x.sum(dim=-1) if weight is None else x @ weight
+        centred = x - reference.unsqueeze(-1)
+        out[2, start:stop] = centred.sum(dim=-1) if weight is None else centred @ weight
         here = local_target[start:stop] >= 0
-        safe = torch.where(here, local_target[start:stop], 0)
-        out[3, start:stop] = torch.where(here, x.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
+        safe = torch.where(here, local_target[start:stop], 0).unsqueeze(-1)
+        out[3, start:stop] = torch.where(here, centred.gather(-1, safe).squeeze(-1), 0.0)
         if weight is None:
             out[4, start:stop] = here.to(out.dtype)
         else:
-            out[4, start:stop] = torch.where(here, weight.gather(0, safe), 0.0)
+            out[4, start:stop] = torch.where(here, weight.gather(0, safe.squeeze(-1)), 0.0)
+        out[5, start:stop] = reference
 
 
 def shard_grad(
@@ -161,16 +180,21 @@ def shard_grad(
     coefs: Tensor,
     grad_logits: Tensor,
 ) -> None:
-    """Write ``exp(x_i - lse) A - B w_i - T [i == local_target]`` per row into ``grad_logits``
-    (same strides as ``logits``, possibly ``logits`` itself); ``coefs`` is ``(4, rows)`` holding
-    ``(lse, A, B, T)``."""
+    """Write ``exp((x_i - r) - lse_r) A - B w_i - T [i == local_target]`` per row into
+    ``grad_logits`` (same strides as ``logits``, possibly ``logits`` itself).
+
+    ``coefs`` is ``(4, rows)`` holding ``(lse_r, A, B, T)``, where ``lse_r`` is the row's global
+    log-sum-exp minus this shard's reference ``r`` (recomputed here as in :func:`shard_stats`),
+    so the softmax never subtracts two large, rounded numbers.
+    """
     _, inner, num_classes = logits.shape
     if num_classes == 0:
         return
     for start, stop, outer_start, outer_stop, chunk in _row_chunks(logits):
         x = chunk.to(coefs.dtype)
         lse, scale, other, target_coef = (c[start:stop].unsqueeze(-1) for c in coefs)
-        grad = (x - lse).exp_().mul_(scale)
+        centred = x - _shard_reference(x).unsqueeze(-1)
+        grad = (centred - lse).exp_().mul_(scale)
         if weight is None:
             grad.sub_(other)
         else:

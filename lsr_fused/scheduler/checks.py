@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +47,16 @@ def check_shape(value: object) -> str:
     if value not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {value!r}")
     return str(value)
+
+
+def check_start_lr(value: object, shape: str) -> float | None:
+    if value is None:
+        return None
+    if not is_real(value) or not 0.0 <= float(value) < math.inf:  # type: ignore[arg-type]
+        raise ValueError(f"start_lr must be None or a finite number >= 0, got {value!r}")
+    if shape == "exponential" and float(value) == 0.0:  # type: ignore[arg-type]
+        raise ValueError("start_lr must be > 0 for shape='exponential' (0 ** x never grows)")
+    return float(value)  # type: ignore[arg-type]
 
 
 def check_start_factor(value: object, shape: str) -> float | None:

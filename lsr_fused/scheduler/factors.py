@@ -13,6 +13,7 @@ shape            :math:`f(t)` for :math:`t < W`              ``start_factor=None
 ``linear``       :math:`s + (1 - s)\,p`                      :math:`s = 0`, :math:`p = (t+1)/W`
 ``cosine``       :math:`s + (1 - s)\,(1 - \cos \pi p) / 2`   :math:`s = 0`, :math:`p = (t+1)/W`
 ``exponential``  :math:`s^{1 - p}` (geometric; s > 0)        :math:`s = 0.01`, :math:`p = (t+1)/W`
+``1-sqrt``       :math:`s + (1 - s)\,(1 - \sqrt{1 - p})`     :math:`s = 0`, :math:`p = (t+1)/W`
 ===============  ==========================================  ===================================
 
 With an explicit ``start_factor`` the progress is :math:`p = t / W`, so :math:`f(0) = s` exactly
@@ -24,6 +25,11 @@ the progress is :math:`p = (t + 1) / W`: for ``linear`` this is the Bag-of-Trick
 the full lr. ``W = 1`` with ``start_factor=None`` is therefore no warmup at all, and
 ``warmup_steps=0`` always means no warmup (the factor is 1 from the start).
 
+An **absolute start** (``start_lr``, timm's ``warmup_lr_init``: one lr for every group) is the
+explicit start factor :math:`s_g = \text{start\_lr} / \text{base}_g` of each group, so the ramp
+runs from ``start_lr`` (up to 1 ulp) to exactly the base lr; :math:`s_g > 1`, a start above a
+group's base, ramps that group down.
+
 The factor is exactly 1.0 wherever :math:`p \ge 1` (selected, not computed) and exactly :math:`s`
 at :math:`p = 0`, so the lr at the end of the warmup is bit-for-bit the base lr. Each step
 evaluates the closed form at the integer step count; nothing is accumulated, so a million steps
@@ -34,13 +40,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor
 
-WarmupShape = Literal["constant", "linear", "exponential", "cosine"]
+WarmupShape = Literal["constant", "linear", "exponential", "cosine", "1-sqrt"]
 
 _Number = TypeVar("_Number", float, Tensor)
 
@@ -143,19 +149,54 @@ class Cosine(Ramp):
         return torch.addcmul(start, rise, progress.mul_(math.pi).cos_().neg_().add_(1.0))
 
 
+class OneMinusSqrt(Ramp):
+    r"""``"1-sqrt"``: :math:`f(t) = s + (1 - s)\,(1 - \sqrt{1 - p})`, steep first, flat last.
+
+    The warmup of the warmup-stable-decay schedule (Hugging Face's ``get_wsd_schedule`` with
+    ``warmup_type="1-sqrt"``; with ``start_factor=0`` the factors are equal bit for bit, since both
+    round one square root of the same ``1 - p``). ``start_factor=None`` means :math:`s = 0` with
+    :math:`p = (t + 1) / W`.
+    """
+
+    name = "1-sqrt"
+    default_start = 0.0
+
+    def at(self, start: float, rise: float, progress: float) -> float:
+        return start + rise * (1.0 - math.sqrt(1.0 - progress))
+
+    def over(self, start: Tensor, rise: Tensor, progress: Tensor) -> Tensor:
+        return torch.addcmul(start, rise, progress.neg_().add_(1.0).sqrt_().neg_().add_(1.0))
+
+
 RAMPS: dict[str, Ramp] = {
-    ramp.name: ramp for ramp in (Constant(), Linear(), Exponential(), Cosine())
+    ramp.name: ramp for ramp in (Constant(), Linear(), Exponential(), Cosine(), OneMinusSqrt())
 }
 SHAPES: tuple[str, ...] = tuple(RAMPS)
 
 
 @dataclass(frozen=True)
 class WarmupSetting:
-    """One param group's warmup as given (``start_factor=None``: the shape's default)."""
+    """One param group's warmup as given (``start_factor=None``: the shape's default).
+
+    With an absolute start (``start_lr``), ``start_factor`` is the group's
+    ``start_lr / base`` once :meth:`resolved` has seen its base lr (None until then).
+    """
 
     steps: int
     start_factor: float | None
     shape: str
+    start_lr: float | None = None
+
+    def resolved(self, base: float, group: int) -> WarmupSetting:
+        """This setting for a group whose base lr is ``base``: ``s = start_lr / base``."""
+        if self.start_lr is None:
+            return self
+        if not base > 0.0:
+            raise ValueError(
+                f"start_lr: param group {group} has base lr {base!r}; an absolute warmup start "
+                "is a ratio of the base lr here, so it needs a positive base lr"
+            )
+        return replace(self, start_factor=self.start_lr / base)
 
     def factor(self) -> WarmupFactor:
         ramp = RAMPS[self.shape]

@@ -1,0 +1,91 @@
+"""The loss as a differentiable composite of ATen ops: the path for what the fused ops cannot do.
+
+The fused ops (:mod:`lsr_fused.ops`, :mod:`lsr_fused.linear`) have hand-written, first-order
+backward passes. Three requests need autograd to see the arithmetic instead:
+
+* **double backward** (``create_graph=True``, e.g. a gradient penalty): the ops' backward recomputes
+  the gradient from this composite under grad mode, so the result is differentiable again;
+* **class weights that require grad**: the loss is differentiated with respect to ``weight`` too
+  (including the ``mean`` denominator ``sum(w[y])``);
+* **``torch.func`` transforms** (``grad``, ``vmap``, ``jacrev``), which trace through ATen ops but
+  not through a custom op's autograd.
+
+It holds ``(rows, C)`` temporaries, as eager ``F.cross_entropy`` does; the fused paths stay the
+default whenever none of the three applies. The formula is the one in :mod:`lsr_fused.backends`,
+with every term taken relative to the row's maximum ``m`` (a constant for autograd: the ``m``
+terms cancel exactly since ``S = b W + (a - b) w_y``), so that logits sharing a large offset keep
+full precision::
+
+    loss = S (lse - m) - b sum_c w_c (x_c - m) - (a - b) w_y (x_y - m) + z lse^2
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._params import RowParams, accumulation_dtype
+
+
+def row_losses(rows: Tensor, target: Tensor, weight: Optional[Tensor], params: RowParams) -> Tensor:
+    """Per-row loss ``(n,)`` in the accumulation dtype of ``rows`` ``(..., C)`` (``n`` rows in all)
+    for ``target`` ``(n,)`` integer class indices and class weights ``weight`` ``(C,)`` or None;
+    differentiable (to any order) in ``rows`` and ``weight``. Ignored rows give 0 with a zero
+    gradient; a target out of range gives NaN."""
+    num_classes = rows.shape[-1]
+    x = rows.reshape(-1, num_classes).to(accumulation_dtype(rows.dtype))
+    ignored = target == params.ignore_index
+    invalid = ~ignored & ((target < 0) | (target >= num_classes))
+    skipped = ignored | invalid
+    # Skipped rows get zero logits: their loss is replaced below, and whatever their logits hold
+    # (-inf, NaN) must not leak into the gradient as 0 * inf.
+    x = torch.where(skipped.unsqueeze(-1), 0.0, x)
+    safe_target = torch.where(skipped, 0, target)
+    row_max = x.detach().amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    shifted = x - shift
+    shifted_lse = torch.logsumexp(shifted, dim=-1)
+    if weight is None:
+        target_weight = torch.ones_like(shifted_lse)
+        total_weight = float(num_classes)
+    else:
+        weight = weight.to(x.dtype)
+        target_weight = weight.gather(0, safe_target)
+        total_weight = weight.sum()
+    total_mass = params.other_mass * total_weight + params.target_extra * target_weight
+    loss = total_mass * shifted_lse
+    # Each term is skipped when its mass is 0, so that a masked (-inf) logit gives 0, not 0 * inf.
+    if params.other_mass != 0.0:
+        weighted = shifted.sum(dim=-1) if weight is None else shifted @ weight
+        loss = loss - params.other_mass * weighted
+    if params.target_extra != 0.0:
+        target_logit = shifted.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+        loss = loss - params.target_extra * target_weight * target_logit
+    if params.z_loss != 0.0:
+        lse = shifted_lse + shift.squeeze(-1)
+        loss = loss + params.z_loss * lse * lse
+    loss = torch.where(ignored, 0.0, loss)
+    return torch.where(invalid, float("nan"), loss)
+
+
+def wants_composite(*tensors: Optional[Tensor], weights: tuple[Optional[Tensor], ...]) -> bool:
+    """Whether a call must take the composite path: class weights that require grad while grad
+    mode is on, or any tensor seen through a ``torch.func`` transform."""
+    if torch.is_grad_enabled() and any(w is not None and w.requires_grad for w in weights):
+        return True
+    if torch.compiler.is_compiling():
+        return False  # the compiler sees plain tensors (it handles transforms itself)
+    return any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+        for t in (*tensors, *weights)
+    )
+
+
+def input_gradients(losses_of, inputs: tuple[Tensor, ...], upstream: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of ``sum(upstream * losses_of(*inputs))`` with respect to ``inputs``, as a
+    differentiable graph (the double-backward form of the fused ops' backward)."""
+    with torch.enable_grad():
+        losses = losses_of(*inputs)
+        return torch.autograd.grad(losses, inputs, upstream.to(losses.dtype), create_graph=True)

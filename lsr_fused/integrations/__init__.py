@@ -1,0 +1,1 @@
+"""Adapters for training libraries; each submodule imports its library, if any, only itself."""
