@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: parity on the card first, then the benchmark table.
 #   bash benchmarks/gpu_check.sh [extra bench_loss.py arguments]      (PY=... to pick the python)
-# Prints the card, runs the CUDA tests (parity, no host sync, CUDA graph capture, recompilation),
+# Prints the card, runs the default training step's check, then the CUDA tests (parity, no host
+# sync, CUDA graph capture, recompilation),
 # then benchmarks/bench_loss.py on the GPU shapes and benchmarks/bench_linear.py on the LM head
 # shape (N = 8192, H = 4096, C = 128256, bfloat16). Results land in benchmarks/results/.
 set -uo pipefail
@@ -14,9 +15,14 @@ export MAX_JOBS=${MAX_JOBS:-16}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 $PY -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -3
+# First the default training step as users run it (loss.backward(), mean and sum, C = 32000 and
+# 128256, bf16 and fp32, loss and fused head): forward writes the gradient, backward skips it.
+$PY -m pytest -q tests/test_cuda_parity.py -k "default_training_step" 2>&1 | tail -15
+default_path=${PIPESTATUS[0]}
 $PY -m pytest -q --maxfail=20 tests/test_cuda_parity.py tests/test_contract.py tests/test_linear.py \
-  tests/test_distributed_cuda.py -k "cuda" 2>&1 | tail -15
+  tests/test_distributed_cuda.py -k "cuda and not default_training_step" 2>&1 | tail -15
 parity=${PIPESTATUS[0]}
+[ "$default_path" -ne 0 ] && parity=$default_path
 $PY benchmarks/bench_loss.py --device cuda "$@"
 # The fused classifier + loss head (issue 13): ours vs unfused eager / compiled, Liger, CCE.
 $PY benchmarks/bench_linear.py --device cuda --shapes 8192x4096x128256:bfloat16 \

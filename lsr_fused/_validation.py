@@ -40,16 +40,20 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
         )
 
 
-def is_dense(tensor: Tensor) -> bool:
-    """True when the tensor's elements fill its storage span exactly, in some dimension order."""
+def is_dense(tensor: Tensor, *, allow_gaps: bool = False) -> bool:
+    """True when the tensor's elements fill its storage span exactly, in some dimension order.
+
+    ``allow_gaps``: only ask that no two elements share memory (each stride, in increasing order,
+    spans at least the dimensions below it), as in a slice of a wider tensor."""
     if tensor.is_contiguous():
         return True
     expected_stride = 1
     for dim in sorted(range(tensor.dim()), key=tensor.stride):
-        size = tensor.size(dim)
-        if size != 1 and tensor.stride(dim) != expected_stride:
+        size, stride = tensor.size(dim), tensor.stride(dim)
+        if size != 1 and (stride < expected_stride if allow_gaps else stride != expected_stride):
             return False
-        expected_stride *= size
+        if size != 1:
+            expected_stride = stride * size if allow_gaps else expected_stride * size
     return True
 
 

@@ -222,8 +222,11 @@ def row_view(logits: Tensor) -> Tensor:
         rows = logits.unsqueeze(1)
     else:
         rows = logits.movedim(1, -1).flatten(1, -2)
-    # The kernels write the gradient with the logits' strides, which requires a dense layout.
-    return rows if is_dense(rows) else rows.contiguous()
+    # Kept as a view when every element has its own memory and the gradient (empty_like: the same
+    # strides when dense, else contiguous) shares its class stride: a slice of a padded vocabulary
+    # (unit class stride, gaps between rows) is read in place instead of copied.
+    unit_class_stride = rows.stride(-1) == 1 or rows.shape[-1] == 1
+    return rows if is_dense(rows, allow_gaps=unit_class_stride) else rows.contiguous()
 
 
 def check_sharded_autograd(class_weight: Optional[Tensor], name: str) -> None:

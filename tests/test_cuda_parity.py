@@ -101,3 +101,68 @@ def test_cuda_offsets_past_two_to_the_31(backend):
     torch.testing.assert_close(
         grad[tail].double(), ref_grad, atol=1e-2 * ref_grad.abs().max().item(), rtol=1e-2
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The default training step as users run it: loss.backward() with the default backend. Forward
+# writes the gradient for the upstream it expects (1 for sum, 1 / denominator for mean) and
+# backward skips every row; a scaled loss (GradScaler) makes backward redo every row instead.
+
+TRAINING_CASES = list(
+    itertools.product([torch.bfloat16, torch.float32], [32000, 128256], ["mean", "sum"])
+)
+
+
+def _grad_tolerance(dtype: torch.dtype) -> float:
+    # Half gradients are rounded once on output: 2**-8 of their scale.
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+@pytest.mark.parametrize("scale", [1.0, 1024.0], ids=["backward skips", "backward redoes"])
+@pytest.mark.parametrize(("dtype", "num_classes", "reduction"), TRAINING_CASES, ids=str)
+def test_cuda_default_training_step(dtype, num_classes, reduction, scale):
+    generator = torch.Generator(device="cuda").manual_seed(num_classes + len(reduction))
+    rows = 96
+    logits = (torch.randn(rows, num_classes, device="cuda", generator=generator) * 3).to(dtype)
+    target = torch.randint(0, num_classes, (rows,), device="cuda", generator=generator)
+    target[::7] = -100
+    x = logits.clone().requires_grad_()
+    loss = label_smoothing_cross_entropy(x, target, 0.1, reduction=reduction)
+    (loss * scale).backward()
+    ref_input = logits.double().requires_grad_()
+    ref = dense_loss(ref_input, target, 0.1, reduction=reduction)
+    (ref * scale).backward()
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5 * ref.abs().item(), rtol=1e-5)
+    grad_scale = ref_input.grad.abs().max().item()
+    tol = _grad_tolerance(dtype)
+    torch.testing.assert_close(x.grad.double(), ref_input.grad, atol=tol * grad_scale, rtol=tol)
+    assert torch.all(x.grad[::7] == 0)  # ignored rows
+
+
+@pytest.mark.parametrize(("dtype", "num_classes", "reduction"), TRAINING_CASES, ids=str)
+def test_cuda_fused_head_default_training_step(dtype, num_classes, reduction):
+    """The fused classifier + loss, loss.backward() with the default backend and chunking,
+    against float64 autograd through the same rounded logits' inputs."""
+    generator = torch.Generator(device="cuda").manual_seed(num_classes + 7)
+    rows, features = 256, 256
+    hidden = torch.randn(rows, features, device="cuda", generator=generator).to(dtype)
+    weight = (
+        torch.randn(num_classes, features, device="cuda", generator=generator) * features**-0.5
+    ).to(dtype)
+    target = torch.randint(0, num_classes, (rows,), device="cuda", generator=generator)
+    target[::5] = -100
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = lsr_fused.linear_label_smoothing_cross_entropy(h, w, target, 0.1, reduction=reduction)
+    loss.backward()
+    ref_h, ref_w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = dense_loss(ref_h @ ref_w.t(), target, 0.1, reduction=reduction)
+    ref.backward()
+    # bfloat16 logits are rounded by the matmul (2**-9 relative) before the loss sees them.
+    loss_tol = 1e-4 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(loss.double(), ref, atol=loss_tol * ref.abs().item(), rtol=loss_tol)
+    grad_tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for ours, theirs in ((h.grad, ref_h.grad), (w.grad, ref_w.grad)):
+        assert ours.dtype == dtype
+        torch.testing.assert_close(
+            ours.double(), theirs, atol=grad_tol * theirs.abs().max().item(), rtol=grad_tol
+        )

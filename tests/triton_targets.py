@@ -12,14 +12,19 @@ How it works, so that no specialization can slip past it:
 * Triton's active driver is replaced by one that reports the chosen ``GPUTarget`` and no device,
   and ``JITFunction.run`` is wrapped to pass ``warmup=True``: every launch binds its arguments
   exactly as on a GPU (types, alignment, ``== 1`` specialization), compiles, and launches nothing.
-* The scenarios drive the public API (``label_smoothing_cross_entropy`` forward and backward, every
-  dtype, option and autograd path, and the vocabulary-parallel loss on a one-rank gloo group), so a
-  new kernel or argument is compiled as soon as the API reaches it.
+* The scenarios drive the public API: ``label_smoothing_cross_entropy`` forward and backward
+  (every dtype, option and autograd path), the layouts off the aligned fast path (odd C, C = 1,
+  ``(N, C, d)``, a ``(B, C, S)`` view, a sliced padded vocabulary, 64-bit row strides), the
+  vocabulary-parallel loss on a one-rank gloo group (one row, one class included) and the fused
+  classifier + loss, local and sharded, so a new kernel or argument is compiled as soon as the API
+  reaches it.
 
 For each compiled kernel the script records its signature, resource usage (``cuobjdump
--res-usage``: registers, spills) and facts read off the SASS of its hot loops (``cuobjdump -sass``:
-load/store widths, ``MUFU.EX2`` and instructions per element, 64-bit compares, calls). The test
-asserts on those facts; ``--table`` prints them for ``benchmarks/RESULTS.md``.
+-res-usage``: registers, spills) and facts read off the SASS (``cuobjdump -sass``): per hot loop,
+load/store widths, ``MUFU.EX2`` and instructions per element, 64-bit compares, calls; per kernel,
+where the first ``EXIT``, barrier and ``ex2`` are, and whether a barrier separates the row's reads
+from the gradient loop's stores. The test asserts on those facts; ``--table`` prints them for
+``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -74,16 +79,15 @@ class TargetOnlyDriver:
 
 
 _compiled: dict[tuple, dict] = {}
-_scenario = {"name": "", "aligned": False}
+_scenario = {"name": ""}
 _original_run = JITFunction.run
 
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
     kernel = _original_run(self, *args, grid=grid, warmup=True, **kwargs)
     key = (self.fn.__name__, kernel.hash)
-    entry = _compiled.setdefault(key, {"kernel": kernel, "scenarios": [], "aligned": False})
+    entry = _compiled.setdefault(key, {"kernel": kernel, "scenarios": []})
     entry["scenarios"].append(_scenario["name"])
-    entry["aligned"] = entry["aligned"] or _scenario["aligned"]
     return kernel
 
 
@@ -95,85 +99,131 @@ JITFunction.run = _compile_only
 
 
 @contextlib.contextmanager
-def scenario(name: str, aligned: bool):
-    """``aligned``: classes contiguous and a multiple of 16, so 128-bit accesses are expected."""
-    _scenario.update(name=name, aligned=aligned)
+def scenario(name: str):
+    _scenario["name"] = name
     yield
 
 
-def _local_scenarios() -> None:
+def _train_and_recompute(logits_of, target, class_weight, tag: str) -> None:
+    """The local loss's four launch paths for logits made by ``logits_of()`` (a fresh leaf)."""
+    lsce = lsr_fused.label_smoothing_cross_entropy
+    options = dict(weight=class_weight, backend="triton")
+    with scenario(f"grad-in-forward mean/sum {tag}"):
+        for reduction in ("mean", "sum"):
+            lsce(logits_of(), target, 0.1, reduction=reduction, **options).backward()
+    with scenario(f"reduction none, per-row upstream {tag}"):
+        loss = lsce(logits_of(), target, 0.1, reduction="none", **options)
+        loss.backward(torch.rand_like(loss))
+
+
+def _local_matrix() -> None:
+    """Every dtype, option and autograd path of the local loss, on aligned rows."""
     lsce = lsr_fused.label_smoothing_cross_entropy
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        for num_classes in (32000, 1000):
-            aligned = num_classes % 16 == 0
+        # C = 1000: a multiple of 8, not of 16 (the hints' case); half and float32 are enough.
+        sizes = (32000, 1000) if dtype in (torch.bfloat16, torch.float32) else (32000,)
+        for num_classes in sizes:
             target = torch.randint(0, num_classes, (4,))
-            weight = torch.rand(num_classes) + 0.5
-            for class_weight in (None, weight):
+            for class_weight in (None, torch.rand(num_classes) + 0.5):
                 tag = f"{dtype} C={num_classes} weight={class_weight is not None}"
                 leaf = torch.randn(4, num_classes, dtype=dtype, requires_grad=True)
-                with scenario(f"grad-in-forward mean/sum {tag}", aligned):
-                    for reduction in ("mean", "sum"):
-                        lsce(
-                            leaf,
-                            target,
-                            0.1,
-                            weight=class_weight,
-                            reduction=reduction,
-                            backend="triton",
-                        ).backward()
-                with scenario(f"recompute (upstream != guess) {tag}", aligned):
-                    loss = lsce(
-                        leaf,
-                        target,
-                        0.1,
-                        weight=class_weight,
-                        spread="others",
-                        z_loss=1e-4,
-                        backend="triton",
-                    )
+                _train_and_recompute(lambda: leaf, target, class_weight, tag)  # noqa: B023
+                options = dict(weight=class_weight, backend="triton")
+                with scenario(f"recompute (upstream != guess) {tag}"):
+                    loss = lsce(leaf, target, 0.1, spread="others", z_loss=1e-4, **options)
                     (3.0 * loss).backward()
-                with scenario(f"reduction none {tag}", aligned):
-                    lsce(
-                        leaf, target, 0.1, weight=class_weight, reduction="none", backend="triton"
-                    ).sum().backward()
-                with scenario(f"inplace_backward {tag}", aligned):
-                    lsce(
-                        leaf * 1.0,
-                        target,
-                        0.1,
-                        weight=class_weight,
-                        inplace_backward=True,
-                        backend="triton",
-                    ).backward()
-                with scenario(f"forward only (no_grad) {tag}", aligned), torch.no_grad():
-                    lsce(leaf, target, 0.1, weight=class_weight, backend="triton")
-        with scenario(f"3-D (N, C, d) {dtype}", False):
-            logits = torch.randn(2, 96, 3, dtype=dtype, requires_grad=True)
-            lsce(logits, torch.randint(0, 96, (2, 3)), 0.1, backend="triton").backward()
-        with scenario(f"1-D (C,) {dtype}", True):
-            logits = torch.randn(4096, dtype=dtype, requires_grad=True)
-            lsce(logits, torch.tensor(7), 0.1, z_loss=1e-4, backend="triton").backward()
+                with scenario(f"inplace_backward {tag}"):
+                    lsce(leaf * 1.0, target, 0.1, inplace_backward=True, **options).backward()
+                with scenario(f"forward only (no_grad) {tag}"), torch.no_grad():
+                    lsce(leaf, target, 0.1, **options)
+
+
+def _layout_scenarios() -> None:
+    """Shapes and layouts off the aligned fast path (issue 20, item 4)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for class_weight in (None, torch.rand(50257) + 0.5):
+            leaf = torch.randn(4, 50257, dtype=dtype, requires_grad=True)
+            target = torch.randint(0, 50257, (4,))
+            _train_and_recompute(lambda: leaf, target, class_weight, f"odd C=50257 {dtype}")  # noqa: B023
+        one_class = torch.randn(4, 1, dtype=dtype, requires_grad=True)
+        _train_and_recompute(lambda: one_class, torch.zeros(4, dtype=torch.long), None,  # noqa: B023
+                             f"C=1 {dtype}")  # fmt: skip
+        # (N, C, d): the class dimension strided by d.
+        strided = torch.randn(2, 32000, 3, dtype=dtype, requires_grad=True)
+        _train_and_recompute(lambda: strided, torch.randint(0, 32000, (2, 3)), None,  # noqa: B023
+                             f"(N, C, d) C=32000 {dtype}")  # fmt: skip
+    bf16 = torch.bfloat16
+    # (B, S, C) logits handed over as a (B, C, S) view: unit class stride, rows S apart.
+    sequence = torch.randn(2, 3, 32000, dtype=bf16, requires_grad=True)
+    _train_and_recompute(lambda: sequence.transpose(1, 2), torch.randint(0, 32000, (2, 3)), None,
+                         "(B, C, S) view of (B, S, C)")  # fmt: skip
+    # A padded vocabulary sliced to its classes: read in place, rows 32064 apart.
+    padded = torch.randn(4, 32064, dtype=bf16, requires_grad=True)
+    _train_and_recompute(lambda: padded[:, :32000], torch.randint(0, 32000, (4,)), None,
+                         "sliced padded vocabulary")  # fmt: skip
+    # Rows 2**31 elements apart (64-bit strides); the storage is reserved, never touched.
+    storage = torch.empty(2**31 + 64, dtype=bf16)
+    far = storage.as_strided((2, 64), (2**31, 1)).requires_grad_()
+    _train_and_recompute(lambda: far, torch.randint(0, 64, (2,)), None, "64-bit row stride")
+    with scenario("1-D (C,)"):
+        logits = torch.randn(4096, dtype=bf16, requires_grad=True)
+        lsr_fused.label_smoothing_cross_entropy(
+            logits, torch.tensor(7), 0.1, z_loss=1e-4, backend="triton"
+        ).backward()
+
+
+def _fused_head(process_group=None) -> None:
+    """The fused classifier + loss: training (gradient written in forward, over the logits
+    buffer), reduction="none" (backward recomputes), half and float32."""
+    sharded = "sharded " if process_group is not None else ""
+    for dtype in (torch.bfloat16, torch.float32):
+        for num_classes in (32000, 1000):
+            hidden = torch.randn(8, 32, dtype=dtype, requires_grad=True)
+            weight = (torch.randn(num_classes, 32) * 0.05).to(dtype).requires_grad_()
+            target = torch.randint(0, num_classes, (8,))
+            for reduction in ("mean", "none"):
+                with scenario(f"{sharded}fused head {reduction} {dtype} C={num_classes}"):
+                    loss = lsr_fused.linear_label_smoothing_cross_entropy(
+                        hidden, weight, target, 0.1, reduction=reduction, chunk_size=4,
+                        backend="triton", process_group=process_group,
+                    )  # fmt: skip
+                    loss.sum().backward()
+
+
+def _local_scenarios() -> None:
+    _local_matrix()
+    _layout_scenarios()
+    _fused_head()
+
+
+def _sharded_loss(logits, target, class_weight, group) -> None:
+    lsr_fused.label_smoothing_cross_entropy(
+        logits, target, 0.1, weight=class_weight, backend="triton", process_group=group
+    ).backward()
 
 
 def _sharded_scenarios() -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    group = dist.group.WORLD
     try:
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            for num_classes in (32000, 1000):
+            sizes = (32000, 1000) if dtype in (torch.bfloat16, torch.float32) else (32000,)
+            for num_classes in sizes:
                 for class_weight in (None, torch.rand(num_classes) + 0.5):
                     name = f"sharded {dtype} C={num_classes} weight={class_weight is not None}"
-                    with scenario(name, num_classes % 16 == 0):
+                    with scenario(name):
                         logits = torch.randn(4, num_classes, dtype=dtype, requires_grad=True)
-                        lsr_fused.label_smoothing_cross_entropy(
-                            logits,
-                            torch.randint(0, num_classes, (4,)),
-                            0.1,
-                            weight=class_weight,
-                            backend="triton",
-                            process_group=dist.group.WORLD,
-                        ).backward()
+                        target = torch.randint(0, num_classes, (4,))
+                        _sharded_loss(logits, target, class_weight, group)
+        with scenario("sharded one row"):
+            logits = torch.randn(1, 32000, dtype=torch.bfloat16, requires_grad=True)
+            _sharded_loss(logits, torch.tensor([5]), None, group)
+        with scenario("sharded one class"):
+            logits = torch.randn(4, 1, dtype=torch.bfloat16, requires_grad=True)
+            _sharded_loss(logits, torch.zeros(4, dtype=torch.long), None, group)
+        _fused_head(group)
     finally:
         dist.destroy_process_group()
 
@@ -199,27 +249,42 @@ def _branch_target(operands: str) -> int:
     return int(found.group(1), 16) if found else -1
 
 
-def _hot_regions(sass: str) -> list[list[tuple[int, str, str]]]:
-    """Instruction lists of each loop body (a backward branch closes one); a kernel without a loop
-    (one block per program) is its own hot region."""
-    instructions = [
+def _instructions(sass: str) -> list[tuple[int, str, str]]:
+    return [
         (int(addr, 16), opcode, operands) for addr, opcode, operands in _SASS_LINE.findall(sass)
     ]
-    regions = []
+
+
+def _loops(instructions) -> list[list[tuple[int, str, str]]]:
+    """Instruction lists of each loop body (a backward branch closes one), in address order."""
+    loops = []
     for addr, opcode, operands in instructions:
-        if opcode == "BRA" and 0 <= _branch_target(operands) < addr:
+        # sm_100 closes loops with a uniform-predicate BRA.U (the predicate among the operands).
+        if opcode.startswith("BRA") and 0 <= _branch_target(operands) < addr:
             start = _branch_target(operands)
-            regions.append([ins for ins in instructions if start <= ins[0] <= addr])
-    return regions or [instructions]
+            loops.append([ins for ins in instructions if start <= ins[0] <= addr])
+    return loops
 
 
-def _region_facts(region, elements_per_thread: int) -> dict:
+def _access_bytes(opcode: str) -> int:
+    """Bytes per thread of one LDG/STG: ``STG.E.128`` 16, ``LDG.E.U16`` 2, ``STG.E`` 4."""
+    for suffix, size in ((".128", 16), (".64", 8), ("16", 2), ("8", 1)):
+        if opcode.endswith(suffix):
+            return size
+    return 4
+
+
+def _region_facts(region, stats_elements: int, element_size: int, is_loop: bool) -> dict:
+    """Facts of one hot region. Elements per thread: a gradient loop's stores, each in the logits'
+    dtype, say how many it handles; a statistics loop or a loop-free kernel handles one block."""
     opcodes = [opcode for _, opcode, _ in region]
     closing = region[-1]
     memory = [op for op in opcodes if op.startswith(("LDG", "STG"))]
+    stored = sum(_access_bytes(op) for op in opcodes if op.startswith("STG"))
+    elements_per_thread = max(1, stored // element_size) if is_loop and stored else stats_elements
     return {
-        "is_loop": closing[1] == "BRA"
-        and int(re.search(r"0x([0-9a-f]+)", closing[2]).group(1), 16) < closing[0],
+        "is_loop": is_loop,
+        "stores": bool(stored),
         "instructions": len(opcodes),
         "instructions_per_element": round(len(opcodes) / elements_per_thread, 2),
         "ex2": opcodes.count("MUFU.EX2"),
@@ -235,6 +300,41 @@ def _region_facts(region, elements_per_thread: int) -> dict:
     }
 
 
+def _first(instructions, prefix: str):
+    return next((i for i, (_, op, _) in enumerate(instructions) if op.startswith(prefix)), None)
+
+
+def _store_loop_guarded(instructions, loops):
+    """Whether a barrier separates every global load before the first storing loop from that
+    loop (the loop may overwrite what they read); None for a kernel without a storing loop."""
+    storing = [loop for loop in loops if any(op.startswith("STG") for _, op, _ in loop)]
+    if not storing:
+        return None
+    before = [ins for ins in instructions if ins[0] < storing[0][0][0]]
+    last_load = max((i for i, (_, op, _) in enumerate(before) if op.startswith("LDG")), default=-1)
+    return any(op.startswith("BAR.SYNC") for _, op, _ in before[last_load + 1 :])
+
+
+def _code_facts(sass: str, stats_elements: int, element_size: int) -> dict:
+    instructions = _instructions(sass)
+    loops = _loops(instructions)
+    regions = [(loop, True) for loop in loops] or [(instructions, False)]
+    return {
+        "hot_loops": [
+            _region_facts(region, stats_elements, element_size, is_loop)
+            for region, is_loop in regions
+        ],
+        "instruction_count": len(instructions),
+        "first_exit": _first(instructions, "EXIT"),
+        "first_barrier": _first(instructions, "BAR.SYNC"),
+        "first_ex2": _first(instructions, "MUFU.EX2"),
+        "barrier_before_store_loop": _store_loop_guarded(instructions, loops),
+    }
+
+
+_ELEMENT_SIZE = {"*fp16": 2, "*bf16": 2, "*fp32": 4, "*fp64": 8}
+
+
 def _describe(name: str, entry: dict, arch: int, workdir: Path) -> dict:
     kernel = entry["kernel"]
     cubin = workdir / f"{name}-{kernel.hash}.cubin"
@@ -248,9 +348,10 @@ def _describe(name: str, entry: dict, arch: int, workdir: Path) -> dict:
     named_constants = {arg_names[k] if isinstance(k, int) else k: v for k, v in constants.items()}
     block = int(named_constants.get("BLOCK", 1))
     num_warps = kernel.metadata.num_warps
-    elements_per_thread = max(1, block // (32 * num_warps))
     acc = str(named_constants.get("ACC", ""))
     logits_type = signature.get("logits_ptr", "")
+    sass = _tool("cuobjdump", "-sass", str(cubin))
+    facts = _code_facts(sass, max(1, block // (32 * num_warps)), _ELEMENT_SIZE[logits_type])
     return {
         "kernel": name,
         "arch": arch,
@@ -262,13 +363,11 @@ def _describe(name: str, entry: dict, arch: int, workdir: Path) -> dict:
         "scalar_types": {
             k: v for k, v in signature.items() if not v.startswith("*") and v != "constexpr"
         },
-        "aligned": entry["aligned"],
-        "scenarios": entry["scenarios"][:3],
+        # Rows checked 16-byte aligned (ALIGN > 1): 128-bit accesses are expected.
+        "aligned": int(named_constants.get("ALIGN", 1)) > 1,
+        "scenarios": list(dict.fromkeys(entry["scenarios"])),
         "resources": _resources(cubin),
-        "hot_loops": [
-            _region_facts(region, elements_per_thread)
-            for region in _hot_regions(_tool("cuobjdump", "-sass", str(cubin)))
-        ],
+        **facts,
     }
 
 
@@ -288,12 +387,12 @@ def compile_all(arches: list[int]) -> list[dict]:
 
 def _table(records: list[dict]) -> str:
     lines = [
-        "| target | kernel | logits | BLOCK/warps | REG "
-        "| hot loop: instr/elem, ex2/elem, accesses |",
-        "|---|---|---|---|---|---|",
+        "| target | kernel | logits | aligned | BLOCK/warps | REG "
+        "| hot loops: instr/elem, ex2/elem, accesses |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        if not r["aligned"] or r["logits"] not in ("*bf16", "*fp16", "*fp32"):
+        if r["logits"] not in ("*bf16", "*fp16", "*fp32"):
             continue
         loops = "; ".join(
             f"{h['instructions_per_element']}, {h['ex2'] / h['elements_per_thread']:.2f}, "
@@ -303,11 +402,12 @@ def _table(records: list[dict]) -> str:
         switches = ",".join(
             f"{k}"
             for k, v in r["constexprs"].items()
-            if k.isupper() and k not in ("BLOCK", "ACC") and v == "True"
+            if k.isupper() and k not in ("BLOCK", "GRAD_BLOCK", "ALIGN", "ACC") and v == "True"
         )
         lines.append(
             f"| sm_{r['arch']} | {r['kernel']}({switches}) | {r['logits'][1:]} | "
-            f"{r['block']}/{r['num_warps']} | {r['resources'].get('REG')} | {loops} |"
+            f"{'yes' if r['aligned'] else 'no'} | {r['block']}/{r['num_warps']} | "
+            f"{r['resources'].get('REG')} | {loops} |"
         )
     return "\n".join(lines)
 

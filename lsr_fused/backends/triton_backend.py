@@ -1,5 +1,9 @@
 """The Triton backend: one online-softmax pass per row forward, one gradient write backward.
 
+One program per row (a 1-D grid): the forward reads the row once for its statistics and, in a
+training step, a second time (from L2) to write the gradient; a backward program whose row the
+forward already wrote exits after a handful of instructions.
+
 Runs compiled on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 The math and the calling contract are documented once, in :mod:`lsr_fused.backends`.
 """
@@ -15,12 +19,15 @@ from .._params import RowParams, accumulation_dtype
 from .triton_common import (
     FP_FUSION,
     GRADIENT_BLOCK_LIMIT,
-    gradient_block,
+    check_gradient_layout,
+    gradient_row,
     launch_config,
-    load_block,
     online_row_stats,
+    reference_logit,
+    row_alignment,
     row_start,
     runtime_scalar,
+    shifted_lse,
     stats_block_limit,
     triton_accumulation,
 )
@@ -65,94 +72,89 @@ def _row_upstream(upstream, ignored, in_range):
 @triton.jit
 def _forward_kernel(
     logits_ptr, target_ptr, weight_ptr, weight_total_ptr, loss_ptr, lse_ptr, grad_ptr, guess_ptr,
-    inner, stride_outer, stride_inner, stride_class, num_classes,
-    target_extra: tl.float64, other_mass: tl.float64, z_loss: tl.float64, ignore_index,
-    HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    inner, stride_outer, stride_inner, stride_class, grad_stride_outer, grad_stride_inner,
+    num_classes, target_extra: tl.float64, other_mass: tl.float64, z_loss: tl.float64,
+    ignore_index, HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    GRAD_BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
     target_extra = runtime_scalar(target_extra, ACC)
     other_mass = runtime_scalar(other_mass, ACC)
     z_loss = runtime_scalar(z_loss, ACC)
     row = tl.program_id(0)
-    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner)
-    running_max, running_sum_exp, weighted_logit_sum = online_row_stats(
-        row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT, BLOCK, ACC
+    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
+    reference = reference_logit(row_ptr, ACC)
+    running_max, running_sum_exp, weighted_sum = online_row_stats(
+        row_ptr, stride_class, num_classes, reference, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC
     )
-    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
-    lse = shift + tl.log(running_sum_exp)
+    lse_r = shifted_lse(running_max, running_sum_exp, reference)
 
     target_col, ignored, in_range = _row_target(target_ptr, row, num_classes, ignore_index)
-    target_logit = tl.load(row_ptr + target_col.to(tl.int64) * stride_class).to(ACC)
+    target_logit = tl.load(row_ptr + target_col.to(tl.int64) * stride_class).to(ACC) - reference
     target_weight, total_mass = _row_masses(
         target_col, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
         HAS_WEIGHT, ACC,
     )
-    # loss = S * lse - b * sum_c w_c x_c - (a - b) * w_y * x_y + z * lse**2; a term whose
+    # loss = S * lse_r - b * sum_c w_c (x_c - r) - (a - b) * w_y * (x_y - r) + z * lse**2, every
+    # logit taken relative to r so that nothing of the size of the logits cancels. A term whose
     # coefficient is 0 is dropped, not multiplied, so a masked (-inf) logit cannot make 0 * inf.
-    loss = total_mass * lse
-    loss -= tl.where(other_mass != 0.0, other_mass * weighted_logit_sum, 0.0)
+    lse = reference + lse_r
+    loss = total_mass * lse_r
+    loss -= tl.where(other_mass != 0.0, other_mass * weighted_sum, 0.0)
     loss -= tl.where(target_extra != 0.0, target_extra * target_weight * target_logit, 0.0)
     loss += tl.where(z_loss != 0.0, z_loss * lse * lse, 0.0)
     loss = tl.where(in_range, loss, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + row, lse_r)
 
     if WRITE_GRAD:
         # Training step: write the gradient now, for the upstream value the caller expects
         # (`guess`). Backward redoes only rows whose real upstream differs, which makes the usual
         # loss.backward() cost no second pass over the logits.
         upstream = _row_upstream(tl.load(guess_ptr).to(ACC), ignored, in_range)
-        softmax_scale = upstream * (total_mass + 2.0 * z_loss * lse)
-        other_scale = upstream * other_mass
-        target_scale = upstream * (target_extra * target_weight)
-        grad_row_ptr = grad_ptr + row_start(row, inner, stride_outer, stride_inner)
-        for start in range(0, num_classes, BLOCK):
-            cols, in_row, x = load_block(row_ptr, start, stride_class, num_classes, 0.0, BLOCK)
-            grad = gradient_block(
-                x.to(ACC), cols, in_row, lse, softmax_scale, other_scale, target_col, target_scale,
-                weight_ptr, HAS_WEIGHT, ACC,
-            )
-            tl.store(grad_row_ptr + cols.to(tl.int64) * stride_class,
-                     grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+        grad_row_ptr = grad_ptr + row_start(row, inner, grad_stride_outer, grad_stride_inner, ALIGN)
+        gradient_row(
+            row_ptr, grad_row_ptr, stride_class, num_classes, reference, lse_r,
+            upstream * (total_mass + 2.0 * z_loss * lse), upstream * other_mass, target_col,
+            upstream * (target_extra * target_weight), weight_ptr, HAS_WEIGHT, GRAD_BLOCK, ALIGN,
+            ACC,
+        )
 
 
 @triton.jit
 def _backward_kernel(
     grad_loss_ptr, grad_loss_stride, logits_ptr, target_ptr, weight_ptr, weight_total_ptr,
     lse_ptr, grad_ptr, guess_ptr,
-    inner, stride_outer, stride_inner, stride_class, num_classes,
-    target_extra: tl.float64, other_mass: tl.float64, z_loss: tl.float64, ignore_index,
-    HAS_WEIGHT: tl.constexpr, SKIP_GUESSED: tl.constexpr, BLOCK: tl.constexpr,
-    ACC: tl.constexpr,
+    inner, stride_outer, stride_inner, stride_class, grad_stride_outer, grad_stride_inner,
+    num_classes, target_extra: tl.float64, other_mass: tl.float64, z_loss: tl.float64,
+    ignore_index, HAS_WEIGHT: tl.constexpr, SKIP_GUESSED: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
+    row = tl.program_id(0)
+    upstream = tl.load(grad_loss_ptr + row.to(tl.int64) * grad_loss_stride).to(ACC)
+    if SKIP_GUESSED:  # noqa: SIM102 (a constexpr switch: Triton compiles no "and" with it)
+        # The forward pass already wrote this row for upstream == guess: exit before anything
+        # else (a device-side decision, no host sync). A NaN upstream differs and is redone.
+        if upstream == tl.load(guess_ptr).to(ACC):
+            return
     target_extra = runtime_scalar(target_extra, ACC)
     other_mass = runtime_scalar(other_mass, ACC)
     z_loss = runtime_scalar(z_loss, ACC)
-    row = tl.program_id(0)
-    row_end = num_classes
-    upstream = tl.load(grad_loss_ptr + row.to(tl.int64) * grad_loss_stride).to(ACC)
-    if SKIP_GUESSED:
-        # The forward pass already wrote this row for upstream == guess: then touch nothing
-        # (masked-off lanes issue no memory traffic), a device-side decision with no host sync.
-        row_end = tl.where(upstream != tl.load(guess_ptr).to(ACC), num_classes, 0)
-    # grad_ptr shares the logits' strides (the caller guarantees it), so one offset serves both.
-    first = row_start(row, inner, stride_outer, stride_inner)
+    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
+    reference = reference_logit(row_ptr, ACC)
     target_col, ignored, in_range = _row_target(target_ptr, row, num_classes, ignore_index)
     upstream = _row_upstream(upstream, ignored, in_range)
-    lse = tl.load(lse_ptr + row).to(ACC)
+    lse_r = tl.load(lse_ptr + row).to(ACC)
     target_weight, total_mass = _row_masses(
         target_col, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
         HAS_WEIGHT, ACC,
     )
-    cols, in_row, x = load_block(
-        logits_ptr + first, tl.program_id(1) * BLOCK, stride_class, row_end, 0.0, BLOCK
+    grad_row_ptr = grad_ptr + row_start(row, inner, grad_stride_outer, grad_stride_inner, ALIGN)
+    gradient_row(
+        row_ptr, grad_row_ptr, stride_class, num_classes, reference, lse_r,
+        upstream * (total_mass + 2.0 * z_loss * (reference + lse_r)), upstream * other_mass,
+        target_col, upstream * (target_extra * target_weight), weight_ptr, HAS_WEIGHT, BLOCK,
+        ALIGN, ACC,
     )
-    grad = gradient_block(
-        x.to(ACC), cols, in_row, lse, upstream * (total_mass + 2.0 * z_loss * lse),
-        upstream * other_mass, target_col, upstream * (target_extra * target_weight), weight_ptr,
-        HAS_WEIGHT, ACC,
-    )
-    tl.store(grad_ptr + first + cols.to(tl.int64) * stride_class,
-             grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 # fmt: on
 
 
@@ -180,19 +182,22 @@ def forward(
     if rows == 0:
         return loss, lse
     write_grad = grad_logits is not None
-    if write_grad and grad_logits.stride() != logits.stride():
-        raise ValueError("grad_logits must share the logits' strides")
-    block, num_warps = launch_config(logits, stats_block_limit(logits))
-    acc = triton_accumulation(logits.dtype)
+    grad_arg = grad_logits if write_grad else logits
+    check_gradient_layout(logits, grad_arg)
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
+    block, num_warps = launch_config(logits, stats_block_limit(logits, has_weight))
+    # The gradient loop keeps to the backward's narrower block: half the registers of a
+    # statistics-wide one (values, weights and results per element), so the occupancy floor holds.
+    grad_block = min(block, launch_config(logits, GRADIENT_BLOCK_LIMIT)[0])
     # fmt: off
     _forward_kernel[(rows,)](
-        logits, target, weight_arg, weight_total_arg, loss, lse,
-        grad_logits if write_grad else logits, grad_guess if write_grad else lse,
-        inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
+        logits, target, weight_arg, weight_total_arg, loss, lse, grad_arg,
+        grad_guess if write_grad else lse,
+        inner, *logits.stride(), grad_arg.stride(0), grad_arg.stride(1), num_classes,
         params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
-        HAS_WEIGHT=has_weight, WRITE_GRAD=write_grad, BLOCK=block, ACC=acc, num_warps=num_warps,
-        enable_fp_fusion=FP_FUSION,
+        HAS_WEIGHT=has_weight, WRITE_GRAD=write_grad, BLOCK=block, GRAD_BLOCK=grad_block,
+        ALIGN=row_alignment(logits, grad_arg), ACC=triton_accumulation(logits.dtype),
+        num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     # fmt: on
     return loss, lse
@@ -213,20 +218,18 @@ def backward(
     rows = batch * inner
     if rows == 0:
         return
-    if grad_logits.stride() != logits.stride():
-        raise ValueError("grad_logits must share the logits' strides")
+    check_gradient_layout(logits, grad_logits)
     block, num_warps = launch_config(logits, GRADIENT_BLOCK_LIMIT)
-    acc = triton_accumulation(logits.dtype)
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
     skip_guessed = grad_guess is not None
-    grid = (rows, triton.cdiv(num_classes, block))
     # fmt: off
-    _backward_kernel[grid](
+    _backward_kernel[(rows,)](
         grad_loss, grad_loss.stride(0), logits, target, weight_arg, weight_total_arg, lse,
         grad_logits, grad_guess if skip_guessed else lse,
-        inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
+        inner, *logits.stride(), grad_logits.stride(0), grad_logits.stride(1), num_classes,
         params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
-        HAS_WEIGHT=has_weight, SKIP_GUESSED=skip_guessed, BLOCK=block, ACC=acc,
+        HAS_WEIGHT=has_weight, SKIP_GUESSED=skip_guessed, BLOCK=block,
+        ALIGN=row_alignment(logits, grad_logits), ACC=triton_accumulation(logits.dtype),
         num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     # fmt: on

@@ -1,9 +1,14 @@
 """Triton building blocks shared by the local and the vocabulary-parallel kernels.
 
 Every kernel reads a ``(B, S, C)`` row view: row ``r`` starts at ``(r // S) * stride_outer +
-(r % S) * stride_inner`` and its class ``c`` sits ``c * stride_class`` further. Offsets are int64 so
-that ``N * C`` past ``2**31`` works; per-element index arithmetic stays int32 (a class index is
-below ``2**31``).
+(r % S) * stride_inner`` and its class ``c`` sits ``c * stride_class`` further. The gradient has
+its own row strides (a sliced logits view gets a dense gradient) and the same class stride.
+Offsets are int64 so that ``N * C`` past ``2**31`` works; per-element index arithmetic stays int32
+(a class index is below ``2**31``).
+
+Every program handles one whole row (a 1-D grid over rows), so it can read the row's reference
+logit ``r = x[0]`` (see :mod:`lsr_fused.backends`) and its target logit before writing anything,
+and a backward program with nothing to do exits before any per-element work.
 
 Rules the compiler holds us to (the interpreter does not, see ``tests/test_triton_compile.py``):
 module globals read inside a kernel must be ``tl.constexpr``, and a Python float argument is bound
@@ -37,17 +42,38 @@ def runtime_scalar(value, ACC: tl.constexpr):
 
 
 @triton.jit
-def row_start(row, inner, stride_outer, stride_inner):
-    """Element offset (int64) of the first class of ``row`` in a ``(B, S, C)`` view."""
+def row_start(row, inner, stride_outer, stride_inner, ALIGN: tl.constexpr):
+    """Element offset (int64) of the first class of ``row`` in a ``(B, S, C)`` view.
+
+    The caller checked (:func:`row_alignment`) that the strides of dimensions longer than 1 are
+    multiples of ``ALIGN``: counting in units of ``ALIGN`` and multiplying back by the constexpr
+    lets Triton prove the offset 16-byte aligned when a stride is a multiple of 8 but not of 16
+    (without it, it falls back to 16-bit accesses). A ``tl.multiple_of`` hint does not survive
+    the folding of ``row % 1`` when ``S == 1``.
+    """
     row = row.to(tl.int64)
-    return (row // inner) * stride_outer + (row % inner) * stride_inner
+    outer = (row // inner) * (stride_outer // ALIGN)
+    return (outer + (row % inner) * (stride_inner // ALIGN)) * ALIGN
 
 
 @triton.jit
-def load_block(row_ptr, start, stride_class, num_classes, other, BLOCK: tl.constexpr):
-    """One block of a row, masked lanes filled with ``other``: ``(cols, in_row, values)``."""
+def reference_logit(row_ptr, ACC: tl.constexpr):
+    """The row's reference ``r``: its first logit in the accumulation dtype if finite, else 0."""
+    first = tl.load(row_ptr).to(ACC)
+    return tl.where(tl.abs(first) < float("inf"), first, 0.0)
+
+
+@triton.jit
+def load_block(row_ptr, start, stride_class, num_classes, other, BLOCK: tl.constexpr,
+               ALIGN: tl.constexpr):  # fmt: skip
+    """One block of a row, masked lanes filled with ``other``: ``(cols, in_row, values)``.
+
+    With ``ALIGN > 1`` the caller checked that ``C`` is a multiple of ``ALIGN``, so the mask is
+    constant over each aligned group of ``ALIGN`` lanes (one predicate per 128-bit access)."""
     cols = start + tl.arange(0, BLOCK)
     in_row = cols < num_classes
+    if ALIGN > 1:
+        in_row = tl.max_constancy(in_row, ALIGN)
     x = tl.load(row_ptr + cols.to(tl.int64) * stride_class, mask=in_row, other=other)
     return cols, in_row, x
 
@@ -57,23 +83,26 @@ def online_row_stats(
     row_ptr,
     stride_class,
     num_classes,
+    reference,
     weight_ptr,
     HAS_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """One read of a row: ``(max, sum of exp(x - max), sum of w * x)``, -inf safe.
+    """One read of a row: ``(max, sum of exp(x - max), sum of w * (x - reference))``, -inf safe.
 
     The running (max, sum-exp) pair is a scalar per block, so each element costs one ex2. While
     every logit seen is -inf the shift is 0 instead of -inf, whose difference would be NaN; the
-    returned sum-exp is then relative to 0.
+    returned sum-exp is then relative to 0. The weighted sum is taken relative to the reference so
+    that logits far from 0 do not cancel (``x - r`` is exact for logits within a factor 2 of ``r``).
     """
     running_max = tl.full([], float("-inf"), ACC)
     running_sum_exp = tl.zeros([], ACC)
     weighted_logit_sum = tl.zeros([], ACC)
     for start in range(0, num_classes, BLOCK):
         cols, in_row, x = load_block(
-            row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK
+            row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
         )
         x = x.to(ACC)
         new_max = tl.maximum(running_max, tl.max(x, 0))
@@ -83,44 +112,62 @@ def online_row_stats(
         )
         running_max = new_max
         # Masked lanes hold -inf; zero them before any product so that 0 * inf never appears.
-        x_or_zero = tl.where(in_row, x, 0.0)
+        relative = tl.where(in_row, x - reference, 0.0)
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-            weighted_logit_sum += tl.sum(w * x_or_zero, 0)
+            weighted_logit_sum += tl.sum(w * relative, 0)
         else:
-            weighted_logit_sum += tl.sum(x_or_zero, 0)
+            weighted_logit_sum += tl.sum(relative, 0)
     return running_max, running_sum_exp, weighted_logit_sum
 
 
 @triton.jit
-def gradient_block(
-    x,
-    cols,
-    in_row,
-    lse,
+def shifted_lse(running_max, running_sum_exp, reference):
+    """``log(sum_c exp(x_c - r))`` from the online statistics (-inf for an all -inf row)."""
+    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+    return (shift - reference) + tl.log(running_sum_exp)
+
+
+@triton.jit
+def gradient_row(
+    row_ptr,
+    grad_row_ptr,
+    stride_class,
+    num_classes,
+    reference,
+    shifted_lse,
     softmax_scale,
     other_scale,
     target_col,
     target_scale,
     weight_ptr,
     HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """``softmax_i * softmax_scale - other_scale * w_i - target_scale * [i == target_col]``.
+    """Write ``softmax_i * softmax_scale - other_scale * w_i - target_scale * [i == target_col]``
+    over one row, ``softmax_i = exp((x_i - r) - lse_r)``.
 
     The per-row scalars already carry the upstream gradient ``g``: with the math of
     :mod:`lsr_fused.backends`, ``softmax_scale = g (S + 2 z lse)``, ``other_scale = g b`` and
     ``target_scale = g (a - b) w_y``. ``target_col`` is int32, so the compare is one 32-bit
-    instruction. The exponent is ``(x - lse) * log2(e)``, not the one-FMA
-    ``x * log2(e) - lse * log2(e)``, which loses about ``|x| * 2**-24`` and shows for logits in
-    the hundreds.
+    instruction. The exponent subtracts ``r`` and then ``lse_r``, each exact or nearly so for
+    logits near ``r``; folding them into one absolute ``lse`` would round it to the logits' ulp.
     """
-    grad = tl.exp2((x - lse) * LOG2E) * softmax_scale
-    if HAS_WEIGHT:
-        grad -= other_scale * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-    else:
-        grad -= other_scale
-    return grad - tl.where(cols == target_col, target_scale, 0.0)
+    # The gradient may overwrite the logits (in place, the fused head): every thread of the program
+    # must have read the row's reference and target logits before any thread stores.
+    tl.debug_barrier()
+    for start in range(0, num_classes, BLOCK):
+        cols, in_row, x = load_block(row_ptr, start, stride_class, num_classes, 0.0, BLOCK, ALIGN)
+        grad = tl.exp2(((x.to(ACC) - reference) - shifted_lse) * LOG2E) * softmax_scale
+        if HAS_WEIGHT:
+            grad -= other_scale * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
+        else:
+            grad -= other_scale
+        grad -= tl.where(cols == target_col, target_scale, 0.0)
+        tl.store(grad_row_ptr + cols.to(tl.int64) * stride_class,
+                 grad.to(grad_row_ptr.dtype.element_ty), mask=in_row)  # fmt: skip
 
 
 def triton_accumulation(dtype: torch.dtype) -> tl.dtype:
@@ -128,23 +175,59 @@ def triton_accumulation(dtype: torch.dtype) -> tl.dtype:
     return {torch.float64: tl.float64, torch.float32: tl.float32}[accumulation_dtype(dtype)]
 
 
+def row_alignment(logits: Tensor, *others: Tensor) -> int:
+    """The ``ALIGN`` constexpr: ``16 // element_size`` when the class stride is 1, ``C`` is a
+    multiple of it and every row of ``logits`` and ``others`` (same shape) starts on a multiple of
+    it, so each 16-byte group of a row is one aligned access; 1 otherwise."""
+    vector = 16 // logits.element_size()
+    batch, inner, num_classes = logits.shape
+    if num_classes % vector or (logits.stride(2) != 1 and num_classes > 1):
+        return 1
+    for tensor in (logits, *others):
+        if (batch > 1 and tensor.stride(0) % vector) or (inner > 1 and tensor.stride(1) % vector):
+            return 1
+    return vector
+
+
 def launch_config(logits: Tensor, max_block: int) -> tuple[int, int]:
     """``(BLOCK, num_warps)`` for a ``(B, S, C)`` view.
 
     Short rows take one block so that the loop runs once; long rows use ``max_block`` wide blocks,
-    enough bytes in flight per program for Hopper's memory system.
+    enough bytes in flight per program for Hopper's memory system. A strided class dimension and
+    float64 get at most ``NARROW_BLOCK_LIMIT``: 64-bit per-element addresses (strided) or values
+    (float64) would otherwise cost registers, hence occupancy, for accesses that do not coalesce
+    (strided) or a dtype that is not a performance target (float64).
     """
+    strided = logits.stride(-1) != 1 and logits.shape[-1] > 1
+    if strided or logits.dtype == torch.float64:
+        max_block = min(max_block, NARROW_BLOCK_LIMIT)
     block = min(triton.next_power_of_2(max(logits.shape[-1], 16)), max_block)
-    return block, (4 if block <= 2048 else 8)
+    # At least 8 elements per thread up to 8 warps: a 16-byte access for half precision.
+    return block, max(1, min(8, block // 256))
 
 
-def stats_block_limit(logits: Tensor) -> int:
-    """Widest block of the one-pass statistics loops: 16 KB of logits per iteration."""
-    return 16384 // logits.element_size()
+def stats_block_limit(logits: Tensor, weighted: bool) -> int:
+    """Widest block of the one-pass statistics loops: 16 KB of logits per iteration, half that
+    with class weights (their float32 values take the registers and bytes in flight instead)."""
+    return (8192 if weighted else 16384) // logits.element_size()
+
+
+def check_gradient_layout(logits: Tensor, grad_logits: Tensor) -> None:
+    """The kernels index the gradient with its own row strides and the logits' class stride."""
+    if grad_logits.shape != logits.shape:
+        raise ValueError(
+            f"grad_logits must have the logits' shape {tuple(logits.shape)}, got "
+            f"{tuple(grad_logits.shape)}"
+        )
+    if logits.shape[-1] > 1 and grad_logits.stride(-1) != logits.stride(-1):
+        raise ValueError("grad_logits must have the logits' class stride")
 
 
 # Multiply-adds fused (FFMA), stated explicitly: Triton 3.9 warns that its default will change.
 FP_FUSION = True
 
-# A gradient block is one program of a 2-D grid (row, block): narrower keeps more programs.
+# A gradient pass reads and writes one block per iteration: 16 elements per thread at 8 warps.
 GRADIENT_BLOCK_LIMIT = 4096
+
+# Widest block for a class stride other than 1, and for float64.
+NARROW_BLOCK_LIMIT = 1024

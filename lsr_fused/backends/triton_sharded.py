@@ -1,13 +1,15 @@
 """Triton kernels of the class-sharded (vocabulary-parallel) loss: see :mod:`lsr_fused.distributed`.
 
-Two passes over this rank's ``(B, S, C_local)`` row view, both free of host synchronisation:
+Two passes over this rank's ``(B, S, C_local)`` row view, one program per row, both free of host
+synchronisation. Each row's shard reference ``r_k`` is its first logit here if finite, else 0:
 
 * :func:`shard_stats`: one online-softmax read per row giving the row's local max, sum-exp (relative
-  to that max, or to 0 while it is -inf), ``sum_c w_c x_c``, and the target's logit and weight when
-  the target falls in this shard (0 otherwise).
+  to that max, or to 0 while it is -inf), ``sum_c w_c (x_c - r_k)``, ``x_y - r_k`` and ``w_y`` when
+  the target falls in this shard (0 otherwise), and ``r_k``.
 * :func:`shard_grad`: one write per element,
-  ``grad_i = exp(x_i - lse) * A - B * w_i - T * [i == local target]`` with per-row
-  ``(lse, A, B, T)`` prepared by the caller (upstream gradient, masses and masks folded in).
+  ``grad_i = exp((x_i - r_k) - lse_k) * A - B * w_i - T * [i == local target]`` with per-row
+  ``(lse_k, A, B, T)`` prepared by the caller (``lse_k`` = global lse - ``r_k``; upstream
+  gradient, masses and masks folded in).
 
 Everything per call is a runtime value (no recompilation for a new N or mass); offsets are int64.
 Runs compiled on CUDA tensors and on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -24,14 +26,19 @@ from torch import Tensor
 from .triton_common import (
     FP_FUSION,
     GRADIENT_BLOCK_LIMIT,
-    gradient_block,
+    check_gradient_layout,
+    gradient_row,
     launch_config,
-    load_block,
     online_row_stats,
+    reference_logit,
+    row_alignment,
     row_start,
     stats_block_limit,
     triton_accumulation,
 )
+
+# Rows of shard_stats' output.
+STATS_ROWS = 6
 
 
 # fmt: off
@@ -39,12 +46,13 @@ from .triton_common import (
 def _stats_kernel(
     logits_ptr, local_target_ptr, weight_ptr, out_ptr, num_rows,
     inner, stride_outer, stride_inner, stride_class, num_classes,
-    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0)
-    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner)
+    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
+    reference = reference_logit(row_ptr, ACC)
     running_max, running_sum_exp, weighted_sum = online_row_stats(
-        row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT, BLOCK, ACC
+        row_ptr, stride_class, num_classes, reference, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC
     )
 
     local_target = tl.load(local_target_ptr + row)
@@ -56,7 +64,7 @@ def _stats_kernel(
     else:
         target_weight = tl.where(here, 1.0, 0.0).to(ACC)
 
-    # out is (5, num_rows); stepping the pointer keeps every offset in 64-bit address arithmetic.
+    # out is (6, num_rows); stepping the pointer keeps every offset in 64-bit address arithmetic.
     out = out_ptr + row.to(tl.int64)
     tl.store(out, running_max)
     out += num_rows
@@ -64,22 +72,25 @@ def _stats_kernel(
     out += num_rows
     tl.store(out, weighted_sum)
     out += num_rows
-    tl.store(out, target_logit)
+    tl.store(out, tl.where(here, target_logit - reference, 0.0))
     out += num_rows
     tl.store(out, target_weight)
+    out += num_rows
+    tl.store(out, reference)
 
 
 @triton.jit
 def _grad_kernel(
     logits_ptr, grad_ptr, local_target_ptr, weight_ptr, coef_ptr, num_rows,
-    inner, stride_outer, stride_inner, stride_class, num_classes,
-    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    inner, stride_outer, stride_inner, stride_class, grad_stride_outer, grad_stride_inner,
+    num_classes, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0)
-    # grad_ptr shares the logits' strides (the caller guarantees it), so one offset serves both.
-    first = row_start(row, inner, stride_outer, stride_inner)
+    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
+    reference = reference_logit(row_ptr, ACC)
     coef = coef_ptr + row.to(tl.int64)
-    lse = tl.load(coef).to(ACC)
+    shifted_lse = tl.load(coef).to(ACC)
     coef += num_rows
     softmax_scale = tl.load(coef).to(ACC)
     coef += num_rows
@@ -88,39 +99,41 @@ def _grad_kernel(
     target_scale = tl.load(coef).to(ACC)
     # -1 (the target is on another rank) matches no column.
     target_col = tl.load(local_target_ptr + row).to(tl.int32)
-
-    cols, in_row, x = load_block(
-        logits_ptr + first, tl.program_id(1) * BLOCK, stride_class, num_classes, 0.0, BLOCK
+    grad_row_ptr = grad_ptr + row_start(row, inner, grad_stride_outer, grad_stride_inner, ALIGN)
+    gradient_row(
+        row_ptr, grad_row_ptr, stride_class, num_classes, reference, shifted_lse, softmax_scale,
+        other_scale, target_col, target_scale, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC,
     )
-    grad = gradient_block(
-        x.to(ACC), cols, in_row, lse, softmax_scale, other_scale, target_col, target_scale,
-        weight_ptr, HAS_WEIGHT, ACC,
-    )
-    tl.store(grad_ptr + first + cols.to(tl.int64) * stride_class,
-             grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 # fmt: on
 
 
 def shard_stats(
     logits: Tensor, local_target: Tensor, weight: Optional[Tensor], out: Tensor
 ) -> None:
-    """Fill ``out`` ``(5, rows)`` (accumulation dtype, contiguous) with the per-row shard
-    statistics; ``local_target`` ``(rows,)`` int64 holds ``y - offset`` or -1 (not here)."""
+    """Fill ``out`` ``(6, rows)`` (accumulation dtype, contiguous) with the per-row shard
+    statistics ``(m_k, s_k, sum_c w_c (x_c - r_k), x_y - r_k, w_y, r_k)``; ``local_target``
+    ``(rows,)`` int64 holds ``y - offset`` or -1 (not here). An empty shard gives
+    ``(-inf, 0, 0, 0, 0, 0)``."""
     batch, inner, num_classes = logits.shape
     num_rows = batch * inner
+    if tuple(out.shape) != (STATS_ROWS, num_rows) or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous ({STATS_ROWS}, {num_rows}) tensor, got shape "
+            f"{tuple(out.shape)}"
+        )
     if num_rows == 0:
         return
     if num_classes == 0:  # an empty shard: nothing to read, and no pointer worth passing
         out.zero_()
         out[0].fill_(float("-inf"))
         return
-    block, num_warps = launch_config(logits, stats_block_limit(logits))
+    block, num_warps = launch_config(logits, stats_block_limit(logits, weight is not None))
     # fmt: off
     _stats_kernel[(num_rows,)](
         logits, local_target, logits if weight is None else weight,  # never read without weight
-        out, num_rows, inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
-        HAS_WEIGHT=weight is not None, BLOCK=block, ACC=triton_accumulation(logits.dtype),
-        num_warps=num_warps, enable_fp_fusion=FP_FUSION,
+        out, num_rows, inner, *logits.stride(), num_classes,
+        HAS_WEIGHT=weight is not None, BLOCK=block, ALIGN=row_alignment(logits),
+        ACC=triton_accumulation(logits.dtype), num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     # fmt: on
 
@@ -132,20 +145,20 @@ def shard_grad(
     coefs: Tensor,
     grad_logits: Tensor,
 ) -> None:
-    """Write this shard's gradient into ``grad_logits`` (the logits' strides; may be ``logits``)
-    from the per-row ``coefs`` ``(4, rows)`` = ``(lse, A, B, T)``, contiguous."""
+    """Write this shard's gradient into ``grad_logits`` (the logits' shape and class stride; may
+    be ``logits``) from the per-row ``coefs`` ``(4, rows)`` = ``(lse_k, A, B, T)``, contiguous,
+    ``lse_k`` relative to this shard's reference ``r_k`` (recomputed here from the first logit)."""
     batch, inner, num_classes = logits.shape
     num_rows = batch * inner
     if num_rows == 0 or num_classes == 0:
         return
-    if grad_logits.stride() != logits.stride():
-        raise ValueError("grad_logits must share the logits' strides")
+    check_gradient_layout(logits, grad_logits)
     block, num_warps = launch_config(logits, GRADIENT_BLOCK_LIMIT)
     # fmt: off
-    _grad_kernel[(num_rows, triton.cdiv(num_classes, block))](
+    _grad_kernel[(num_rows,)](
         logits, grad_logits, local_target, logits if weight is None else weight, coefs, num_rows,
-        inner, logits.stride(0), logits.stride(1), logits.stride(2), num_classes,
-        HAS_WEIGHT=weight is not None, BLOCK=block, ACC=triton_accumulation(logits.dtype),
-        num_warps=num_warps, enable_fp_fusion=FP_FUSION,
+        inner, *logits.stride(), grad_logits.stride(0), grad_logits.stride(1), num_classes,
+        HAS_WEIGHT=weight is not None, BLOCK=block, ALIGN=row_alignment(logits, grad_logits),
+        ACC=triton_accumulation(logits.dtype), num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     # fmt: on
