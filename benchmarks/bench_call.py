@@ -56,10 +56,10 @@ def per_call_rows(shapes=SHAPES, rounds: int = 7, budget_s: float = 0.05) -> lis
     return rows
 
 
-def format_rows(rows: list[dict]) -> str:
+def format_rows(rows: list[dict], rounds: int = 7) -> str:
     lines = [
         "per-call cost, training step (fwd + backward), eps 0.1, mean, default backend, "
-        f"best of 7, interleaved, {torch.get_num_threads()} thread(s)",
+        f"best of {rounds}, interleaved, {torch.get_num_threads()} thread(s)",
         f"{'N x C':>12} {'ours us':>9} {'eager us':>9} {'eager/ours':>11}",
     ]
     for row in rows:
@@ -78,9 +78,13 @@ def main(argv=None) -> None:
         help="torch.set_num_threads (default 1: the per-call work is serial, and on a shared "
         "machine an oversubscribed thread pool turns microseconds into milliseconds)",
     )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=7,
+        help="interleaved rounds, the best of which is kept (more: steadier on a loaded machine)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(format_rows(per_call_rows()))
+    print(format_rows(per_call_rows(rounds=args.rounds), args.rounds))
 
 
 if __name__ == "__main__":
