@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from . import ops, policy
+from ._dtensor import gather_sharded_parameters
 from ._params import RowParams, smoothing_masses
 from ._validation import check_targets
 from .linear_chunks import accumulate_weight_grad, logits_into
@@ -388,6 +389,8 @@ def linear_label_smoothing_cross_entropy(
     process_group: Optional[object] = None,
     reduce_hidden_grad: bool = True,
 ) -> Tensor:
+    # FSDP2 shards (DTensors outside their module's forward) become plain tensors: _dtensor.py.
+    weight, bias = gather_sharded_parameters(weight, bias, process_group)
     if process_group is not None:
         # The classes are sharded over the group: checks run inside a collective exchange so that
         # one rank's bad argument raises on every rank instead of leaving the others waiting.
