@@ -147,3 +147,30 @@ def test_bad_arguments_raise_naming_them():
 def test_exported():
     assert lsr_fused.linear_cross_entropy is linear_cross_entropy
     assert "linear_cross_entropy" in lsr_fused.__all__
+
+
+@needs_torch_lce
+def test_bench_linear_times_torch_native_and_the_floor(tmp_path):
+    """benchmarks/bench_linear.py --quick: torch's rows (eps 0 chunked, eps 0.1) and the floor
+    ran, torch's rows agree with the float64 reference at their own smoothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_linear.py"
+    out = tmp_path / "linear.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(script), "--quick", "--no-compile", "--quiet"]
+    proc = subprocess.run([*cmd, "--shapes", "64x16x300:float32", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    rows = {r["name"]: r for r in run["results"]}
+    assert rows["three matmuls (floor)"]["x_floor"] == 1.0
+    native = [r for name, r in rows.items() if name.startswith("torch linear_cross_entropy")]
+    assert sorted(r["label_smoothing"] for r in native) == [0.0, 0.1]
+    for r in native + [rows["lsr_fused linear"], rows["lsr_fused linear (eps 0)"]]:
+        assert r["status"] == "ok" and r["loss_err"] < 1e-5 and r["grad_err"] < 1e-4, r
+        assert r["x_floor"] > 0 and r["extra_bytes"] is not None
