@@ -179,6 +179,17 @@ def test_bf16_runs_the_head_under_autocast(tmp_path, monkeypatch):
     torch.testing.assert_close(fused_losses, stock_losses, rtol=5e-2, atol=0)
 
 
+def test_model_init_results_are_patched(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1,
+                             per_device_train_batch_size=2, label_smoothing_factor=0.1,
+                             save_strategy="no", disable_tqdm=True)  # fmt: skip
+    trainer = FusedLossTrainer(model_init=lambda: tiny_model("gpt2"), args=args,
+                               train_dataset=dataset())  # fmt: skip
+    trainer.train()
+    assert trainer.model._lsr_fused_patch.label_smoothing == 0.1
+    assert trainer.label_smoother is None
+
+
 def test_trainer_refuses_compute_loss_func(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     with pytest.raises(ValueError, match="compute_loss_func"):
