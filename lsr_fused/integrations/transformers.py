@@ -120,7 +120,9 @@ def _fused_forward(self, *args, **kwargs):
         **patch.loss_options,
     )  # fmt: skip
     fields = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
-    passed_on = {k: v for k, v in base_outputs.items() if k in fields and k != "logits"}
+    # A ModelOutput, or a tuple when the config asks for tuples (only its first item is named).
+    items = base_outputs.items() if hasattr(base_outputs, "items") else ()
+    passed_on = {k: v for k, v in items if k in fields and k != "logits"}
     outputs = CausalLMOutputWithPast(loss=loss, logits=None, **passed_on)
     return outputs if loss_arguments.get("return_dict", True) is not False else outputs.to_tuple()
 
