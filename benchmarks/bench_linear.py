@@ -19,6 +19,9 @@ Run ``python benchmarks/bench_linear.py`` (``--quick`` for a smoke run). For eac
 * Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` and Cut Cross-Entropy's
   ``linear_cross_entropy`` when importable (CCE has no label smoothing: it runs with 0).
 
+Timing: after every contender's checked call and warm-up, ``--reps`` rounds time one call of
+each contender in turn, so that load drifting during the run weighs on all rows alike.
+
 Columns: median fwd+bwd time, that time over the floor's, speedup over unfused eager, peak
 memory allocated during one call beyond what was allocated before it (including the returned
 gradients; CPU: through the profiler's allocation records, see ``measure.run_measured``) in MiB
@@ -232,7 +235,9 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def _measure(w: HeadWorkload, fn, eps, refs, record: dict, args, progress) -> None:
+def _check(w: HeadWorkload, fn, eps, refs, record: dict, args, progress):
+    """One call under the memory measurement, judged against the reference; warm-up calls.
+    Returns the step to time."""
     step = w.step(fn)
     label, name = w.shape.label, record["name"]
     progress(f"{label} | {name} | first call (check, memory)")
@@ -246,29 +251,47 @@ def _measure(w: HeadWorkload, fn, eps, refs, record: dict, args, progress) -> No
         record["loss_err"] = abs(float(loss) - ref_loss) / abs(ref_loss)
         record["grad_err"] = max(rel_err(gh, ref_gh), rel_err(gw, ref_gw))
     del loss, gh, gw
-    progress(f"{label} | {name} | timing")
     for i in range(args.warmup):
         step(i)
-    synchronize(w.device)
-    times = time_calls(step, w.device, args.reps)
-    record["time_s"] = median(times)
-    record["times_s"] = times
+    return step
+
+
+def _time_in_rounds(runs: list, device, args, progress, label: str) -> None:
+    """``args.reps`` rounds, each timing one call of every contender in turn: load that drifts
+    during the run (a shared machine) then weighs on every row alike, not on whichever ran
+    while it peaked, so the ratios to the floor stay meaningful."""
+    for record, _ in runs:
+        record["times_s"] = []
+    for rep in range(args.reps):
+        progress(f"{label} | timing round {rep + 1}/{args.reps}")
+        for record, step in runs:
+            if record["status"] != "ok":
+                continue
+            try:
+                synchronize(device)
+                record["times_s"] += time_calls(step, device, 1)
+            except Exception as err:  # one contender failing must not stop the others
+                record["status"] = f"failed: {short(err)}"
+    for record, _ in runs:
+        if record["status"] == "ok" and record["times_s"]:
+            record["time_s"] = median(record["times_s"])
 
 
 def bench_shape(shape: HeadShape, device, args, progress) -> dict:
     w = HeadWorkload(shape, device)
     progress(f"{shape.label} | float64 reference")
     refs = w.reference()
-    results = []
+    results, runs = [], []
     for name, fn, status, eps in contenders(device, not args.no_compile):
         record = {"name": name, "status": status}
         results.append(record)
         if fn is None:
             continue
         try:
-            _measure(w, fn, eps, refs, record, args, progress)
+            runs.append((record, _check(w, fn, eps, refs, record, args, progress)))
         except Exception as err:  # one contender failing must not stop the others
             record["status"] = f"failed: {short(err)}"
+    _time_in_rounds(runs, device, args, progress, shape.label)
     by_name = {r["name"]: r.get("time_s") for r in results}
     eager, floor = by_name.get("unfused eager"), by_name.get(FLOOR)
     for r in results:
