@@ -218,6 +218,23 @@ def shape_table(run: ShapeRun, records: list[dict], device: torch.device) -> str
 # Plot and files
 
 
+FLOOR_LINE = dict(color="black", linewidth=0.8, linestyle="--",
+                  label="1.0x: copy floor (read the logits, write their gradient)")  # fmt: skip
+READ_LINE = dict(color="gray", linewidth=0.8, linestyle=":",
+                 label="0.5x: forward floor (read the logits once)")  # fmt: skip
+
+
+def _style(line: dict) -> dict:
+    """A reference line's style without its label (the legend names it once)."""
+    return {k: v for k, v in line.items() if k != "label"}
+
+
+def _bar_text(value: float) -> str:
+    if value >= 10:
+        return f"{value:.0f}"
+    return f"{value:.2g}" if value >= 0.01 else "~0"
+
+
 def plot(records: list[dict], path: Path, title: str) -> None:
     """Bars per shape and contender: fwd+bwd / copy (tight loop, then training loop when run),
     fwd / copy (log scale) and extra memory."""
@@ -225,6 +242,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     shapes = list(dict.fromkeys(f"{r['shape']}\n{r['dtype']}" for r in records))
     names = list(
@@ -246,7 +264,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
         panels.append(("fwd+bwd", train, "fwd+bwd time / copy floor\n(training loop)"))
     panels += [
         ("fwd", tight("ratio_to_copy"), "forward time / copy floor"),
-        ("fwd+bwd", tight("extra_mem_x"), "fwd+bwd extra memory (x logits)"),
+        ("fwd+bwd", tight("extra_mem_x"), "fwd+bwd extra memory\n(x logits)"),
     ]
     fig, axes = plt.subplots(
         len(panels),
@@ -270,18 +288,23 @@ def plot(records: list[dict], path: Path, title: str) -> None:
                         xs.append(i - 0.4 + (j + 0.5) * width)
                         ys.append(value(r))
             bars = ax.bar(xs, ys, width, label=name, color=colors[j % len(colors)])
-            ax.bar_label(bars, fmt="%.2g", fontsize=6, rotation=90, padding=2)
-        ax.set_ylabel(label)
+            # Horizontal, short labels fit the bars' width, so neighbours never overlap.
+            ax.bar_label(bars, labels=[_bar_text(y) for y in ys], fontsize=6, padding=1)
+        ax.set_ylabel(label + "\nlower is better")
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels(shapes)
+        ax.margins(y=0.08)
         if "memory" not in label:
             ax.set_yscale("log")
-            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+            ax.axhline(1.0, **_style(FLOOR_LINE))
             if pass_name == "fwd":
-                ax.axhline(0.5, color="gray", linewidth=0.8, linestyle=":")
+                ax.axhline(0.5, **_style(READ_LINE))
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(names)), fontsize=8)
+    for line in (FLOOR_LINE, READ_LINE):  # the reference lines, named once in the legend
+        handles.append(Line2D([], [], **line))
+        labels.append(line["label"])
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
     fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -6,6 +6,8 @@ Public API:
   label-smoothed cross-entropy (Triton on CUDA, a C++ extension or pure PyTorch on the CPU).
 * :func:`linear_label_smoothing_cross_entropy` and :class:`LinearLabelSmoothingCE`: the classifier
   matmul fused with that loss, chunk by chunk, so that the ``(N, C)`` logits never exist.
+* :func:`linear_cross_entropy`: the same with the signature of torch 2.13's
+  ``F.linear_cross_entropy`` (a drop-in that keeps label smoothing on the fused path).
 * :func:`set_validation`: opt-in host-side target checks for CUDA tensors.
 * :func:`set_gradient_pool`, :func:`trim_gradient_pool`, :func:`gradient_pool_stats`: the bounded
   pool of CPU gradient buffers the C++ backend reuses across training steps.
@@ -17,6 +19,7 @@ from ._validation import set_validation
 from .backends.cpp_backend import gradient_pool_stats, set_gradient_pool, trim_gradient_pool
 from .functional import available_backends, label_smoothing_cross_entropy
 from .linear import linear_label_smoothing_cross_entropy
+from .linear_compat import linear_cross_entropy
 from .module import LabelSmoothingCE, LinearLabelSmoothingCE
 from .scheduler import GradualWarmupScheduler, WarmupScheduler, linear_scaled_lr
 
@@ -30,6 +33,7 @@ __all__ = [
     "available_backends",
     "gradient_pool_stats",
     "label_smoothing_cross_entropy",
+    "linear_cross_entropy",
     "linear_label_smoothing_cross_entropy",
     "linear_scaled_lr",
     "set_gradient_pool",

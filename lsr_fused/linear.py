@@ -43,6 +43,7 @@ from torch import Tensor
 
 from . import composite, ops, policy
 from ._docs import extends_doc
+from ._dtensor import gather_sharded_parameters
 from ._params import RowParams, smoothing_masses
 from ._validation import check_targets
 from .errors import ArgumentValueError
@@ -422,6 +423,8 @@ def linear_label_smoothing_cross_entropy(
 ) -> Tensor:
     """Fused classifier + label-smoothed cross-entropy: the loss of
     ``F.linear(hidden, weight, bias)`` without its ``(N, C)`` logits."""
+    # FSDP2 shards (DTensors outside their module's forward) become plain tensors: _dtensor.py.
+    weight, bias = gather_sharded_parameters(weight, bias, process_group)
     if process_group is not None:
         # The classes are sharded over the group: checks run inside a collective exchange so that
         # one rank's bad argument raises on every rank instead of leaving the others waiting.

@@ -1,1 +1,1 @@
-"""Adapters for training libraries; each submodule imports its library, if any, only itself."""
+"""Integrations with training libraries; each submodule imports its library, this package none."""
