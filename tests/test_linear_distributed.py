@@ -211,7 +211,10 @@ def _errors_task(rank: int, world_size: int) -> dict:
             if loss.requires_grad:
                 loss.backward()
         except Exception as exc:
-            outcomes[name] = (type(exc).__name__, str(exc))
+            # The built-in class it is (lsr_fused.errors' types derive from ValueError and
+            # RuntimeError, so that either except clause catches them).
+            builtin = next(c for c in type(exc).__mro__ if c.__module__ == "builtins")
+            outcomes[name] = (builtin.__name__, str(exc))
         else:
             outcomes[name] = ("ok", float(loss))
 
