@@ -96,7 +96,9 @@ def _arguments_task(rank: int, world_size: int) -> dict:
         try:
             outcome = ("ok", _call(kind, rank, world_size, group, options))
         except Exception as exc:
-            outcome = (type(exc).__name__, str(exc))
+            # The built-in class (lsr_fused.errors' types also derive from RuntimeError).
+            builtin = next(c for c in type(exc).__mro__ if c.__module__ == "builtins")
+            outcome = (builtin.__name__, str(exc))
         outcomes[name] = (*outcome, time.monotonic() - started)
     for kind in ("loss", "head"):
         outcomes[f"valid_{kind}"] = ("ok", _call(kind, rank, world_size, groups[-1], {}), 0.0)
