@@ -297,19 +297,20 @@ def test_sharded_loss_large_offsets(world_size, backend, tmp_path_factory):
     _report(failures)
 
 
-def _head_references(case):
+def _head_references(case, tensors=None, eps: float = EPS):
     """The dense float64 (loss, (d hidden, d weight, d bias)) of the unsharded head, and the errors
-    of F.linear + F.cross_entropy in float32 on it (loss, then each gradient)."""
-    hidden, weight, bias, target, class_weight, upstream = _head_tensors(case)
+    of F.linear + F.cross_entropy in float32 on it (loss, then each gradient); ``tensors`` are
+    :func:`_head_tensors`' (the default) or alike."""
+    hidden, weight, bias, target, class_weight, upstream = tensors or _head_tensors(case)
     options = dict(ignore_index=IGNORE, reduction=case["reduction"], weight=class_weight)
     outcomes = []
     for dtype in (torch.float64, torch.float32):
         inputs = [t.to(dtype).requires_grad_() for t in (hidden, weight, bias)]
         logits = F.linear(*inputs)
         if dtype == torch.float64:
-            loss = dense_loss(logits, target, EPS, **options)
+            loss = dense_loss(logits, target, eps, **options)
         else:
-            loss = F.cross_entropy(logits, target, label_smoothing=EPS, **options)
+            loss = F.cross_entropy(logits, target, label_smoothing=eps, **options)
         grads = torch.autograd.grad(loss, inputs, upstream.to(dtype))
         outcomes.append((loss.detach(), grads))
     (dense, dense_grads), (eager, eager_grads) = outcomes
@@ -332,18 +333,23 @@ def test_sharded_head_large_offsets(world_size, backend, tmp_path_factory):
         if errors:
             failures.append(f"{what}: raised\n{errors[0]}")
             continue
-        for rank, result in enumerate(results):
-            _check(failures, f"{what} rank {rank} loss", _loss_error, result["loss"], dense,
-                   baseline[0])  # fmt: skip
-            # reduce_hidden_grad=True: every rank holds hidden's whole gradient.
-            ours = result["grads"][0]
-            _check(failures, f"{what} rank {rank} d hidden", _grad_error, ours, dense_grads[0],
-                   baseline[1])  # fmt: skip
-        for position, name in ((1, "d weight"), (2, "d bias")):
-            ours = torch.cat([result["grads"][position] for result in results])
-            _check(failures, f"{what} {name}", _grad_error, ours, dense_grads[position],
-                   baseline[position + 1])  # fmt: skip
+        _check_head(failures, what, results, dense, dense_grads, baseline)
     _report(failures)
+
+
+def _check_head(failures, what, results, dense, dense_grads, baseline) -> None:
+    """Every rank's loss and hidden gradient, and the gathered weight and bias gradients."""
+    for rank, result in enumerate(results):
+        _check(failures, f"{what} rank {rank} loss", _loss_error, result["loss"], dense,
+               baseline[0])  # fmt: skip
+        # reduce_hidden_grad=True: every rank holds hidden's whole gradient.
+        ours = result["grads"][0]
+        _check(failures, f"{what} rank {rank} d hidden", _grad_error, ours, dense_grads[0],
+               baseline[1])  # fmt: skip
+    for position, name in ((1, "d weight"), (2, "d bias")):
+        ours = torch.cat([result["grads"][position] for result in results])
+        _check(failures, f"{what} {name}", _grad_error, ours, dense_grads[position],
+               baseline[position + 1])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,14 +446,71 @@ def _outlier_loss_case(case, rank, split):
     return {"loss": loss.detach(), "grad": grad}
 
 
+def _outlier_head_cases() -> list[dict]:
+    cases = [
+        dict(outlier=name, offset=1e4, weighted=index % 2 == 0, eps=eps,
+             reduction=("mean", "none")[index % 2])
+        for index, (name, _, eps) in enumerate(OUTLIERS[:2] * 2)
+    ]  # fmt: skip
+    for index, case in enumerate(cases):
+        case["seed"] = 400 + index
+    return cases
+
+
+def _outlier_head_tensors(case: dict, world_size: int):
+    """hidden, weight, bias (exact float32 logits as in :func:`_head_tensors`; the outlying classes
+    get a zero weight row and the outlier as their bias), target, class weight, upstream."""
+    generator = torch.Generator().manual_seed(case["seed"])
+    hidden = _dyadic(generator, (OUTLIER_ROWS, FEATURES), 1.0)
+    weight = _dyadic(generator, (OUTLIER_CLASSES, FEATURES), 0.7)
+    bias = _dyadic(generator, (OUTLIER_CLASSES,), 0.5) + case["offset"]
+    columns = _outlier_columns(world_size)
+    for column in columns:
+        weight[column] = 0.0
+        bias[column] = _outlier_value(case["outlier"], bias[None])[0]
+    target = _outlier_target(generator, columns)
+    class_weight = None
+    if case["weighted"]:
+        class_weight = (torch.rand(OUTLIER_CLASSES, generator=generator) + 0.25).float()
+    upstream = torch.randn(OUTLIER_ROWS, generator=generator, dtype=torch.float64)
+    if case["reduction"] == "mean":
+        upstream = torch.tensor(1.0, dtype=torch.float64)
+    return hidden.float(), weight.float(), bias.float(), target, class_weight, upstream
+
+
+@_guarded
+def _outlier_head_case(case, rank, split):
+    hidden, weight, bias, target, class_weight, upstream = _outlier_head_tensors(
+        case, case["world_size"]
+    )
+    hidden = hidden.clone().requires_grad_()
+    weight_k = _slice(weight, split, rank).clone().requires_grad_()
+    bias_k = _slice(bias, split, rank).clone().requires_grad_()
+    loss = linear_label_smoothing_cross_entropy(
+        hidden, weight_k, target, case["eps"], bias=bias_k,
+        class_weight=_slice(class_weight, split, rank), reduction=case["reduction"], chunk_size=4,
+        backend=case["backend"], process_group=dist.group.WORLD,
+    )  # fmt: skip
+    grads = torch.autograd.grad(loss, (hidden, weight_k, bias_k), upstream.to(loss.dtype))
+    return {"loss": loss.detach(), "grads": grads}
+
+
+def _outlier_head_task(backend: str):
+    def task(rank, world_size):
+        split = OUTLIER_SPLITS[world_size]
+        return [_outlier_head_case({**case, "backend": backend, "world_size": world_size}, rank,
+                                   split) for case in _outlier_head_cases()]  # fmt: skip
+
+    return task
+
+
 for _backend in ("torch", "triton"):
     TASKS[f"outlier_{_backend}"] = _outlier_loss_task(_backend)
-GROUPS["outlier_torch"] = GroupResults(
-    __name__, {2: ("outlier_torch",), 3: ("outlier_torch",)}, "outlier"
-)
-GROUPS["outlier_triton"] = GroupResults(
-    __name__, {2: ("outlier_triton",), 3: ("outlier_triton",)}, "outlier_triton"
-)
+    TASKS[f"outlier_head_{_backend}"] = _outlier_head_task(_backend)
+    _names = (f"outlier_{_backend}", f"outlier_head_{_backend}")
+    GROUPS[f"outlier_{_backend}"] = GroupResults(
+        __name__, {2: _names, 3: _names}, f"outlier_{_backend}"
+    )
 
 
 def _outlier_references(case: dict):
@@ -485,4 +548,23 @@ def test_sharded_loss_outlying_first_logit(world_size, backend, tmp_path_factory
                    loss_baseline)  # fmt: skip
         grad = torch.cat([result["grad"] for result in results], dim=1)
         _check(failures, f"{what} gradient", _grad_error, grad, dense_grad, grad_baseline)
+    _report(failures)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_head_outlying_first_logit(world_size, backend, tmp_path_factory):
+    per_rank = GROUPS[f"outlier_{backend}"](world_size, tmp_path_factory)
+    failures = []
+    for index, case in enumerate(_outlier_head_cases()):
+        case = {**case, "world_size": world_size}
+        what = f"outlier head case {index} {case}"
+        tensors = _outlier_head_tensors(case, world_size)
+        (dense, dense_grads), baseline = _head_references(case, tensors, case["eps"])
+        results = [rank_results[f"outlier_head_{backend}"][index] for rank_results in per_rank]
+        errors = [result["error"] for result in results if "error" in result]
+        if errors:
+            failures.append(f"{what}: raised\n{errors[0]}")
+            continue
+        _check_head(failures, what, results, dense, dense_grads, baseline)
     _report(failures)

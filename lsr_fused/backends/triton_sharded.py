@@ -7,9 +7,9 @@ the shard's max ``m_k``, else ``m_k`` where finite, else 0.
 
 * :func:`shard_stats`: one online-softmax read per row giving the row's local max, sum-exp (relative
   to that max, or to 0 while it is -inf), ``sum_c w_c (x_c - r_k)``, ``x_y - r_k`` and ``w_y`` when
-  the target falls in this shard (0 otherwise), and ``r_k``. The read sums relative to ``x_0`` (the
-  common case); a row whose ``x_0`` fails the rule (a first class masked with -1e9, say) re-reads
-  its logits once to sum relative to ``m_k``, a branch taken per program, so per row.
+  the target falls in this shard (0 otherwise), and ``r_k``. The weighted sum is kept relative to
+  the running max and moved to ``r_k`` at the end, so that a row whose ``x_0`` fails the rule (a
+  first class masked with -1e9, say) needs no second read.
 * :func:`shard_grad`: one write per element,
   ``grad_i = exp((x_i - r_k) - lse_k) * A - B * w_i - T * [i == local target]`` with per-row
   ``(lse_k, A, B, T, r_k)`` prepared by the caller (``lse_k`` = global lse - ``r_k``; upstream
@@ -31,11 +31,11 @@ from . import FIRST_LOGIT_MAX_GAP
 from .triton_common import (
     FP_FUSION,
     GRADIENT_BLOCK_LIMIT,
+    LOG2E,
     check_gradient_layout,
     gradient_row,
     launch_config,
     load_block,
-    online_row_stats,
     row_alignment,
     row_start,
     stats_block_limit,
@@ -51,43 +51,53 @@ _MAX_GAP: tl.constexpr = tl.constexpr(FIRST_LOGIT_MAX_GAP)
 
 
 @triton.jit
-def _weighted_sum(row_ptr, stride_class, num_classes, reference, weight_ptr,
-                  HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
-                  ACC: tl.constexpr):  # fmt: skip
-    """``sum_c w_c (x_c - reference)`` over one row (a second read, for a re-chosen reference)."""
-    total = tl.zeros([], ACC)
-    for start in range(0, num_classes, BLOCK):
-        cols, in_row, x = load_block(row_ptr, start, stride_class, num_classes, 0.0, BLOCK, ALIGN)
-        relative = tl.where(in_row, x.to(ACC) - reference, 0.0)
-        if HAS_WEIGHT:
-            total += tl.sum(
-                tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC) * relative, 0
-            )
-        else:
-            total += tl.sum(relative, 0)
-    return total
-
-
-@triton.jit
 def _shard_row_stats(row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT: tl.constexpr,
                      BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """``(m_k, s_k, sum_c w_c (x_c - r_k), r_k)`` of one row, ``r_k`` by the rule of the module
-    docstring: one read relative to ``x_0``, and a second relative to ``m_k`` only where ``x_0``
-    fails the rule (-inf, or more than ``_MAX_GAP`` below ``m_k``)."""
+    """``(m_k, s_k, sum_c w_c (x_c - r_k), r_k)`` of one row in one read, ``r_k`` by the rule of
+    the module docstring.
+
+    The weighted sum is taken relative to the running max ``shift`` and moved to each new max by
+    ``(old - new) * (weight seen so far)``, the online softmax's rescale written for a sum; at the
+    end it moves to ``r_k`` by ``(m_k - r_k) W_k``, exactly 0 where ``r_k = m_k`` and a difference
+    of at most ``_MAX_GAP`` where ``r_k = x_0``. Every difference is of two logits of the row, so a
+    large offset they share cancels, and a first logit far below the rest (-1e9) never enters any
+    but its own term. One loop without branches keeps the kernel within the compile test's limits.
+    """
     first = tl.load(row_ptr).to(ACC)
-    first_is_finite = tl.abs(first) < float("inf")
-    reference = tl.where(first_is_finite, first, 0.0)
-    running_max, running_sum_exp, weighted_sum = online_row_stats(
-        row_ptr, stride_class, num_classes, reference, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC
-    )
-    from_first = first_is_finite & (running_max - first <= _MAX_GAP)
-    fallback = tl.where(tl.abs(running_max) < float("inf"), running_max, 0.0)
-    chosen = tl.where(from_first, first, fallback)
-    if chosen != reference:  # one scalar per program: the whole row takes the branch or not
-        weighted_sum = _weighted_sum(
-            row_ptr, stride_class, num_classes, chosen, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC
+    running_max = tl.full([], float("-inf"), ACC)
+    running_sum_exp = tl.zeros([], ACC)
+    weighted_sum = tl.zeros([], ACC)  # sum w (x - shift)
+    weight_seen = tl.zeros([], ACC)
+    for start in range(0, num_classes, BLOCK):
+        cols, in_row, x = load_block(
+            row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
         )
-    return running_max, running_sum_exp, weighted_sum, chosen
+        x = x.to(ACC)
+        new_max = tl.maximum(running_max, tl.max(x, 0))
+        old_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        centred = x - shift
+        running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * LOG2E) + tl.sum(
+            tl.exp2(centred * LOG2E), 0
+        )
+        running_max = new_max
+        # Masked lanes hold -inf; zero them before any product so that 0 * inf never appears.
+        centred = tl.where(in_row, centred, 0.0)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
+            block_sum, block_weight = tl.sum(w * centred, 0), tl.sum(w, 0)
+        else:
+            block_sum = tl.sum(centred, 0)
+            block_weight = tl.minimum(num_classes - start, BLOCK).to(ACC)
+        weighted_sum = weighted_sum + (old_shift - shift) * weight_seen + block_sum
+        weight_seen += block_weight
+    final_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+    use_first = (tl.abs(first) < float("inf")) & (running_max - first <= _MAX_GAP)
+    fallback = tl.where(tl.abs(running_max) < float("inf"), running_max, 0.0)
+    reference = tl.where(use_first, first, fallback)
+    # The move is 0 * W_k where r_k = m_k, and 0 - 0 for an all -inf row (never inf - inf).
+    weighted_sum += (final_shift - reference) * weight_seen
+    return running_max, running_sum_exp, weighted_sum, reference
 
 
 # fmt: off
