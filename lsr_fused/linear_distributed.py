@@ -14,7 +14,7 @@ Per chunk of ``n`` rows (the chunk loop of :mod:`lsr_fused.linear`, the statisti
     x_k   = h W_k^T + b_k                       (n, C_k) in one reusable buffer, torch matmul
     stats = shard_stats(x_k)                    (6, n): max, sum-exp, sum w (x - r), x_y - r, w_y, r
     all_reduce(MAX) of n values, all_reduce(SUM) of 4 n values   -> lse, S, loss per row
-                                                (r: the row's first logit on this shard)
+                                                (r: this shard's reference for the row)
     G_k   = shard_grad(x_k)                     written over x_k, in place (training, sum/mean)
     d h  += G_k W_k      d W_k += G_k^T h       d b_k += sum_rows G_k
 
@@ -192,8 +192,8 @@ class _ShardedLinear(torch.autograd.Function):
         total = float(setup.num_classes) if total_weight is None else total_weight
         # W_k, this shard's class-weight sum (its width without weights).
         shard_weight = float(loop.width) if class_weight is None else class_weight.sum()
-        # loss, lse, lse - r_k, S, w_y
-        per_row = torch.empty(5, rows, dtype=acc, device=hidden.device)
+        # loss, lse, lse - r_k, r_k, S, w_y
+        per_row = torch.empty(6, rows, dtype=acc, device=hidden.device)
         with_grad = grad_guess is not None
         grads = loop.gradients(setup.needs) if with_grad else None
         with torch.autocast(hidden.device.type, enabled=False):
@@ -210,18 +210,19 @@ class _ShardedLinear(torch.autograd.Function):
                 )
                 terms = row_terms(reduced, total, flat_target[start:stop], setup.row_scalars)
                 per_row[:, start:stop] = torch.stack(
-                    [terms.loss, terms.lse, terms.shard_lse, terms.total_mass, terms.target_weight]
-                )
+                    [terms.loss, terms.lse, terms.shard_lse, terms.reference, terms.total_mass,
+                     terms.target_weight]
+                )  # fmt: skip
                 if with_grad:
                     coefs = grad_coefs(grad_guess.expand(n), *terms[1:], setup.masses, setup.z_loss)
                     loop.write_grad(logits, coefs, start, stop)
                     loop.accumulate(grads, logits, start, stop)  # `logits` holds G now
             if with_grad:
                 loop.reduce_hidden(grads, setup.needs)
-        loss, lse, shard_lse, total_mass, target_weight = per_row
+        loss, lse, shard_lse, reference, total_mass, target_weight = per_row
         ctx.save_for_backward(
             hidden, weight, bias, flat_target, local_target, class_weight, lse, shard_lse,
-            total_mass, target_weight, grad_guess,
+            reference, total_mass, target_weight, grad_guess,
         )  # fmt: skip
         ctx.setup = setup
         ctx.set_materialize_grads(False)
@@ -235,7 +236,7 @@ class _ShardedLinear(torch.autograd.Function):
         policy.refuse_double_backward("the vocabulary-parallel fused head (process_group=)")
         saved = ctx.saved_tensors
         hidden, weight, bias, flat_target, local_target, class_weight = saved[:6]
-        lse, shard_lse, total_mass, target_weight, grad_guess = saved[6:]
+        lse, shard_lse, reference, total_mass, target_weight, grad_guess = saved[6:]
         setup = ctx.setup
         nones = (None,) * 6
         if grad_out is None:
@@ -263,7 +264,7 @@ class _ShardedLinear(torch.autograd.Function):
                 logits = loop.logits(buffer, start, stop)
                 part = slice(start, stop)
                 coefs = grad_coefs(
-                    upstream[part], lse[part], shard_lse[part], total_mass[part],
+                    upstream[part], lse[part], shard_lse[part], reference[part], total_mass[part],
                     target_weight[part], ignored[part], in_range[part], setup.masses, setup.z_loss,
                 )  # fmt: skip
                 loop.write_grad(logits, coefs, start, stop)

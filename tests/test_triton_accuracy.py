@@ -20,7 +20,7 @@ import lsr_fused
 from lsr_fused import policy
 
 triton_backend = pytest.importorskip("lsr_fused.backends.triton_backend")
-from lsr_fused.backends import triton_sharded  # noqa: E402
+from lsr_fused.backends import FIRST_LOGIT_MAX_GAP, triton_sharded  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     "triton" not in lsr_fused.available_backends("cpu"),
@@ -160,7 +160,8 @@ def _shard_case(offset: float, num_classes: int, weighted: bool, seed: int):
     generator = torch.Generator().manual_seed(seed)
     rows = 6
     logits = torch.randn(rows, num_classes, generator=generator, dtype=torch.float64) * 2 + offset
-    logits[1, 0] = float("-inf")  # a masked first class: r_k falls back to 0
+    logits[1, 0] = float("-inf")  # a masked first class: r_k falls back to the row max
+    logits[3, 0] = -1e9  # masked with a large finite value: r_k falls back to the row max too
     local_target = torch.randint(0, num_classes, (rows,), generator=generator)
     local_target[::2] = -1  # the target is on another rank
     weight = torch.rand(num_classes, generator=generator, dtype=torch.float64) + 0.5
@@ -168,9 +169,13 @@ def _shard_case(offset: float, num_classes: int, weighted: bool, seed: int):
 
 
 def _contract_reference(x32: torch.Tensor):
+    """The float64 logits and each row's ``r_k``: the first logit where finite and at most
+    ``FIRST_LOGIT_MAX_GAP`` below the row max, else the max where finite, else 0."""
     x = x32.double()
-    first = x[:, 0]
-    return x, torch.where(torch.isfinite(first), first, 0.0)
+    first, row_max = x[:, 0], x.amax(1)
+    from_first = torch.isfinite(first) & (row_max - first <= FIRST_LOGIT_MAX_GAP)
+    fallback = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    return x, torch.where(from_first, first, fallback)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -212,6 +217,13 @@ def test_shard_stats_reject_the_old_layout():
                                    torch.empty(5, 3))  # fmt: skip
 
 
+def test_shard_grad_rejects_the_old_coefficients():
+    logits = torch.randn(3, 1, 8)
+    with pytest.raises(ValueError, match="coefs must be a contiguous"):
+        triton_sharded.shard_grad(logits, torch.zeros(3, dtype=torch.long), None,
+                                  torch.zeros(4, 3), torch.empty_like(logits))  # fmt: skip
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("offset", [0.0, 1e5])
@@ -223,13 +235,13 @@ def test_shard_grad_follows_the_contract(offset, weighted, in_place):
     # lse_k = global lse - r_k, as the combine computes it (here: this shard is the whole row).
     shifted_lse = torch.logsumexp(x - reference[:, None], 1)
     coefs = torch.stack(
-        [shifted_lse, *(torch.rand(3, 6, generator=generator, dtype=torch.float64))]
+        [shifted_lse, *(torch.rand(3, 6, generator=generator, dtype=torch.float64)), reference]
     )
     coefs32 = coefs.float().contiguous()
     rows = logits.clone().unsqueeze(1)
     grad = rows if in_place else torch.empty_like(rows)
     triton_sharded.shard_grad(rows, local_target, weight, coefs32, grad)
-    lse_k, scale, other, target_coef = coefs32.double()
+    lse_k, scale, other, target_coef, _ = coefs32.double()
     w = torch.ones(x.shape[1], dtype=torch.float64) if weight is None else weight.double()
     expected = ((x - reference[:, None]) - lse_k[:, None]).exp() * scale[:, None]
     expected -= other[:, None] * w
@@ -270,7 +282,9 @@ def test_two_shards_combined_by_the_contract_match_the_reference():
     for (s, local, _), (lo, hi) in zip(stats, bounds, strict=True):
         shifted_lse = (global_max - s[5]) + sum_exp.log()
         ones = torch.ones(rows, dtype=torch.float64)
-        coefs = torch.stack([shifted_lse, total_mass * ones, other * ones, extra * ones]).float()
+        coefs = torch.stack(
+            [shifted_lse, total_mass * ones, other * ones, extra * ones, s[5]]
+        ).float()
         grad = torch.empty(rows, 1, hi - lo)
         triton_sharded.shard_grad(logits32[:, lo:hi].unsqueeze(1), local, None, coefs, grad)
         grads.append(grad[:, 0])

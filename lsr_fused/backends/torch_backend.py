@@ -171,19 +171,15 @@ def _empty_shard_stats(out: Tensor) -> None:
     out[0].fill_(float("-inf"))
 
 
-def _shard_reference(x: Tensor) -> Tensor:
-    """``r_k`` per row: the shard row's first logit where it is finite, else 0 (``(rows,)``)."""
-    first = x[:, 0]
-    return torch.where(torch.isfinite(first), first, 0.0)
-
-
 def shard_stats(
     logits: Tensor, local_target: Tensor, weight: Optional[Tensor], out: Tensor
 ) -> None:
     """Fill ``out`` ``(6, rows)`` (accumulation dtype) with this shard's per-row statistics.
 
-    With ``r`` the row's first logit on this shard (0 where it is not finite, or for an empty
-    shard) and ``m`` the row's max over the shard, the rows of ``out`` are::
+    With ``m`` the row's max over the shard and ``r`` the shard's reference, chosen by the rule of
+    :mod:`lsr_fused.backends` on the shard's row (its first logit where finite and at most
+    ``FIRST_LOGIT_MAX_GAP`` below ``m``, else ``m`` where finite, else 0; 0 for an empty shard),
+    the rows of ``out`` are::
 
         0: m                 1: sum_c exp(x_c - m)     (relative to 0 where m is -inf)
         2: sum_c w_c (x_c - r)                          3: x_y - r where y is here, else 0
@@ -197,7 +193,7 @@ def shard_stats(
         return
     for start, stop, _, _, chunk in _row_chunks(logits):
         x = chunk.to(out.dtype)
-        reference = _shard_reference(x)
+        reference = _reference(x)[0].squeeze(-1)
         row_max = x.amax(dim=-1)
         shift = torch.where(row_max == float("-inf"), 0.0, row_max)
         out[0, start:stop] = row_max
@@ -224,17 +220,17 @@ def shard_grad(
     """Write ``exp((x_i - r) - lse_r) A - B w_i - T [i == local_target]`` per row into
     ``grad_logits`` (same strides as ``logits``, possibly ``logits`` itself).
 
-    ``coefs`` is ``(4, rows)`` holding ``(lse_r, A, B, T)``, where ``lse_r`` is the row's global
-    log-sum-exp minus this shard's reference ``r`` (recomputed here as in :func:`shard_stats`),
-    so the softmax never subtracts two large, rounded numbers.
+    ``coefs`` is ``(5, rows)`` holding ``(lse_r, A, B, T, r)``: ``r`` is this shard's reference
+    (row 5 of :func:`shard_stats`) and ``lse_r`` the row's global log-sum-exp minus ``r``, so the
+    softmax never subtracts two large, rounded numbers.
     """
     _, inner, num_classes = logits.shape
     if num_classes == 0:
         return
     for start, stop, outer_start, outer_stop, chunk in _row_chunks(logits):
         x = chunk.to(coefs.dtype)
-        lse, scale, other, target_coef = (c[start:stop].unsqueeze(-1) for c in coefs)
-        centred = x - _shard_reference(x).unsqueeze(-1)
+        lse, scale, other, target_coef, reference = (c[start:stop].unsqueeze(-1) for c in coefs)
+        centred = x - reference
         grad = (centred - lse).exp_().mul_(scale)
         if weight is None:
             grad.sub_(other)

@@ -1,15 +1,19 @@
 """Triton kernels of the class-sharded (vocabulary-parallel) loss: see :mod:`lsr_fused.distributed`.
 
 Two passes over this rank's ``(B, S, C_local)`` row view, one program per row, both free of host
-synchronisation. Each row's shard reference ``r_k`` is its first logit here if finite, else 0:
+synchronisation. Each row's shard reference ``r_k`` follows the rule of :mod:`lsr_fused.backends`
+on this shard's row: its first logit ``x_0`` where finite and at most ``FIRST_LOGIT_MAX_GAP`` below
+the shard's max ``m_k``, else ``m_k`` where finite, else 0.
 
 * :func:`shard_stats`: one online-softmax read per row giving the row's local max, sum-exp (relative
   to that max, or to 0 while it is -inf), ``sum_c w_c (x_c - r_k)``, ``x_y - r_k`` and ``w_y`` when
-  the target falls in this shard (0 otherwise), and ``r_k``.
+  the target falls in this shard (0 otherwise), and ``r_k``. The weighted sum is kept relative to
+  the running max and moved to ``r_k`` at the end, so that a row whose ``x_0`` fails the rule (a
+  first class masked with -1e9, say) needs no second read.
 * :func:`shard_grad`: one write per element,
   ``grad_i = exp((x_i - r_k) - lse_k) * A - B * w_i - T * [i == local target]`` with per-row
-  ``(lse_k, A, B, T)`` prepared by the caller (``lse_k`` = global lse - ``r_k``; upstream
-  gradient, masses and masks folded in).
+  ``(lse_k, A, B, T, r_k)`` prepared by the caller (``lse_k`` = global lse - ``r_k``; upstream
+  gradient, masses and masks folded in; ``r_k`` as :func:`shard_stats` returned it).
 
 Everything per call is a runtime value (no recompilation for a new N or mass); offsets are int64.
 Runs compiled on CUDA tensors and on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -23,22 +27,77 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import FIRST_LOGIT_MAX_GAP
 from .triton_common import (
     FP_FUSION,
     GRADIENT_BLOCK_LIMIT,
+    LOG2E,
     check_gradient_layout,
     gradient_row,
     launch_config,
-    online_row_stats,
-    reference_logit,
+    load_block,
     row_alignment,
     row_start,
     stats_block_limit,
     triton_accumulation,
 )
 
-# Rows of shard_stats' output.
+# Rows of shard_stats' output and of shard_grad's coefficients.
 STATS_ROWS = 6
+COEF_ROWS = 5
+
+# Read inside the kernels, hence a constexpr.
+_MAX_GAP: tl.constexpr = tl.constexpr(FIRST_LOGIT_MAX_GAP)
+
+
+@triton.jit
+def _shard_row_stats(row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT: tl.constexpr,
+                     BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """``(m_k, s_k, sum_c w_c (x_c - r_k), r_k)`` of one row in one read, ``r_k`` by the rule of
+    the module docstring.
+
+    The weighted sum is taken relative to the running max ``shift`` and moved to each new max by
+    ``(old - new) * (weight seen so far)``, the online softmax's rescale written for a sum; at the
+    end it moves to ``r_k`` by ``(m_k - r_k) W_k``, exactly 0 where ``r_k = m_k`` and a difference
+    of at most ``_MAX_GAP`` where ``r_k = x_0``. Every difference is of two logits of the row, so a
+    large offset they share cancels, and a first logit far below the rest (-1e9) never enters any
+    but its own term. One loop without branches keeps the kernel within the compile test's limits.
+    """
+    first = tl.load(row_ptr).to(ACC)
+    running_max = tl.full([], float("-inf"), ACC)
+    running_sum_exp = tl.zeros([], ACC)
+    weighted_sum = tl.zeros([], ACC)  # sum w (x - shift)
+    weight_seen = tl.zeros([], ACC)
+    for start in range(0, num_classes, BLOCK):
+        cols, in_row, x = load_block(
+            row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
+        )
+        x = x.to(ACC)
+        new_max = tl.maximum(running_max, tl.max(x, 0))
+        old_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        centred = x - shift
+        running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * LOG2E) + tl.sum(
+            tl.exp2(centred * LOG2E), 0
+        )
+        running_max = new_max
+        # Masked lanes hold -inf; zero them before any product so that 0 * inf never appears.
+        centred = tl.where(in_row, centred, 0.0)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
+            block_sum, block_weight = tl.sum(w * centred, 0), tl.sum(w, 0)
+        else:
+            block_sum = tl.sum(centred, 0)
+            block_weight = tl.minimum(num_classes - start, BLOCK).to(ACC)
+        weighted_sum = weighted_sum + (old_shift - shift) * weight_seen + block_sum
+        weight_seen += block_weight
+    final_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+    use_first = (tl.abs(first) < float("inf")) & (running_max - first <= _MAX_GAP)
+    fallback = tl.where(tl.abs(running_max) < float("inf"), running_max, 0.0)
+    reference = tl.where(use_first, first, fallback)
+    # The move is 0 * W_k where r_k = m_k, and 0 - 0 for an all -inf row (never inf - inf).
+    weighted_sum += (final_shift - reference) * weight_seen
+    return running_max, running_sum_exp, weighted_sum, reference
 
 
 # fmt: off
@@ -50,9 +109,8 @@ def _stats_kernel(
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
-    reference = reference_logit(row_ptr, ACC)
-    running_max, running_sum_exp, weighted_sum = online_row_stats(
-        row_ptr, stride_class, num_classes, reference, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC
+    running_max, running_sum_exp, weighted_sum, reference = _shard_row_stats(
+        row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC
     )
 
     local_target = tl.load(local_target_ptr + row)
@@ -88,7 +146,6 @@ def _grad_kernel(
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
-    reference = reference_logit(row_ptr, ACC)
     coef = coef_ptr + row.to(tl.int64)
     shifted_lse = tl.load(coef).to(ACC)
     coef += num_rows
@@ -97,6 +154,8 @@ def _grad_kernel(
     other_scale = tl.load(coef).to(ACC)
     coef += num_rows
     target_scale = tl.load(coef).to(ACC)
+    coef += num_rows
+    reference = tl.load(coef).to(ACC)
     # -1 (the target is on another rank) matches no column.
     target_col = tl.load(local_target_ptr + row).to(tl.int32)
     grad_row_ptr = grad_ptr + row_start(row, inner, grad_stride_outer, grad_stride_inner, ALIGN)
@@ -146,10 +205,16 @@ def shard_grad(
     grad_logits: Tensor,
 ) -> None:
     """Write this shard's gradient into ``grad_logits`` (the logits' shape and class stride; may
-    be ``logits``) from the per-row ``coefs`` ``(4, rows)`` = ``(lse_k, A, B, T)``, contiguous,
-    ``lse_k`` relative to this shard's reference ``r_k`` (recomputed here from the first logit)."""
+    be ``logits``) from the per-row ``coefs`` ``(5, rows)`` = ``(lse_k, A, B, T, r_k)``
+    (accumulation dtype, contiguous): ``r_k`` is this shard's reference as :func:`shard_stats`
+    returned it and ``lse_k`` the global lse minus ``r_k``."""
     batch, inner, num_classes = logits.shape
     num_rows = batch * inner
+    if tuple(coefs.shape) != (COEF_ROWS, num_rows) or not coefs.is_contiguous():
+        raise ValueError(
+            f"coefs must be a contiguous ({COEF_ROWS}, {num_rows}) tensor, got shape "
+            f"{tuple(coefs.shape)}"
+        )
     if num_rows == 0 or num_classes == 0:
         return
     check_gradient_layout(logits, grad_logits)

@@ -10,7 +10,9 @@ receives the gradient of its own slice. The smoothing masses use the *global* cl
 ``spread="all"`` and ``spread="others"`` both match the single-device result.
 
 Per row, with the math of :mod:`lsr_fused.backends` (``b = other_mass``, ``a - b = target_extra``)
-and ``r_k`` the row's first logit on rank ``k`` (0 where it is not finite, or the slice is empty)::
+and ``r_k`` rank ``k``'s reference for the row, by the rule of :mod:`lsr_fused.backends` applied to
+its slice: the slice's first logit where finite and at most 64 below ``m_k``, else ``m_k`` where
+finite, else 0 (0 for an empty slice)::
 
     rank k, one fused pass over its slice (Triton kernel or chunked torch):
         m_k   = max_c x_c           s_k = sum_c exp(x_c - m_k)      t_k = sum_c w_c (x_c - r_k)
@@ -24,8 +26,10 @@ and ``r_k`` the row's first logit on rank ``k`` (0 where it is not finite, or th
 
 Every sum is relative to a logit of the same row, so a large offset shared by all logits cancels
 in ``r_k - M`` (two nearby numbers) rather than between sums of size ``C * offset``; an all-equal
-row of 1e30 gives ``S log(C)``. Backward needs no communication: every rank holds the per-row
-``lse - r_k``, ``S`` and ``w_y`` and writes its slice in one pass,
+row of 1e30 gives ``S log(C)``; a first class masked with a large finite value (-1e9) does not
+become the reference, so it cannot shift the others' ``x - r_k`` by 1e9. Backward needs no
+communication: every rank holds the per-row ``lse - r_k``, ``r_k``, ``S`` and ``w_y`` and writes
+its slice in one pass,
 ``g (softmax_i (S + 2 z lse) - b w_i - (a - b) w_y [i == y - offset])`` with
 ``softmax_i = exp((x_i - r_k) - (lse - r_k))``.
 The logits are never gathered: the collectives carry O(N) statistics only.

@@ -29,6 +29,7 @@ class RowTerms(NamedTuple):
     loss: Tensor  # per-row loss (0 where ignored, NaN for a target outside [0, C))
     lse: Tensor  # the global log-sum-exp (absolute: it is what z-loss squares)
     shard_lse: Tensor  # lse - r_k: the global log-sum-exp relative to this shard's reference
+    reference: Tensor  # r_k, this shard's reference (row 5 of shard_stats), which shard_grad reads
     total_mass: Tensor  # S = b W + (a - b) w_y
     target_weight: Tensor  # w_y (1 without class weights, 0 where the target is nowhere)
     ignored: Tensor
@@ -113,12 +114,16 @@ def row_terms(reduced: ReducedStats, total_weight, flat_target: Tensor, setup_sc
     loss = torch.where(in_range, loss, float("nan"))
     loss = torch.where(ignored, 0.0, loss)
     shard_lse = (reduced.shift - reduced.reference) + shifted_lse
-    return RowTerms(loss, lse, shard_lse, total_mass, target_weight.clone(), ignored, in_range)
+    return RowTerms(
+        loss, lse, shard_lse, reduced.reference, total_mass, target_weight.clone(), ignored,
+        in_range,
+    )  # fmt: skip
 
 
-def grad_coefs(upstream: Tensor, lse, shard_lse, total_mass, target_weight, ignored, in_range,
-               masses, z_loss: float) -> Tensor:  # fmt: skip
-    """The ``(4, rows)`` ``(lse - r_k, A, B, T)`` of ``shard_grad`` for per-row ``upstream``:
+def grad_coefs(upstream: Tensor, lse, shard_lse, reference, total_mass, target_weight, ignored,
+               in_range, masses, z_loss: float) -> Tensor:  # fmt: skip
+    """The ``(5, rows)`` ``(lse - r_k, A, B, T, r_k)`` of ``shard_grad`` for per-row ``upstream``
+    (``r_k``: this shard's reference, passed on rather than recomputed by the gradient pass):
     ``d loss / d x_i = softmax_i (S + 2 z lse) - b w_i - (a - b) w_y [i == y]``, times ``g``
     (0 on ignored rows, NaN where the target is outside ``[0, C)``)."""
     target_extra, other_mass = masses
@@ -131,5 +136,6 @@ def grad_coefs(upstream: Tensor, lse, shard_lse, total_mass, target_weight, igno
             upstream * (total_mass + 2.0 * z_loss * lse),
             upstream * other_mass,
             upstream * (target_extra * target_weight),
+            reference,
         ]
     )
