@@ -57,10 +57,14 @@ def row_start(row, inner, stride_outer, stride_inner, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def finite_or_zero(value):
+    return tl.where(tl.abs(value) < float("inf"), value, 0.0)
+
+
+@triton.jit
 def reference_logit(row_ptr, ACC: tl.constexpr):
     """The row's reference ``r``: its first logit in the accumulation dtype if finite, else 0."""
-    first = tl.load(row_ptr).to(ACC)
-    return tl.where(tl.abs(first) < float("inf"), first, 0.0)
+    return finite_or_zero(tl.load(row_ptr).to(ACC))
 
 
 @triton.jit
@@ -111,14 +115,58 @@ def online_row_stats(
             tl.exp2((x - shift) * LOG2E), 0
         )
         running_max = new_max
-        # Masked lanes hold -inf; zero them before any product so that 0 * inf never appears.
-        relative = tl.where(in_row, x - reference, 0.0)
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-            weighted_logit_sum += tl.sum(w * relative, 0)
-        else:
-            weighted_logit_sum += tl.sum(relative, 0)
+        weighted_logit_sum += _weighted_block_sum(
+            cols, in_row, x, reference, weight_ptr, HAS_WEIGHT, ACC
+        )
     return running_max, running_sum_exp, weighted_logit_sum
+
+
+@triton.jit
+def _weighted_block_sum(cols, in_row, x, reference, weight_ptr, HAS_WEIGHT: tl.constexpr,
+                        ACC: tl.constexpr):  # fmt: skip
+    """``sum w_c (x_c - reference)`` over one block (``x`` in the accumulation dtype)."""
+    # Masked lanes hold -inf; zero them before any product so that 0 * inf never appears.
+    relative = tl.where(in_row, x - reference, 0.0)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
+        return tl.sum(w * relative, 0)
+    return tl.sum(relative, 0)
+
+
+@triton.jit
+def weighted_row_sum(
+    row_ptr,
+    stride_class,
+    num_classes,
+    reference,
+    weight_ptr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """``sum_c w_c (x_c - reference)`` over a row: the weighted sum of :func:`online_row_stats`
+    again, for a reference known only after that pass (the row max)."""
+    weighted_logit_sum = tl.zeros([], ACC)
+    for start in range(0, num_classes, BLOCK):
+        cols, in_row, x = load_block(
+            row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
+        )
+        weighted_logit_sum += _weighted_block_sum(
+            cols, in_row, x.to(ACC), reference, weight_ptr, HAS_WEIGHT, ACC
+        )
+    return weighted_logit_sum
+
+
+@triton.jit
+def row_max(row_ptr, stride_class, num_classes, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+            ACC: tl.constexpr):  # fmt: skip
+    """The row's largest logit in the accumulation dtype (-inf for an all -inf row)."""
+    running_max = tl.full([], float("-inf"), ACC)
+    for start in range(0, num_classes, BLOCK):
+        _, _, x = load_block(row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN)
+        running_max = tl.maximum(running_max, tl.max(x.to(ACC), 0))
+    return running_max
 
 
 @triton.jit
