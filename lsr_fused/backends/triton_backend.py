@@ -24,16 +24,16 @@ from .triton_common import (
     finite_or_zero,
     gradient_row,
     launch_config,
+    online_max_sum_exp,
     online_row_stats,
     reference_logit,
     row_alignment,
-    row_max,
     row_start,
+    row_sums,
     runtime_scalar,
     shifted_lse,
     stats_block_limit,
     triton_accumulation,
-    weighted_row_sum,
 )
 
 # Training steps get their gradient from the forward pass (see _forward_kernel, WRITE_GRAD).
@@ -78,24 +78,26 @@ def _row_upstream(upstream, ignored, in_range):
 
 @triton.jit
 def _forward_reference(
-    first, running_max, weighted_sum, other_mass, row_ptr, stride_class, num_classes, weight_ptr,
-    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
+    first, running_max, running_sum_exp, weighted_sum, row_ptr, stride_class, num_classes,
+    weight_ptr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    """(r, sum_c w_c (x_c - r), r is x_0, r is the max) once the row's max is known.
+    """(r, sum_c exp(x_c - max), sum_c w_c (x_c - r), r is x_0, r is the max) once the row max
+    is known.
 
-    The online pass summed relative to ``x_0`` (0 where not finite). Where ``x_0`` lies more than
-    MAX_GAP below the max (a class masked with a large finite value) or is not finite, the row
-    max becomes ``r`` and, if ``b`` uses it, the weighted sum is taken again relative to it: a
-    second read for those rows only (a branch uniform over the program)."""
+    The online pass summed relative to ``x_0`` (0 where not finite). Where ``x_0`` is not finite
+    or lies more than MAX_GAP below the max (a class masked with a large finite value), the row
+    max becomes ``r`` and the row is summed again relative to it: a second read for those rows
+    only, a branch uniform over the program."""
     from_first = (tl.abs(first) < float("inf")) & (running_max - first <= MAX_GAP)
     from_max = (tl.abs(running_max) < float("inf")) & ~from_first
     reference = tl.where(from_max, running_max, finite_or_zero(first))
-    if from_max & (other_mass != 0.0):
-        weighted_sum = weighted_row_sum(
+    if from_max:
+        running_sum_exp, weighted_sum = row_sums(
             row_ptr, stride_class, num_classes, reference, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN,
             ACC,
         )
-    return reference, weighted_sum, from_first, from_max
+    return reference, running_sum_exp, weighted_sum, from_first, from_max
 
 
 @triton.jit
@@ -110,13 +112,16 @@ def _saved_lse(lse_r, from_first, from_max):
 def _decode_saved(saved, row_ptr, stride_class, num_classes, BLOCK: tl.constexpr,
                   ALIGN: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """Backward's ``(r, lse_r)`` from forward's saved value: a finite negative one says that
-    ``r`` is the row max, recomputed here (one more read, for those rows only); otherwise ``r``
-    is ``x_0`` where finite, else 0."""
+    ``r`` is the row max, recomputed here (one more read, for those rows only) with its sum,
+    whose log is more exact than the saved ``-(1 + lse_r)`` (rounded to the ulp of 1);
+    otherwise ``r`` is ``x_0`` where finite, else 0, and ``lse_r`` the saved value."""
     reference = reference_logit(row_ptr, ACC)
     lse_r = saved
     if (saved < 0.0) & (saved > float("-inf")):
-        reference = row_max(row_ptr, stride_class, num_classes, BLOCK, ALIGN, ACC)
-        lse_r = -1.0 - saved
+        reference, sum_exp = online_max_sum_exp(
+            row_ptr, stride_class, num_classes, BLOCK, ALIGN, ACC
+        )
+        lse_r = tl.log(sum_exp)
     return reference, lse_r
 
 
@@ -138,8 +143,8 @@ def _forward_kernel(
         row_ptr, stride_class, num_classes, finite_or_zero(first), weight_ptr, HAS_WEIGHT, BLOCK,
         ALIGN, ACC,
     )
-    reference, weighted_sum, from_first, from_max = _forward_reference(
-        first, running_max, weighted_sum, other_mass, row_ptr, stride_class, num_classes,
+    reference, running_sum_exp, weighted_sum, from_first, from_max = _forward_reference(
+        first, running_max, running_sum_exp, weighted_sum, row_ptr, stride_class, num_classes,
         weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC,
     )
     lse_r = shifted_lse(running_max, running_sum_exp, reference)

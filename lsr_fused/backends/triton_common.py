@@ -109,16 +109,22 @@ def online_row_stats(
             row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
         )
         x = x.to(ACC)
-        new_max = tl.maximum(running_max, tl.max(x, 0))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * LOG2E) + tl.sum(
-            tl.exp2((x - shift) * LOG2E), 0
-        )
-        running_max = new_max
+        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x)
         weighted_logit_sum += _weighted_block_sum(
             cols, in_row, x, reference, weight_ptr, HAS_WEIGHT, ACC
         )
     return running_max, running_sum_exp, weighted_logit_sum
+
+
+@triton.jit
+def _online_update(running_max, running_sum_exp, x):
+    """The running ``(max, sum of exp(x - max))`` after one more block ``x``."""
+    new_max = tl.maximum(running_max, tl.max(x, 0))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * LOG2E) + tl.sum(
+        tl.exp2((x - shift) * LOG2E), 0
+    )
+    return new_max, running_sum_exp
 
 
 @triton.jit
@@ -134,7 +140,19 @@ def _weighted_block_sum(cols, in_row, x, reference, weight_ptr, HAS_WEIGHT: tl.c
 
 
 @triton.jit
-def weighted_row_sum(
+def online_max_sum_exp(row_ptr, stride_class, num_classes, BLOCK: tl.constexpr,
+                       ALIGN: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """:func:`online_row_stats` without the weighted sum: ``(max, sum of exp(x - max))``."""
+    running_max = tl.full([], float("-inf"), ACC)
+    running_sum_exp = tl.zeros([], ACC)
+    for start in range(0, num_classes, BLOCK):
+        _, _, x = load_block(row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN)
+        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x.to(ACC))
+    return running_max, running_sum_exp
+
+
+@triton.jit
+def row_sums(
     row_ptr,
     stride_class,
     num_classes,
@@ -145,28 +163,21 @@ def weighted_row_sum(
     ALIGN: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """``sum_c w_c (x_c - reference)`` over a row: the weighted sum of :func:`online_row_stats`
-    again, for a reference known only after that pass (the row max)."""
+    """``(sum of exp(x - reference), sum of w * (x - reference))`` for a finite reference known
+    before the pass, at least the row max (a two-pass softmax's second pass): one ex2 per element,
+    no rescaling."""
+    sum_exp = tl.zeros([], ACC)
     weighted_logit_sum = tl.zeros([], ACC)
     for start in range(0, num_classes, BLOCK):
         cols, in_row, x = load_block(
             row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
         )
+        x = x.to(ACC)
+        sum_exp += tl.sum(tl.exp2((x - reference) * LOG2E), 0)
         weighted_logit_sum += _weighted_block_sum(
-            cols, in_row, x.to(ACC), reference, weight_ptr, HAS_WEIGHT, ACC
+            cols, in_row, x, reference, weight_ptr, HAS_WEIGHT, ACC
         )
-    return weighted_logit_sum
-
-
-@triton.jit
-def row_max(row_ptr, stride_class, num_classes, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
-            ACC: tl.constexpr):  # fmt: skip
-    """The row's largest logit in the accumulation dtype (-inf for an all -inf row)."""
-    running_max = tl.full([], float("-inf"), ACC)
-    for start in range(0, num_classes, BLOCK):
-        _, _, x = load_block(row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN)
-        running_max = tl.maximum(running_max, tl.max(x.to(ACC), 0))
-    return running_max
+    return sum_exp, weighted_logit_sum
 
 
 @triton.jit
