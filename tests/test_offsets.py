@@ -188,6 +188,34 @@ def test_outlying_first_logit_triton(first, offset, options, path):
     _check_outlying_first("triton", first, offset, options, path, rows=4, classes=200)
 
 
+@pytest.mark.skipif("triton" not in available_backends("cpu"), reason="needs triton")
+@pytest.mark.parametrize("first", OUTLYING_FIRST, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_outlying_first_logit_triton_redo(first, weighted):
+    """The backward that rewrites rows the forward wrote for another upstream (2 * loss): it
+    decodes the saved value, as the plain backward does."""
+    logits, target, weight, upstream = _case(1e5, torch.float32, 29, rows=4, classes=200)
+    logits[:, 0] = first if first < 0 else 1e5 + first
+    target[target == 0] = 1
+    weight = weight / 1.5 if weighted else None
+
+    def ours_fn(x, reduction, _inplace):
+        acc_weight = None if weight is None else weight.float()
+        loss = label_smoothing_cross_entropy(
+            x, target, 0.1, weight=acc_weight, reduction=reduction, backend="triton"
+        )
+        return 2.0 * loss
+
+    def ref_fn(x, reduction, _inplace):
+        return dense_loss(x, target, 0.1, weight=weight, reduction=reduction)
+
+    _, grad = _loss_and_grad(ours_fn, logits, "sum", upstream)
+    ref = _loss_and_grad(ref_fn, logits.double(), "sum", upstream)
+    _, grad_error = _errors(ref[0], grad / 2.0, *ref)
+    _, grad_bound = _bounds(logits, target, "sum", upstream, ref, 0.1, "all", 0.0, weight)
+    assert grad_error <= grad_bound, f"gradient error {grad_error:.3g} > {grad_bound:.3g}"
+
+
 @pytest.mark.parametrize(
     "backend", [b for b in ("torch", "cpp", "triton") if b in available_backends("cpu")]
 )

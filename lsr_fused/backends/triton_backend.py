@@ -2,7 +2,9 @@
 
 One program per row (a 1-D grid): the forward reads the row once for its statistics and, in a
 training step, a second time (from L2) to write the gradient; a backward program whose row the
-forward already wrote exits after a handful of instructions.
+forward already wrote exits after a handful of instructions. A row whose first logit is no
+reference (not finite, or more than 64 below the max) costs one more read in each kernel: the
+forward sums it again relative to its max, the backward finds that max again.
 
 Runs compiled on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 The math and the calling contract are documented once, in :mod:`lsr_fused.backends`.

@@ -6,9 +6,10 @@ its own row strides (a sliced logits view gets a dense gradient) and the same cl
 Offsets are int64 so that ``N * C`` past ``2**31`` works; per-element index arithmetic stays int32
 (a class index is below ``2**31``).
 
-Every program handles one whole row (a 1-D grid over rows), so it can read the row's reference
-logit ``r = x[0]`` (see :mod:`lsr_fused.backends`) and its target logit before writing anything,
-and a backward program with nothing to do exits before any per-element work.
+Every program handles one whole row (a 1-D grid over rows), so it can find the row's reference
+``r`` (its first logit, or its max where that logit is an outlier, see :mod:`lsr_fused.backends`)
+and read its target logit before writing anything, and a backward program with nothing to do
+exits before any per-element work.
 
 Rules the compiler holds us to (the interpreter does not, see ``tests/test_triton_compile.py``):
 module globals read inside a kernel must be ``tl.constexpr``, and a Python float argument is bound
