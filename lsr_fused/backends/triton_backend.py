@@ -92,7 +92,9 @@ def _forward_reference(
     max becomes ``r`` and the row is summed again relative to it: a second read for those rows
     only, a branch uniform over the program."""
     from_first = (tl.abs(first) < float("inf")) & (running_max - first <= MAX_GAP)
-    from_max = (tl.abs(running_max) < float("inf")) & ~from_first
+    # A one-class row's only logit is its max: the branch folds away when C == 1 is specialized
+    # (a reduction inside it would otherwise get a divergent-warp fallback in a one-warp kernel).
+    from_max = (tl.abs(running_max) < float("inf")) & ~from_first & (num_classes > 1)
     reference = tl.where(from_max, running_max, finite_or_zero(first))
     if from_max:
         running_sum_exp, weighted_sum = row_sums(
@@ -119,7 +121,7 @@ def _decode_saved(saved, row_ptr, stride_class, num_classes, BLOCK: tl.constexpr
     otherwise ``r`` is ``x_0`` where finite, else 0, and ``lse_r`` the saved value."""
     reference = reference_logit(row_ptr, ACC)
     lse_r = saved
-    if (saved < 0.0) & (saved > float("-inf")):
+    if (saved < 0.0) & (saved > float("-inf")) & (num_classes > 1):
         reference, sum_exp = online_max_sum_exp(
             row_ptr, stride_class, num_classes, BLOCK, ALIGN, ACC
         )
