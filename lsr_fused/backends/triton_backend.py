@@ -27,11 +27,10 @@ from .triton_common import (
     gradient_row,
     launch_config,
     online_max_sum_exp,
-    online_row_stats,
+    online_row_stats_at_max,
     reference_logit,
     row_alignment,
     row_start,
-    row_sums,
     runtime_scalar,
     shifted_lse,
     stats_block_limit,
@@ -79,29 +78,16 @@ def _row_upstream(upstream, ignored, in_range):
 
 
 @triton.jit
-def _forward_reference(
-    first, running_max, running_sum_exp, weighted_sum, row_ptr, stride_class, num_classes,
-    weight_ptr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """(r, sum_c exp(x_c - max), sum_c w_c (x_c - r), r is x_0, r is the max) once the row max
-    is known.
-
-    The online pass summed relative to ``x_0`` (0 where not finite). Where ``x_0`` is not finite
-    or lies more than MAX_GAP below the max (a class masked with a large finite value), the row
-    max becomes ``r`` and the row is summed again relative to it: a second read for those rows
-    only, a branch uniform over the program."""
+def _forward_reference(first, running_max, weighted_sum_at_max, weight_sum):
+    """(r, sum_c w_c (x_c - r), r is x_0, r is the max) from the online statistics: ``x_0`` where
+    finite and at most MAX_GAP below the max, else the max where finite, else 0. The weighted sum
+    moves from the max to ``x_0`` by ``(max - x_0) * W``, at most 64 W."""
     from_first = (tl.abs(first) < float("inf")) & (running_max - first <= MAX_GAP)
-    # A one-class row's only logit is its max: the branch folds away when C == 1 is specialized
-    # (a reduction inside it would otherwise get a divergent-warp fallback in a one-warp kernel).
-    from_max = (tl.abs(running_max) < float("inf")) & ~from_first & (num_classes > 1)
-    reference = tl.where(from_max, running_max, finite_or_zero(first))
-    if from_max:
-        running_sum_exp, weighted_sum = row_sums(
-            row_ptr, stride_class, num_classes, reference, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN,
-            ACC,
-        )
-    return reference, running_sum_exp, weighted_sum, from_first, from_max
+    from_max = (tl.abs(running_max) < float("inf")) & ~from_first
+    reference = tl.where(from_first, first, finite_or_zero(running_max))
+    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+    moved = tl.where(from_first, (shift - reference) * weight_sum, 0.0)
+    return reference, weighted_sum_at_max + moved, from_first, from_max
 
 
 @triton.jit
@@ -143,13 +129,11 @@ def _forward_kernel(
     row = tl.program_id(0)
     row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
     first = tl.load(row_ptr).to(ACC)
-    running_max, running_sum_exp, weighted_sum = online_row_stats(
-        row_ptr, stride_class, num_classes, finite_or_zero(first), weight_ptr, HAS_WEIGHT, BLOCK,
-        ALIGN, ACC,
+    running_max, running_sum_exp, weighted_sum, weight_sum = online_row_stats_at_max(
+        row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC
     )
-    reference, running_sum_exp, weighted_sum, from_first, from_max = _forward_reference(
-        first, running_max, running_sum_exp, weighted_sum, row_ptr, stride_class, num_classes,
-        weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC,
+    reference, weighted_sum, from_first, from_max = _forward_reference(
+        first, running_max, weighted_sum, weight_sum
     )
     lse_r = shifted_lse(running_max, running_sum_exp, reference)
     saved_lse = _saved_lse(lse_r, from_first, from_max)

@@ -153,32 +153,48 @@ def online_max_sum_exp(row_ptr, stride_class, num_classes, BLOCK: tl.constexpr,
 
 
 @triton.jit
-def row_sums(
+def online_row_stats_at_max(
     row_ptr,
     stride_class,
     num_classes,
-    reference,
     weight_ptr,
     HAS_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """``(sum of exp(x - reference), sum of w * (x - reference))`` for a finite reference known
-    before the pass, at least the row max (a two-pass softmax's second pass): one ex2 per element,
-    no rescaling."""
-    sum_exp = tl.zeros([], ACC)
+    """:func:`online_row_stats` with the weighted sum relative to the running max:
+    ``(max, sum of exp(x - max), sum of w * (x - max), sum of w)``, the shift 0 while the max is
+    -inf.
+
+    For a reference chosen only once the max is known: each block is summed relative to the max so
+    far and the running sum moved to a new max by ``(old - new) * (weights seen)``, a product
+    rather than a cancellation, so a class masked with a large finite value costs no accuracy.
+    """
+    running_max = tl.full([], float("-inf"), ACC)
+    running_sum_exp = tl.zeros([], ACC)
     weighted_logit_sum = tl.zeros([], ACC)
+    weight_seen = tl.zeros([], ACC)
     for start in range(0, num_classes, BLOCK):
         cols, in_row, x = load_block(
             row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
         )
         x = x.to(ACC)
-        sum_exp += tl.sum(tl.exp2((x - reference) * LOG2E), 0)
+        old_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x)
+        shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+        # Both shifts are finite (or the row has a +inf logit, hence NaN): 0 weight seen moves 0.
+        if HAS_WEIGHT:
+            weighted_logit_sum += (old_shift - shift) * weight_seen
+            weight_seen += tl.sum(tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC), 0)
+        else:
+            weighted_logit_sum += (old_shift - shift) * start  # one weight per class before
         weighted_logit_sum += _weighted_block_sum(
-            cols, in_row, x, reference, weight_ptr, HAS_WEIGHT, ACC
+            cols, in_row, x, shift, weight_ptr, HAS_WEIGHT, ACC
         )
-    return sum_exp, weighted_logit_sum
+    if not HAS_WEIGHT:
+        weight_seen += num_classes
+    return running_max, running_sum_exp, weighted_logit_sum, weight_seen
 
 
 @triton.jit
