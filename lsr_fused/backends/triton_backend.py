@@ -2,9 +2,10 @@
 
 One program per row (a 1-D grid): the forward reads the row once for its statistics and, in a
 training step, a second time (from L2) to write the gradient; a backward program whose row the
-forward already wrote exits after a handful of instructions. A row whose first logit is no
-reference (not finite, or more than 64 below the max) costs one more read in each kernel: the
-forward sums it again relative to its max, the backward finds that max again.
+forward already wrote exits after a handful of instructions. The forward's one pass serves either
+reference of the contract (its weighted sum follows the running max and moves to ``x_0`` at the
+end); a backward row whose reference is the max (``x_0`` not finite, or more than 64 below the
+max) costs one more read, to find that max again before any store.
 
 Runs compiled on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 The math and the calling contract are documented once, in :mod:`lsr_fused.backends`.
