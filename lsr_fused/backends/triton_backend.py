@@ -108,6 +108,8 @@ def _decode_saved(saved, row_ptr, stride_class, num_classes, BLOCK: tl.constexpr
     otherwise ``r`` is ``x_0`` where finite, else 0, and ``lse_r`` the saved value."""
     reference = reference_logit(row_ptr, ACC)
     lse_r = saved
+    # (C == 1: x_0 is the max, never a max reference; the branch folds away once C == 1 is
+    # specialized, sparing a one-warp kernel the divergent-reduction fallback it would get.)
     if (saved < 0.0) & (saved > float("-inf")) & (num_classes > 1):
         reference, sum_exp = online_max_sum_exp(
             row_ptr, stride_class, num_classes, BLOCK, ALIGN, ACC
