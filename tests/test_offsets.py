@@ -41,14 +41,14 @@ OPTIONS = {
 PATHS = ["mean", "sum", "none", "mean-inplace", "sum-inplace"]
 
 
-def _case(offset: float, dtype: torch.dtype, seed: int, rows: int = ROWS):
+def _case(offset: float, dtype: torch.dtype, seed: int, rows: int = ROWS, classes: int = CLASSES):
     """Logits ``randn * 2 + offset`` in ``dtype``, targets (some ignored), float32-exact class
     weights and a per-row upstream gradient."""
     gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(rows, CLASSES, generator=gen, dtype=torch.float64) * 2 + offset).to(dtype)
-    target = torch.randint(0, CLASSES, (rows,), generator=gen)
+    logits = (torch.randn(rows, classes, generator=gen, dtype=torch.float64) * 2 + offset).to(dtype)
+    target = torch.randint(0, classes, (rows,), generator=gen)
     target[::9] = IGNORE
-    weight = (torch.rand(CLASSES, generator=gen, dtype=torch.float64) + 0.5).float().double()
+    weight = (torch.rand(classes, generator=gen, dtype=torch.float64) + 0.5).float().double()
     upstream = torch.rand(rows, generator=gen, dtype=torch.float64) + 0.5
     return logits, target, weight, upstream
 
@@ -156,19 +156,92 @@ def test_bfloat16_moderate_offset(backend, options, weighted, path):
     _check(backend, logits, target, path, upstream, *options, weight if weighted else None)
 
 
+OUTLYING_FIRST = [-1e4, -1e9, torch.finfo(torch.float32).min, 200.0]
+
+
+def _check_outlying_first(backend, first, offset, options, path, rows=ROWS, classes=CLASSES):
+    logits, target, weight, upstream = _case(offset, torch.float32, 29, rows, classes)
+    logits[:, 0] = first if first < 0 else offset + first
+    target[target == 0] = 1
+    # Weights below 1: w * finfo.min would overflow float32 (F.cross_entropy gives inf there too).
+    _check(backend, logits, target, path, upstream, *options, weight / 1.5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("first", [-1e4, -1e9, torch.finfo(torch.float32).min, 200.0], ids=str)
+@pytest.mark.parametrize("first", OUTLYING_FIRST, ids=str)
 @pytest.mark.parametrize("offset", [0.0, 1e5])
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 @pytest.mark.parametrize("path", ["mean", "none", "sum-inplace"])
 def test_outlying_first_logit(backend, first, offset, options, path):
     """A first class masked with a large finite value (a padding or blank class), or far above
     the rest: the first logit is then no reference, and the row max is used instead."""
-    logits, target, weight, upstream = _case(offset, torch.float32, seed=29)
-    logits[:, 0] = first if first < 0 else offset + first
+    _check_outlying_first(backend, first, offset, options, path)
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"), reason="needs triton")
+@pytest.mark.parametrize("first", OUTLYING_FIRST, ids=str)
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("path", ["mean", "none", "sum-inplace"])
+def test_outlying_first_logit_triton(first, offset, options, path):
+    """The same rows through the Triton kernels, interpreter-sized (4 x 200)."""
+    _check_outlying_first("triton", first, offset, options, path, rows=4, classes=200)
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"), reason="needs triton")
+@pytest.mark.parametrize("first", OUTLYING_FIRST, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_outlying_first_logit_triton_redo(first, weighted):
+    """The backward that rewrites rows the forward wrote for another upstream (2 * loss): it
+    decodes the saved value, as the plain backward does."""
+    logits, target, weight, upstream = _case(1e5, torch.float32, 29, rows=4, classes=200)
+    logits[:, 0] = first if first < 0 else 1e5 + first
     target[target == 0] = 1
-    # Weights below 1: w * finfo.min would overflow float32 (F.cross_entropy gives inf there too).
-    _check(backend, logits, target, path, upstream, *options, weight / 1.5)
+    weight = weight / 1.5 if weighted else None
+
+    def ours_fn(x, reduction, _inplace):
+        acc_weight = None if weight is None else weight.float()
+        loss = label_smoothing_cross_entropy(
+            x, target, 0.1, weight=acc_weight, reduction=reduction, backend="triton"
+        )
+        return 2.0 * loss
+
+    def ref_fn(x, reduction, _inplace):
+        return dense_loss(x, target, 0.1, weight=weight, reduction=reduction)
+
+    _, grad = _loss_and_grad(ours_fn, logits, "sum", upstream)
+    ref = _loss_and_grad(ref_fn, logits.double(), "sum", upstream)
+    _, grad_error = _errors(ref[0], grad / 2.0, *ref)
+    _, grad_bound = _bounds(logits, target, "sum", upstream, ref, 0.1, "all", 0.0, weight)
+    assert grad_error <= grad_bound, f"gradient error {grad_error:.3g} > {grad_bound:.3g}"
+
+
+@pytest.mark.parametrize(
+    "backend", [b for b in ("torch", "cpp", "triton") if b in available_backends("cpu")]
+)
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_masked_first_logit_at_an_offset(backend, offset, eps):
+    """A -inf first logit: the row max is the reference, so an offset costs no accuracy. The
+    yardstick is F.cross_entropy (the dense reference makes 0 * -inf there): float64 for the
+    error, 8x its float32 error as the bound; with smoothing the loss is +inf, as torch's."""
+    logits, target, _, _ = _case(offset, torch.float32, seed=31, rows=4, classes=200)
+    logits[:, 0] = float("-inf")
+    target[target == 0] = 1
+    (loss, grad), (loss32, grad32) = _torch_and_ours(backend, logits, target, eps)
+    _, (ref_loss, ref_grad) = _torch_and_ours("torch", logits.double(), target, eps)
+    unit = torch.finfo(torch.float32).eps
+    if eps:
+        assert torch.equal(loss, loss32) and (loss[target != IGNORE] == float("inf")).all()
+    else:
+        scale = max(1.0, ref_loss.abs().max().item())
+        assert _error(loss, ref_loss) <= 8 * max(_error(loss32, ref_loss), 4 * unit * scale)
+    scale = ref_grad.abs().max().item()
+    assert _error(grad, ref_grad) <= 8 * max(_error(grad32, ref_grad), 4 * unit * scale)
+
+
+def _error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return (ours.double() - ref).abs().max().item()
 
 
 @pytest.fixture(params=["default", "avx2", "avx512"])

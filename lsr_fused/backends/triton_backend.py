@@ -2,7 +2,10 @@
 
 One program per row (a 1-D grid): the forward reads the row once for its statistics and, in a
 training step, a second time (from L2) to write the gradient; a backward program whose row the
-forward already wrote exits after a handful of instructions.
+forward already wrote exits after a handful of instructions. The forward's one pass serves either
+reference of the contract (its weighted sum follows the running max and moves to ``x_0`` at the
+end); a backward row whose reference is the max (``x_0`` not finite, or more than 64 below the
+max) costs one more read, to find that max again before any store.
 
 Runs compiled on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 The math and the calling contract are documented once, in :mod:`lsr_fused.backends`.
@@ -16,13 +19,16 @@ import triton.language as tl
 from torch import Tensor
 
 from .._params import RowParams, accumulation_dtype
+from . import FIRST_LOGIT_MAX_GAP
 from .triton_common import (
     FP_FUSION,
     GRADIENT_BLOCK_LIMIT,
     check_gradient_layout,
+    finite_or_zero,
     gradient_row,
     launch_config,
-    online_row_stats,
+    online_max_sum_exp,
+    online_row_stats_at_max,
     reference_logit,
     row_alignment,
     row_start,
@@ -34,6 +40,9 @@ from .triton_common import (
 
 # Training steps get their gradient from the forward pass (see _forward_kernel, WRITE_GRAD).
 WRITES_GRAD_IN_FORWARD = frozenset({"cuda", "cpu"})
+
+# The contract's gap, as the constexpr a kernel may read.
+MAX_GAP: tl.constexpr = tl.constexpr(FIRST_LOGIT_MAX_GAP)
 
 
 # fmt: off
@@ -70,6 +79,46 @@ def _row_upstream(upstream, ignored, in_range):
 
 
 @triton.jit
+def _forward_reference(first, running_max, weighted_sum_at_max, weight_sum):
+    """(r, sum_c w_c (x_c - r), r is x_0, r is the max) from the online statistics: ``x_0`` where
+    finite and at most MAX_GAP below the max, else the max where finite, else 0. The weighted sum
+    moves from the max to ``x_0`` by ``(max - x_0) * W``, at most 64 W."""
+    from_first = (tl.abs(first) < float("inf")) & (running_max - first <= MAX_GAP)
+    from_max = (tl.abs(running_max) < float("inf")) & ~from_first
+    reference = tl.where(from_first, first, finite_or_zero(running_max))
+    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+    moved = tl.where(from_first, (shift - reference) * weight_sum, 0.0)
+    return reference, weighted_sum_at_max + moved, from_first, from_max
+
+
+@triton.jit
+def _saved_lse(lse_r, from_first, from_max):
+    """What backward decodes (lsr_fused.backends): ``lse_r >= 0`` for ``r = x_0`` (the sum holds
+    exp(0) = 1: clamped against rounding, a NaN kept), ``-(1 + lse_r)`` for ``r = max``."""
+    clamped = tl.where(from_first & (lse_r < 0.0), 0.0, lse_r)
+    return tl.where(from_max, -1.0 - lse_r, clamped)
+
+
+@triton.jit
+def _decode_saved(saved, row_ptr, stride_class, num_classes, BLOCK: tl.constexpr,
+                  ALIGN: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Backward's ``(r, lse_r)`` from forward's saved value: a finite negative one says that
+    ``r`` is the row max, recomputed here (one more read, for those rows only) with its sum,
+    whose log is more exact than the saved ``-(1 + lse_r)`` (rounded to the ulp of 1);
+    otherwise ``r`` is ``x_0`` where finite, else 0, and ``lse_r`` the saved value."""
+    reference = reference_logit(row_ptr, ACC)
+    lse_r = saved
+    # (C == 1: x_0 is the max, never a max reference; the branch folds away once C == 1 is
+    # specialized, sparing a one-warp kernel the divergent-reduction fallback it would get.)
+    if (saved < 0.0) & (saved > float("-inf")) & (num_classes > 1):
+        reference, sum_exp = online_max_sum_exp(
+            row_ptr, stride_class, num_classes, BLOCK, ALIGN, ACC
+        )
+        lse_r = tl.log(sum_exp)
+    return reference, lse_r
+
+
+@triton.jit
 def _forward_kernel(
     logits_ptr, target_ptr, weight_ptr, weight_total_ptr, loss_ptr, lse_ptr, grad_ptr, guess_ptr,
     inner, stride_outer, stride_inner, stride_class, grad_stride_outer, grad_stride_inner,
@@ -82,11 +131,15 @@ def _forward_kernel(
     z_loss = runtime_scalar(z_loss, ACC)
     row = tl.program_id(0)
     row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
-    reference = reference_logit(row_ptr, ACC)
-    running_max, running_sum_exp, weighted_sum = online_row_stats(
-        row_ptr, stride_class, num_classes, reference, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC
+    first = tl.load(row_ptr).to(ACC)
+    running_max, running_sum_exp, weighted_sum, weight_sum = online_row_stats_at_max(
+        row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC
+    )
+    reference, weighted_sum, from_first, from_max = _forward_reference(
+        first, running_max, weighted_sum, weight_sum
     )
     lse_r = shifted_lse(running_max, running_sum_exp, reference)
+    saved_lse = _saved_lse(lse_r, from_first, from_max)
 
     target_col, ignored, in_range = _row_target(target_ptr, row, num_classes, ignore_index)
     target_logit = tl.load(row_ptr + target_col.to(tl.int64) * stride_class).to(ACC) - reference
@@ -104,7 +157,7 @@ def _forward_kernel(
     loss += tl.where(z_loss != 0.0, z_loss * lse * lse, 0.0)
     loss = tl.where(in_range, loss, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
-    tl.store(lse_ptr + row, lse_r)
+    tl.store(lse_ptr + row, saved_lse)
 
     if WRITE_GRAD:
         # Training step: write the gradient now, for the upstream value the caller expects
@@ -140,10 +193,11 @@ def _backward_kernel(
     other_mass = runtime_scalar(other_mass, ACC)
     z_loss = runtime_scalar(z_loss, ACC)
     row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
-    reference = reference_logit(row_ptr, ACC)
+    reference, lse_r = _decode_saved(
+        tl.load(lse_ptr + row).to(ACC), row_ptr, stride_class, num_classes, BLOCK, ALIGN, ACC
+    )
     target_col, ignored, in_range = _row_target(target_ptr, row, num_classes, ignore_index)
     upstream = _row_upstream(upstream, ignored, in_range)
-    lse_r = tl.load(lse_ptr + row).to(ACC)
     target_weight, total_mass = _row_masses(
         target_col, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
         HAS_WEIGHT, ACC,

@@ -6,9 +6,10 @@ its own row strides (a sliced logits view gets a dense gradient) and the same cl
 Offsets are int64 so that ``N * C`` past ``2**31`` works; per-element index arithmetic stays int32
 (a class index is below ``2**31``).
 
-Every program handles one whole row (a 1-D grid over rows), so it can read the row's reference
-logit ``r = x[0]`` (see :mod:`lsr_fused.backends`) and its target logit before writing anything,
-and a backward program with nothing to do exits before any per-element work.
+Every program handles one whole row (a 1-D grid over rows), so it can find the row's reference
+``r`` (its first logit, or its max where that logit is an outlier, see :mod:`lsr_fused.backends`)
+and read its target logit before writing anything, and a backward program with nothing to do
+exits before any per-element work.
 
 Rules the compiler holds us to (the interpreter does not, see ``tests/test_triton_compile.py``):
 module globals read inside a kernel must be ``tl.constexpr``, and a Python float argument is bound
@@ -57,10 +58,14 @@ def row_start(row, inner, stride_outer, stride_inner, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def finite_or_zero(value):
+    return tl.where(tl.abs(value) < float("inf"), value, 0.0)
+
+
+@triton.jit
 def reference_logit(row_ptr, ACC: tl.constexpr):
     """The row's reference ``r``: its first logit in the accumulation dtype if finite, else 0."""
-    first = tl.load(row_ptr).to(ACC)
-    return tl.where(tl.abs(first) < float("inf"), first, 0.0)
+    return finite_or_zero(tl.load(row_ptr).to(ACC))
 
 
 @triton.jit
@@ -105,20 +110,91 @@ def online_row_stats(
             row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
         )
         x = x.to(ACC)
-        new_max = tl.maximum(running_max, tl.max(x, 0))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * LOG2E) + tl.sum(
-            tl.exp2((x - shift) * LOG2E), 0
+        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x)
+        weighted_logit_sum += _weighted_block_sum(
+            cols, in_row, x, reference, weight_ptr, HAS_WEIGHT, ACC
         )
-        running_max = new_max
-        # Masked lanes hold -inf; zero them before any product so that 0 * inf never appears.
-        relative = tl.where(in_row, x - reference, 0.0)
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-            weighted_logit_sum += tl.sum(w * relative, 0)
-        else:
-            weighted_logit_sum += tl.sum(relative, 0)
     return running_max, running_sum_exp, weighted_logit_sum
+
+
+@triton.jit
+def _online_update(running_max, running_sum_exp, x):
+    """The running ``(max, sum of exp(x - max))`` after one more block ``x``."""
+    new_max = tl.maximum(running_max, tl.max(x, 0))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * LOG2E) + tl.sum(
+        tl.exp2((x - shift) * LOG2E), 0
+    )
+    return new_max, running_sum_exp
+
+
+@triton.jit
+def _weighted_block_sum(cols, in_row, x, reference, weight_ptr, HAS_WEIGHT: tl.constexpr,
+                        ACC: tl.constexpr):  # fmt: skip
+    """``sum w_c (x_c - reference)`` over one block (``x`` in the accumulation dtype)."""
+    # Masked lanes hold -inf; zero them before any product so that 0 * inf never appears.
+    relative = tl.where(in_row, x - reference, 0.0)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
+        return tl.sum(w * relative, 0)
+    return tl.sum(relative, 0)
+
+
+@triton.jit
+def online_max_sum_exp(row_ptr, stride_class, num_classes, BLOCK: tl.constexpr,
+                       ALIGN: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """:func:`online_row_stats` without the weighted sum: ``(max, sum of exp(x - max))``."""
+    running_max = tl.full([], float("-inf"), ACC)
+    running_sum_exp = tl.zeros([], ACC)
+    for start in range(0, num_classes, BLOCK):
+        _, _, x = load_block(row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN)
+        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x.to(ACC))
+    return running_max, running_sum_exp
+
+
+@triton.jit
+def online_row_stats_at_max(
+    row_ptr,
+    stride_class,
+    num_classes,
+    weight_ptr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """:func:`online_row_stats` with the weighted sum relative to the running max:
+    ``(max, sum of exp(x - max), sum of w * (x - max), sum of w)``, the shift 0 while the max is
+    -inf.
+
+    For a reference chosen only once the max is known: each block is summed relative to the max so
+    far and the running sum moved to a new max by ``(old - new) * (weights seen)``, a product
+    rather than a cancellation, so a class masked with a large finite value costs no accuracy.
+    """
+    running_max = tl.full([], float("-inf"), ACC)
+    running_sum_exp = tl.zeros([], ACC)
+    weighted_logit_sum = tl.zeros([], ACC)
+    weight_seen = tl.zeros([], ACC)
+    for start in range(0, num_classes, BLOCK):
+        cols, in_row, x = load_block(
+            row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
+        )
+        x = x.to(ACC)
+        old_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x)
+        shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+        # Both shifts are finite (or the row has a +inf logit, hence NaN): 0 weight seen moves 0.
+        if HAS_WEIGHT:
+            weighted_logit_sum += (old_shift - shift) * weight_seen
+            weight_seen += tl.sum(tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC), 0)
+        else:
+            weighted_logit_sum += (old_shift - shift) * start  # one weight per class before
+        weighted_logit_sum += _weighted_block_sum(
+            cols, in_row, x, shift, weight_ptr, HAS_WEIGHT, ACC
+        )
+    if not HAS_WEIGHT:
+        weight_seen += num_classes
+    return running_max, running_sum_exp, weighted_logit_sum, weight_seen
 
 
 @triton.jit
