@@ -150,5 +150,5 @@ def _loss_with_grad_in_forward(tensors, scalars, denominator: Optional[Tensor]) 
     grad_guess = torch.ones(1, dtype=policy.accumulation_dtype(rows.dtype), device=rows.device)
     if denominator is not None:
         grad_guess = grad_guess / denominator
-    loss, _, _ = ops.forward_with_grad(*tensors, grad_guess, *scalars)
+    loss, _, _ = ops.fused_forward_with_grad(*tensors, grad_guess, *scalars)
     return policy.reduce(loss, (), "sum" if denominator is None else "mean", denominator)

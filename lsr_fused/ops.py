@@ -331,21 +331,6 @@ class _EagerForward(torch.autograd.Function):
         return _backward_forward(ctx, grad_loss, grad_lse)[:5]
 
 
-class _EagerForwardWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, weight, weight_total, grad_guess, scalars):
-        inputs = (logits, target, weight, weight_total, grad_guess, *scalars)
-        output = _forward_with_grad_impl(*inputs)
-        _setup_forward_with_grad(ctx, inputs, output)
-        ctx.direct = True
-        ctx.mark_non_differentiable(output[1], output[2])
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse, grad_of_grad):
-        return _backward_forward_with_grad(ctx, grad_loss, grad_lse, grad_of_grad)[:6]
-
-
 class _EagerReducedLoss(torch.autograd.Function):
     """The ``"sum"`` / ``"mean"`` training step as one node: the kernels of
     ``lsr_fused::forward_with_grad`` with the reduction inside, so that autograd runs one backward
@@ -415,10 +400,3 @@ def forward(logits, target, weight, weight_total, *scalars, inplace_backward: bo
         return _forward_impl(logits, target, weight, weight_total, *scalars, inplace_backward)
     scalars = (*scalars, inplace_backward)
     return _EagerForward.apply(logits, target, weight, weight_total, scalars)
-
-
-def forward_with_grad(logits, target, weight, weight_total, grad_guess, *scalars):
-    """``(loss, lse, grad)`` per row: ``lsr_fused::forward_with_grad``, or its eager route."""
-    if not eager_call_allowed(logits):
-        return fused_forward_with_grad(logits, target, weight, weight_total, grad_guess, *scalars)
-    return _EagerForwardWithGrad.apply(logits, target, weight, weight_total, grad_guess, scalars)

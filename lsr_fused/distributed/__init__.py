@@ -55,29 +55,6 @@ Modules: :mod:`.agreement` (the exchange), :mod:`.shard_math` (combining the sha
 :mod:`.loss` (the entry point and its autograd function).
 """
 
-# The building blocks the sharded fused head (lsr_fused.linear_distributed) shares, importable
-# from the package as before the split; the public API is __all__.
-from .agreement import (  # noqa: F401 (re-exported, see above)
-    Agreement,
-    Field,
-    ShardInput,
-    agree,
-    check_exchange_values,
-    describe,
-    resolve_group,
-    run_checks,
-    shown_as,
-)
 from .loss import sharded_label_smoothing_cross_entropy
-from .shard_math import (  # noqa: F401 (re-exported, see above)
-    ReducedStats,
-    RowTerms,
-    all_reduce_stats,
-    grad_coefs,
-    local_targets,
-    no_rows_stats,
-    row_terms,
-    shard_kernels,
-)
 
 __all__ = ["sharded_label_smoothing_cross_entropy"]
