@@ -31,12 +31,14 @@ class RowParams(NamedTuple):
         other_mass: ``b``, the mass every class gets (the smoothing mass per class).
         z_loss: coefficient of the auxiliary ``logsumexp(x) ** 2`` term.
         ignore_index: rows whose target equals this give zero loss and zero gradient.
+        softcap: ``c > 0``: every logit ``x`` is read as ``c * tanh(x / c)``; ``0.0``: off.
     """
 
     target_extra: float
     other_mass: float
     z_loss: float
     ignore_index: int
+    softcap: float = 0.0
 
 
 def smoothing_masses(label_smoothing: float, num_classes: int, spread: str) -> tuple[float, float]:

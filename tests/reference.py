@@ -25,6 +25,13 @@ def smoothed_targets(target: torch.Tensor, num_classes: int, eps: float, spread:
     return one_hot * (1.0 - eps) + (1.0 - one_hot) * (eps / (num_classes - 1))
 
 
+def _flat(values, target) -> torch.Tensor:
+    """A per-element argument (tensor of the target's shape, or a scalar) as ``(N,)``."""
+    if isinstance(values, torch.Tensor):
+        return values.reshape(-1).to(target.device)
+    return torch.full((max(target.numel(), 1),), float(values), device=target.device)
+
+
 def dense_loss(
     logits,
     target,
@@ -35,20 +42,34 @@ def dense_loss(
     weight=None,
     spread="all",
     z_loss=0.0,
+    softcap=None,
+    mix_target=None,
+    mix_lambda=1.0,
 ):
-    """The loss, in float64, from first principles (autograd gives the reference gradient)."""
+    """The loss, in float64, from first principles (autograd gives the reference gradient).
+
+    ``softcap``: the loss of ``softcap * tanh(x / softcap)``. ``mix_target``: the smoothed target
+    ``lam q(target) + (1 - lam) q(mix_target)`` (``lam`` = ``mix_lambda``, a float or a tensor of
+    the target's shape); ``mean`` then divides by ``sum(lam w[y1] + (1 - lam) w[y2])``.
+    """
     x = logits.double()
-    if x.dim() == 1:
-        x, flat_target = x.unsqueeze(0), target.reshape(1)
-    else:
-        x, flat_target = x.movedim(1, -1).reshape(-1, x.shape[1]), target.reshape(-1)
+    x = x.unsqueeze(0) if x.dim() == 1 else x.movedim(1, -1).reshape(-1, x.shape[1])
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    flat_target = target.reshape(-1).long()
     num_classes = x.shape[-1]
-    flat_target = flat_target.long()
     kept = flat_target != ignore_index
     safe_target = torch.where(kept, flat_target, 0)
-    q = smoothed_targets(safe_target, num_classes, eps, spread)
     w = torch.ones(num_classes, dtype=torch.float64) if weight is None else weight.double()
     w = w.to(x.device)
+    q = smoothed_targets(safe_target, num_classes, eps, spread)
+    target_weight = w[safe_target]
+    if mix_target is not None:
+        lam = _flat(mix_lambda, flat_target).double()
+        safe_mix = torch.where(kept, mix_target.reshape(-1).long(), 0)
+        q_mix = smoothed_targets(safe_mix, num_classes, eps, spread)
+        q = lam.unsqueeze(-1) * q + (1.0 - lam).unsqueeze(-1) * q_mix
+        target_weight = lam * target_weight + (1.0 - lam) * w[safe_mix]
     per_row = -(q * w * F.log_softmax(x, dim=-1)).sum(-1)
     if z_loss:
         per_row = per_row + z_loss * torch.logsumexp(x, dim=-1) ** 2
@@ -57,7 +78,39 @@ def dense_loss(
         return per_row.reshape(target.shape)
     if reduction == "sum":
         return per_row.sum()
-    return per_row.sum() / (w[safe_target] * kept).sum()
+    return per_row.sum() / (target_weight * kept).sum()
+
+
+def dense_stats(logits, target, *, ignore_index=-100, reduction="mean", weight=None, z_loss=0.0,
+                softcap=None, mix_target=None, mix_lambda=1.0):  # fmt: skip
+    """``(lse, accuracy, z_loss_term)`` in float64 from first principles: ``lse`` of the (capped)
+    logits per element (target's shape), the fraction of non-ignored elements whose
+    ``torch.argmax`` class is the target, and the z-loss term with the loss's reduction."""
+    x = logits.double()
+    x = x.unsqueeze(0) if x.dim() == 1 else x.movedim(1, -1).reshape(-1, x.shape[1])
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    flat_target = target.reshape(-1).long()
+    kept = flat_target != ignore_index
+    lse = torch.logsumexp(x, dim=-1)
+    correct = (x.argmax(dim=-1) == flat_target) & kept
+    accuracy = correct.double().sum() / kept.double().sum()
+    z_term = torch.where(kept, z_loss * lse * lse, torch.zeros_like(lse))
+    if reduction == "none":
+        z_term = z_term.reshape(target.shape)
+    elif reduction == "sum":
+        z_term = z_term.sum()
+    else:
+        num_classes = x.shape[-1]
+        w = torch.ones(num_classes, dtype=torch.float64) if weight is None else weight.double()
+        safe_target = torch.where(kept, flat_target, 0)
+        target_weight = w.to(x.device)[safe_target]
+        if mix_target is not None:
+            lam = _flat(mix_lambda, flat_target).double()
+            safe_mix = torch.where(kept, mix_target.reshape(-1).long(), 0)
+            target_weight = lam * target_weight + (1.0 - lam) * w.to(x.device)[safe_mix]
+        z_term = z_term.sum() / (target_weight * kept).sum()
+    return lse.reshape(target.shape), accuracy, z_term
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +175,9 @@ def random_case(shape, dtype, *, ignore_some=True, num_classes_dim=1, seed=None)
     return logits, target
 
 
-def row_params(num_classes: int, eps: float, spread: str, z_loss: float = 0.0) -> RowParams:
+def row_params(
+    num_classes: int, eps: float, spread: str, z_loss: float = 0.0, softcap: float = 0.0
+) -> RowParams:
     """The per-row constants the backends take, for these options and ignore_index=-100."""
     extra, other = smoothing_masses(eps, num_classes, spread)
-    return RowParams(extra, other, z_loss, IGNORE)
+    return RowParams(extra, other, z_loss, IGNORE, softcap)
