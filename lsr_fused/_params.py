@@ -40,6 +40,18 @@ class RowParams(NamedTuple):
     ignore_index: int
     softcap: float = 0.0
 
+    def packed(self) -> tuple[list[float], int]:
+        """The form a custom op's schema carries: every float field in order, and the index."""
+        return [float(getattr(self, name)) for name in _FLOAT_FIELDS], int(self.ignore_index)
+
+    @classmethod
+    def unpacked(cls, floats: list[float], ignore_index: int) -> RowParams:
+        """The inverse of :meth:`packed`."""
+        return cls(ignore_index=ignore_index, **dict(zip(_FLOAT_FIELDS, floats, strict=True)))
+
+
+_FLOAT_FIELDS = tuple(name for name in RowParams._fields if name != "ignore_index")
+
 
 def smoothing_masses(label_smoothing: float, num_classes: int, spread: str) -> tuple[float, float]:
     """Return ``(target_extra, other_mass) = (a - b, b)`` for a smoothing convention."""

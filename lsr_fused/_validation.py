@@ -40,6 +40,22 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
         )
 
 
+def check_mix_targets(
+    target: Tensor, mix_target: Tensor, num_classes: int, ignore_index: int
+) -> None:
+    """Raise ``ValueError`` naming the first ``mix_target`` that is not a class index where the
+    element is not ignored (``target`` is ``ignore_index``: ``mix_target`` is not read there)."""
+    if mix_target.device.type != "cpu" and not _validate_device_targets:
+        return
+    bad = (target != ignore_index) & ((mix_target < 0) | (mix_target >= num_classes))
+    if bool(bad.any()):
+        value = int(mix_target[bad][0])
+        raise TargetIndexError(
+            f"mix_target contains {value} where target is not ignore_index, which is not a "
+            f"class index in [0, {num_classes})"
+        )
+
+
 def is_dense(tensor: Tensor, *, allow_gaps: bool = False) -> bool:
     """True when the tensor's elements fill its storage span exactly, in some dimension order.
 
@@ -57,4 +73,4 @@ def is_dense(tensor: Tensor, *, allow_gaps: bool = False) -> bool:
     return True
 
 
-__all__ = ["check_targets", "is_dense", "set_validation", "validation_enabled"]
+__all__ = ["check_mix_targets", "check_targets", "is_dense", "set_validation", "validation_enabled"]

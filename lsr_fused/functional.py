@@ -7,18 +7,19 @@ are reached through the custom ops of :mod:`lsr_fused.ops`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import composite, ops, policy
 from ._docs import extends_doc
-from ._params import RowParams, smoothing_masses
-from ._validation import check_targets
-from .policy import available_backends, check_options
+from ._validation import check_mix_targets, check_targets
+from .options import LossOptions, loss_options
+from .policy import available_backends
+from .stats import LossStats, dense_row_stats, loss_stats
 
-__all__ = ["LOSS_DOC", "available_backends", "check_options", "label_smoothing_cross_entropy"]
+__all__ = ["available_backends", "label_smoothing_cross_entropy"]
 
 LOSS_DOC = r"""
     Per element with logits ``x`` (``C`` classes), target ``y``, class weights ``w`` (ones by
@@ -46,6 +47,20 @@ LOSS_DOC = r"""
         weight: optional ``(C,)`` floating class weights.
         spread: ``"all"`` or ``"others"`` (see above).
         z_loss: coefficient of the auxiliary ``logsumexp(x) ** 2`` term (PaLM), ``>= 0``.
+        softcap: ``c > 0``: the loss of the capped logits ``c * tanh(x / c)`` (Gemma 2), every
+            other option applied to them (z-loss included), gradients through the cap.
+        mix_target: a second target of the target's shape (mixup / CutMix): the loss of the
+            mixed smoothed target ``lam q(target) + (1 - lam) q(mix_target)``, i.e.
+            ``lam * loss(target) + (1 - lam) * loss(mix_target)`` in one pass and without a dense
+            target. An element whose ``target`` is ``ignore_index`` is ignored (its
+            ``mix_target`` is not read). With ``weight``, ``"mean"`` divides by the sum of
+            ``lam w[target] + (1 - lam) w[mix_target]`` over non-ignored elements.
+        mix_lambda: ``lam``: a float in ``[0, 1]``, or a floating tensor of the target's shape
+            (per-pair or per-element mixing; its values are not checked, and with
+            ``requires_grad`` it gets a gradient).
+        return_stats: return ``(loss, stats)``, ``stats`` a :class:`lsr_fused.LossStats` of
+            ``lse`` (per element), ``accuracy`` and ``z_loss`` (the z-loss term, reduced as the
+            loss), from the same pass, with no host synchronisation.
         inplace_backward: write the gradient into the logits' storage during backward: no
             logits-sized allocation at all. The logits then hold the gradient; autograd raises if
             anything that saved them runs its backward afterwards. Ignored (a normal gradient is
@@ -57,8 +72,9 @@ LOSS_DOC = r"""
             ``weight`` the matching slice, ``target`` global class indices. See
             :mod:`lsr_fused.distributed`.
 
-    Targets outside ``[0, C)`` that are not ``ignore_index`` raise ``ValueError`` on the CPU; on
-    CUDA they give a NaN loss unless :func:`lsr_fused.set_validation` turns on the (syncing) check.
+    Targets (and mixed targets) outside ``[0, C)`` that are not ``ignore_index`` raise
+    ``ValueError`` on the CPU; on CUDA they give a NaN loss unless :func:`lsr_fused.set_validation`
+    turns on the (syncing) check.
 """
 
 
@@ -73,10 +89,14 @@ def label_smoothing_cross_entropy(
     weight: Optional[Tensor] = None,
     spread: str = "all",
     z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    mix_target: Optional[Tensor] = None,
+    mix_lambda: Union[float, Tensor] = 1.0,
+    return_stats: bool = False,
     inplace_backward: bool = False,
     backend: str = "auto",
     process_group: Optional[object] = None,
-) -> Tensor:
+) -> Union[Tensor, tuple[Tensor, LossStats]]:
     """Label-smoothed cross-entropy fused with log-softmax (a drop-in for
     ``F.cross_entropy(logits, target, label_smoothing=...)``)."""
     if process_group is not None:
@@ -85,70 +105,89 @@ def label_smoothing_cross_entropy(
         from .distributed import sharded_label_smoothing_cross_entropy
 
         return sharded_label_smoothing_cross_entropy(
-            logits,
-            target,
-            label_smoothing,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            weight=weight,
-            spread=spread,
-            z_loss=z_loss,
-            inplace_backward=inplace_backward,
-            backend=backend,
-            process_group=process_group,
-        )
-    check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
-    policy.check_tensors(logits, target, weight, spread)
-    backend = policy.resolve_backend(backend, logits.device)
+            logits, target, label_smoothing, ignore_index=ignore_index, reduction=reduction,
+            weight=weight, spread=spread, z_loss=z_loss, softcap=softcap, mix_target=mix_target,
+            mix_lambda=mix_lambda, return_stats=return_stats, inplace_backward=inplace_backward,
+            backend=backend, process_group=process_group,
+        )  # fmt: skip
+    options = loss_options(
+        label_smoothing, ignore_index, reduction, spread, z_loss, softcap, return_stats,
+        inplace_backward, backend,
+    )  # fmt: skip
+    return loss_with_options(logits, target, options, weight, mix_target, mix_lambda)
+
+
+def loss_with_options(
+    logits: Tensor,
+    target: Tensor,
+    options: LossOptions,
+    weight: Optional[Tensor] = None,
+    mix_target: Optional[Tensor] = None,
+    mix_lambda: Union[float, Tensor] = 1.0,
+) -> Union[Tensor, tuple[Tensor, LossStats]]:
+    """:func:`label_smoothing_cross_entropy` with its options already made (the module's call)."""
+    policy.check_tensors(logits, target, weight, options.spread)
+    backend = policy.resolve_backend(options.backend, logits.device)
     rows = policy.row_view(logits)
-    num_classes = rows.shape[-1]
+    acc_dtype = policy.accumulation_dtype(logits.dtype)
     # Contiguous: the kernels read target[row] (a strided or expanded view would be misread).
     flat_target = policy.flat_targets(target)
-    target_extra, other_mass = smoothing_masses(float(label_smoothing), num_classes, spread)
-    acc_dtype = policy.accumulation_dtype(logits.dtype)
-    composite_path = composite.wants_composite(logits, target, weights=(weight,))
+    mix = policy.mix_inputs(mix_target, mix_lambda, target, acc_dtype)
+    params = options.row_params(rows.shape[-1])
+    composite_path = composite.wants_composite(
+        logits, target, mix[1], weights=(weight, _tensor_or_none(mix_lambda))
+    )
     weight, weight_total = policy.class_weights(weight, acc_dtype)
-    scalars = (target_extra, other_mass, float(z_loss), ignore_index, backend)
     denominator = None
-    if reduction == "mean":
+    if options.reduction == "mean":
         denominator = policy.mean_denominator(
-            flat_target, weight, ignore_index, num_classes, acc_dtype
+            flat_target, weight, options.ignore_index, rows.shape[-1], acc_dtype, mix
         )
-    tensors = (rows, flat_target, weight, weight_total)
+    inputs = ops.RowInputs(rows, flat_target, weight, weight_total, *mix)
     if composite_path:
-        return _composite_loss(tensors, scalars, target.shape, reduction, denominator)
-    inplace = bool(inplace_backward) and policy.may_overwrite(logits)
+        loss, row_stats = _composite_loss(inputs, params, options)
+    else:
+        loss, row_stats = _fused_loss(inputs, params, backend, options, denominator, logits)
+    if loss.dim() != 0:  # per-row losses (a training step's forward returns the reduced one)
+        loss = policy.reduce(loss, target.shape, options.reduction, denominator)
+    if not options.return_stats:
+        return loss
+    return loss, loss_stats(*row_stats, flat_target, options, target.shape, denominator)
+
+
+def _tensor_or_none(value) -> Optional[Tensor]:
+    return value if isinstance(value, Tensor) else None
+
+
+def _fused_loss(inputs, params, backend, options, denominator, logits):
+    """``(loss, (stats lse, stats arg-max))`` from the fused ops: the reduced loss of a training
+    step whose forward writes the gradient, else the per-row losses."""
+    inplace = options.inplace_backward and policy.may_overwrite(logits)
     training = torch.is_grad_enabled() and logits.requires_grad
+    stats = options.return_stats
     if (
         training
         and not inplace
-        and reduction != "none"
+        and options.reduction != "none"
         and ops.writes_grad_in_forward(backend, logits.device.type)
     ):
-        return _loss_with_grad_in_forward(tensors, scalars, denominator)
-    loss, _ = ops.forward(*tensors, *scalars, inplace_backward=inplace)
-    return policy.reduce(loss, target.shape, reduction, denominator)
+        loss, *row_stats = ops.reduced_loss_with_grad(inputs, denominator, params, backend, stats)
+        return loss, row_stats
+    loss, _, *row_stats = ops.forward(
+        inputs, params, backend, inplace_backward=inplace, stats=stats
+    )
+    return loss, row_stats
 
 
-def _composite_loss(tensors, scalars, target_shape, reduction, denominator) -> Tensor:
-    """The loss through :mod:`lsr_fused.composite` (differentiable weights, torch.func)."""
-    rows, flat_target, weight, _ = tensors
+def _composite_loss(inputs, params, options):
+    """The per-row loss through :mod:`lsr_fused.composite` (differentiable weights or ``lam``,
+    torch.func), and its statistics from the logits it holds anyway."""
+    rows, flat_target, weight, _, mix_target, mix_lambda = inputs
     if not torch._C._functorch.is_functorch_wrapped_tensor(flat_target):
-        check_targets(flat_target, rows.shape[-1], scalars[3])
-    loss = composite.row_losses(rows, flat_target, weight, RowParams(*scalars[:4]))
-    return policy.reduce(loss, target_shape, reduction, denominator)
-
-
-def _loss_with_grad_in_forward(tensors, scalars, denominator: Optional[Tensor]) -> Tensor:
-    """A training step's ``"sum"`` / ``"mean"`` loss whose forward pass already writes the
-    gradient: the upstream of each row is 1 / denominator (mean) or 1 (sum) when the caller runs
-    ``loss.backward()``, and backward only redoes rows whose real upstream differs."""
-    rows = tensors[0]
-    if ops.eager_call_allowed(rows):
-        return ops.reduced_loss_with_grad(*tensors, denominator, scalars)
-    # Computed as autograd's DivBackward will (ones / denominator): the two are bitwise equal.
-    grad_guess = torch.ones(1, dtype=policy.accumulation_dtype(rows.dtype), device=rows.device)
-    if denominator is not None:
-        grad_guess = grad_guess / denominator
-    loss, _, _ = ops.fused_forward_with_grad(*tensors, grad_guess, *scalars)
-    return policy.reduce(loss, (), "sum" if denominator is None else "mean", denominator)
+        check_targets(flat_target, rows.shape[-1], params.ignore_index)
+        if mix_target is not None:
+            check_mix_targets(flat_target, mix_target, rows.shape[-1], params.ignore_index)
+    extra = {} if mix_target is None else {"mix": (mix_target, mix_lambda)}
+    loss = composite.row_losses(rows, flat_target, weight, params, **extra)
+    row_stats = dense_row_stats(rows, options.softcap) if options.return_stats else None
+    return loss, row_stats

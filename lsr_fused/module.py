@@ -3,20 +3,38 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Optional, Union
 
 from torch import Tensor, nn
 
 from ._docs import extends_doc
 from .errors import ArgumentValueError
-from .functional import LOSS_DOC, check_options, label_smoothing_cross_entropy
+from .functional import LOSS_DOC, label_smoothing_cross_entropy, loss_with_options
 from .linear import LINEAR_DOC, linear_label_smoothing_cross_entropy
-from .policy import check_reduce_hidden_grad
+from .options import LossOptions
+from .policy import check_options, check_reduce_hidden_grad
+from .stats import LossStats
+
+
+def _option_property(name: str) -> property:
+    """A module attribute backed by its :class:`LossOptions` field: setting it re-checks."""
+
+    def get(module):
+        return getattr(module.options, name)
+
+    def set_(module, value):
+        module.options = module.options.replace(**{name: value})
+
+    return property(get, set_, doc=f"The ``{name}`` option (see :class:`LossOptions`).")
 
 
 @extends_doc(LOSS_DOC)
 class LabelSmoothingCE(nn.Module):
-    """Label-smoothed cross-entropy loss module; ``forward(logits, target)``."""
+    """Label-smoothed cross-entropy loss module;
+    ``forward(logits, target, mix_target=None, mix_lambda=1.0)``. Its options are one
+    :class:`lsr_fused.LossOptions` (``module.options``), checked here; each is also an attribute
+    (``module.label_smoothing = 0.2`` re-checks)."""
 
     def __init__(
         self,
@@ -27,48 +45,57 @@ class LabelSmoothingCE(nn.Module):
         weight: Optional[Tensor] = None,
         spread: str = "all",
         z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        return_stats: bool = False,
         inplace_backward: bool = False,
         backend: str = "auto",
         process_group: Optional[object] = None,
     ) -> None:
         super().__init__()
-        self.label_smoothing = label_smoothing
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.spread = spread
-        self.z_loss = z_loss
-        self.inplace_backward = inplace_backward
-        self.backend = backend
+        self.options = LossOptions(
+            label_smoothing, ignore_index, reduction, spread, z_loss, softcap, return_stats,
+            inplace_backward, backend,
+        )  # fmt: skip
         self.process_group = process_group
         # A buffer, like nn.CrossEntropyLoss's, so .to(device) and state_dict carry the weights.
         self.register_buffer("weight", weight)
-        check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
         if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1):
             raise ArgumentValueError(
                 "weight must be a 1-D tensor with one entry per class, or None"
             )
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    label_smoothing = _option_property("label_smoothing")
+    ignore_index = _option_property("ignore_index")
+    reduction = _option_property("reduction")
+    spread = _option_property("spread")
+    z_loss = _option_property("z_loss")
+    softcap = _option_property("softcap")
+    return_stats = _option_property("return_stats")
+    inplace_backward = _option_property("inplace_backward")
+    backend = _option_property("backend")
+
+    def forward(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        mix_target: Optional[Tensor] = None,
+        mix_lambda: Union[float, Tensor] = 1.0,
+    ) -> Union[Tensor, tuple[Tensor, LossStats]]:
+        if self.process_group is None:
+            return loss_with_options(
+                logits, target, self.options, self.weight, mix_target, mix_lambda
+            )
+        fields = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(LossOptions)}
         return label_smoothing_cross_entropy(
-            logits,
-            target,
-            self.label_smoothing,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            weight=self.weight,
-            spread=self.spread,
-            z_loss=self.z_loss,
-            inplace_backward=self.inplace_backward,
-            backend=self.backend,
-            process_group=self.process_group,
-        )
+            logits, target, weight=self.weight, mix_target=mix_target, mix_lambda=mix_lambda,
+            process_group=self.process_group, **fields,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return (
-            f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, "
-            f"spread={self.spread!r}, z_loss={self.z_loss}, ignore_index={self.ignore_index}, "
-            f"inplace_backward={self.inplace_backward}, backend={self.backend!r}"
+        shown = ", ".join(
+            f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(LossOptions)
         )
+        return shown + ("" if self.process_group is None else ", sharded")
 
 
 @extends_doc(LINEAR_DOC)

@@ -26,14 +26,14 @@ around them), as torch.distributed code generally does.
 from __future__ import annotations
 
 from types import ModuleType, SimpleNamespace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import composite
 from ._params import RowParams, accumulation_dtype
-from ._validation import check_targets
+from ._validation import check_mix_targets, check_targets
 
 
 def backend_module(name: str) -> ModuleType:
@@ -68,20 +68,46 @@ def new_gradient(logits: Tensor, backend: str) -> Tensor:
     return torch.empty_like(logits) if make is None else make(logits)
 
 
-def _checked_forward(backend: str, logits: Tensor, target: Tensor, weight, weight_total, params,
-                     *grad_args):  # fmt: skip
+class RowInputs(NamedTuple):
+    """The tensors every op reads, in schema order: a ``(B, S, C)`` row view of the logits, the
+    ``(rows,)`` int64 targets, class weights and their ``(1,)`` sum (or None), and the mixed
+    target's ``(rows,)`` int64 second class and ``(rows,)`` weight ``lam`` (or None)."""
+
+    logits: Tensor
+    target: Tensor
+    weight: Optional[Tensor]
+    weight_total: Optional[Tensor]
+    mix_target: Optional[Tensor]
+    mix_lambda: Optional[Tensor]
+
+
+def _mix(inputs) -> dict:
+    """The backends' ``mix=`` keyword (absent without a mixed target: their unchanged path)."""
+    mix_target, mix_lambda = inputs[4], inputs[5]
+    return {} if mix_target is None else {"mix": (mix_target, mix_lambda)}
+
+
+def _checked_forward(backend: str, inputs, params: RowParams, *grad_args, stats=None):
     """``backend``'s forward, with bad targets raising the error that names the value. A backend
     that checks targets itself on this device (``CHECKS_TARGETS``: the C++ CPU kernel, for free
-    while it reads them) raises ``ValueError``; only then are the targets examined here."""
+    while it reads them) raises ``ValueError``; only then are the targets examined here. Mixed
+    targets are always examined here (where examining is on: see :func:`check_targets`)."""
     module = backend_module(backend)
-    args = (logits, target, weight, weight_total, params, *grad_args)
+    logits, target = inputs[0], inputs[1]
+    num_classes = logits.shape[-1]
+    if inputs[4] is not None:
+        check_mix_targets(target, inputs[4], num_classes, params.ignore_index)
+    kwargs = _mix(inputs)
+    if stats is not None:
+        kwargs["stats"] = stats
+    args = (logits, target, inputs[2], inputs[3], params, *grad_args)
     if logits.device.type not in getattr(module, "CHECKS_TARGETS", ()):
-        check_targets(target, logits.shape[-1], params.ignore_index)
-        return module.forward(*args)
+        check_targets(target, num_classes, params.ignore_index)
+        return module.forward(*args, **kwargs)
     try:
-        return module.forward(*args)
+        return module.forward(*args, **kwargs)
     except ValueError:
-        check_targets(target, logits.shape[-1], params.ignore_index)
+        check_targets(target, num_classes, params.ignore_index)
         raise
 
 
@@ -91,16 +117,30 @@ def _row_outputs(logits: Tensor) -> tuple[Tensor, Tensor]:
     return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
 
 
-# The scalar tail shared by every op: (target_extra, other_mass, z_loss, ignore_index, backend).
+def _stats_outputs(logits: Tensor, wanted: bool) -> tuple[Tensor, Tensor]:
+    """The per-row absolute log-sum-exp and arg-max the forward fills for ``return_stats``
+    (empty when not wanted: an op's outputs are fixed by its schema)."""
+    rows = logits.shape[0] * logits.shape[1] if wanted else 0
+    acc = accumulation_dtype(logits.dtype)
+    return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=torch.int64)
+
+
+# Every op takes the row inputs first and ends with the packed options: ``params``
+# (RowParams.packed()'s floats), ``ignore_index`` and ``backend``.
 # fmt: off
 def _forward_impl(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], weight_total: Optional[Tensor],
-    target_extra: float, other_mass: float, z_loss: float, ignore_index: int, backend: str,
-    inplace_backward: bool,
-) -> tuple[Tensor, Tensor]:
-    """Per-row label-smoothed cross-entropy and log-sum-exp; see :mod:`lsr_fused.backends`."""
-    params = RowParams(target_extra, other_mass, z_loss, ignore_index)
-    return _checked_forward(backend, logits, target, weight, weight_total, params)
+    mix_target: Optional[Tensor], mix_lambda: Optional[Tensor], inplace_backward: bool,
+    stats: bool, params: list[float], ignore_index: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row ``(loss, lse, stats lse, stats arg-max)``; see :mod:`lsr_fused.backends`."""
+    inputs = (logits, target, weight, weight_total, mix_target, mix_lambda)
+    outputs = _stats_outputs(logits, stats)
+    loss, lse = _checked_forward(
+        backend, inputs, RowParams.unpacked(params, ignore_index),
+        stats=outputs if stats else None,
+    )
+    return loss, lse, *outputs
 
 
 fused_forward = torch.library.custom_op(
@@ -109,23 +149,27 @@ fused_forward = torch.library.custom_op(
 
 
 @fused_forward.register_fake
-def _(logits, target, weight, weight_total, *scalars):
-    return _row_outputs(logits)
+def _(logits, target, weight, weight_total, mix_target, mix_lambda, inplace_backward, stats,
+      *packed):
+    return (*_row_outputs(logits), *_stats_outputs(logits, stats))
 
 
 def _forward_with_grad_impl(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], weight_total: Optional[Tensor],
-    grad_guess: Tensor, target_extra: float, other_mass: float, z_loss: float, ignore_index: int,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``lsr_fused::forward`` that also returns the gradient for upstream ``grad_guess``."""
-    params = RowParams(target_extra, other_mass, z_loss, ignore_index)
+    mix_target: Optional[Tensor], mix_lambda: Optional[Tensor], grad_guess: Tensor, stats: bool,
+    params: list[float], ignore_index: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``lsr_fused::forward`` that also returns the gradient for upstream ``grad_guess``:
+    ``(loss, lse, gradient, stats lse, stats arg-max)``."""
+    inputs = (logits, target, weight, weight_total, mix_target, mix_lambda)
     # empty_like's layout (the strides of a dense tensor), which autograd's layout contract wants.
     grad_logits = new_gradient(logits, backend)
+    outputs = _stats_outputs(logits, stats)
     loss, lse = _checked_forward(
-        backend, logits, target, weight, weight_total, params, grad_logits, grad_guess
+        backend, inputs, RowParams.unpacked(params, ignore_index), grad_logits, grad_guess,
+        stats=outputs if stats else None,
     )
-    return loss, lse, grad_logits
+    return loss, lse, grad_logits, *outputs
 
 
 fused_forward_with_grad = torch.library.custom_op(
@@ -134,22 +178,30 @@ fused_forward_with_grad = torch.library.custom_op(
 
 
 @fused_forward_with_grad.register_fake
-def _(logits, target, weight, weight_total, grad_guess, *scalars):
-    return (*_row_outputs(logits), torch.empty_like(logits))
+def _(logits, target, weight, weight_total, mix_target, mix_lambda, grad_guess, stats, *packed):
+    return (*_row_outputs(logits), torch.empty_like(logits), *_stats_outputs(logits, stats))
 
 
 def _backward_impl(
     grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-    weight_total: Optional[Tensor], lse: Tensor, target_extra: float, other_mass: float,
-    z_loss: float, ignore_index: int, backend: str,
+    weight_total: Optional[Tensor], mix_target: Optional[Tensor], mix_lambda: Optional[Tensor],
+    lse: Tensor, params: list[float], ignore_index: int, backend: str,
 ) -> Tensor:
     """Gradient of the per-row losses with respect to the logits, as a new tensor."""
     grad_logits = new_gradient(logits, backend)
-    params = RowParams(target_extra, other_mass, z_loss, ignore_index)
-    backend_module(backend).backward(
-        grad_loss, logits, target, weight, weight_total, lse, params, grad_logits
-    )
+    _backward_into(grad_logits, grad_loss, logits, target, weight, weight_total, mix_target,
+                   mix_lambda, lse, params, ignore_index, backend)
     return grad_logits
+
+
+def _backward_into(grad_logits, grad_loss, logits, target, weight, weight_total, mix_target,
+                   mix_lambda, lse, params, ignore_index, backend, grad_guess=None) -> None:
+    inputs = (logits, target, weight, weight_total, mix_target, mix_lambda)
+    backend_module(backend).backward(
+        grad_loss, logits, target, weight, weight_total, lse,
+        RowParams.unpacked(params, ignore_index), grad_logits,
+        *(() if grad_guess is None else (grad_guess,)), **_mix(inputs),
+    )
 
 
 fused_backward = torch.library.custom_op(
@@ -164,14 +216,12 @@ def _(grad_loss, logits, *rest):
 
 def _backward_inplace_impl(
     grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-    weight_total: Optional[Tensor], lse: Tensor, target_extra: float, other_mass: float,
-    z_loss: float, ignore_index: int, backend: str,
+    weight_total: Optional[Tensor], mix_target: Optional[Tensor], mix_lambda: Optional[Tensor],
+    lse: Tensor, params: list[float], ignore_index: int, backend: str,
 ) -> None:
     """Same as ``lsr_fused::backward`` but overwrites ``logits`` with the gradient."""
-    params = RowParams(target_extra, other_mass, z_loss, ignore_index)
-    backend_module(backend).backward(
-        grad_loss, logits, target, weight, weight_total, lse, params, logits
-    )
+    _backward_into(logits, grad_loss, logits, target, weight, weight_total, mix_target,
+                   mix_lambda, lse, params, ignore_index, backend)
 
 
 fused_backward_inplace = torch.library.custom_op(
@@ -186,14 +236,13 @@ def _(*args):
 
 def _redo_gradient_impl(
     grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-    weight_total: Optional[Tensor], lse: Tensor, grad_guess: Tensor, grad_logits: Tensor,
-    target_extra: float, other_mass: float, z_loss: float, ignore_index: int, backend: str,
+    weight_total: Optional[Tensor], mix_target: Optional[Tensor], mix_lambda: Optional[Tensor],
+    lse: Tensor, grad_guess: Tensor, grad_logits: Tensor, params: list[float], ignore_index: int,
+    backend: str,
 ) -> None:
     """Recompute the rows of ``grad_logits`` whose ``grad_loss`` differs from ``grad_guess``."""
-    params = RowParams(target_extra, other_mass, z_loss, ignore_index)
-    backend_module(backend).backward(
-        grad_loss, logits, target, weight, weight_total, lse, params, grad_logits, grad_guess
-    )
+    _backward_into(grad_logits, grad_loss, logits, target, weight, weight_total, mix_target,
+                   mix_lambda, lse, params, ignore_index, backend, grad_guess)
 
 
 redo_gradient = torch.library.custom_op(
@@ -206,7 +255,7 @@ def _(*args):
     return None
 # fmt: on
 
-_NO_GRADS = (None,) * 9
+_NO_GRADS = (None,) * 10
 
 
 def _increment_version_after(kernel):
@@ -234,36 +283,39 @@ def _kernels(ctx) -> SimpleNamespace:
 
 
 def _setup_forward(ctx, inputs, output) -> None:
-    logits, target, weight, weight_total, *scalars, inplace_backward = inputs
-    ctx.save_for_backward(logits, target, weight, weight_total, output[1])
-    ctx.scalars = tuple(scalars)
+    *row_inputs, inplace_backward, _stats, floats, ignore_index, backend = inputs
+    ctx.save_for_backward(*row_inputs, output[1])
+    ctx.packed = (floats, ignore_index, backend)
     ctx.inplace_backward = inplace_backward
     ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _composite_gradient(ctx, grad_loss: Tensor, logits, target, weight) -> Tensor:
+def _composite_gradient(ctx, grad_loss: Tensor, inputs) -> Tensor:
     """The logits' gradient as a differentiable graph (``create_graph=True``): the fused kernels'
     arithmetic is invisible to autograd, so it is recomputed from the composite form."""
-    params = RowParams(*ctx.scalars[:4])
+    params = RowParams.unpacked(*ctx.packed[:2])
+    logits, target, weight = inputs[:3]
+    extra = {} if inputs[4] is None else {"mix": (inputs[4], inputs[5])}
     (grad_logits,) = composite.input_gradients(
-        lambda x: composite.row_losses(x, target, weight, params), (logits,), grad_loss
+        lambda x: composite.row_losses(x, target, weight, params, **extra), (logits,), grad_loss
     )
     return grad_logits
 
 
-def _backward_forward(ctx, grad_loss: Optional[Tensor], grad_lse: Optional[Tensor]):
-    logits, target, weight, weight_total, lse = ctx.saved_tensors
+def _backward_forward(ctx, grad_loss: Optional[Tensor], *unused):
+    *inputs, lse = ctx.saved_tensors
     if grad_loss is None:
         return (None, *_NO_GRADS)
     if torch.is_grad_enabled():
-        return (_composite_gradient(ctx, grad_loss, logits, target, weight), *_NO_GRADS)
+        return (_composite_gradient(ctx, grad_loss, inputs), *_NO_GRADS)
     kernels = _kernels(ctx)
-    args = (grad_loss, logits, target, weight, weight_total, lse, *ctx.scalars)
+    args = (grad_loss, *inputs, lse, *ctx.packed)
     if ctx.inplace_backward:
         # The kernel mutates `logits` and bumps their version counter: any other autograd node
         # that saved these logits now fails loudly instead of reading a gradient.
         kernels.backward_(*args)
-        return (logits, *_NO_GRADS)
+        return (inputs[0], *_NO_GRADS)
     return (kernels.backward(*args), *_NO_GRADS)
 
 
@@ -271,9 +323,10 @@ fused_forward.register_autograd(_backward_forward, setup_context=_setup_forward)
 
 
 def _setup_forward_with_grad(ctx, inputs, output) -> None:
-    logits, target, weight, weight_total, grad_guess, *scalars = inputs
-    ctx.save_for_backward(logits, target, weight, weight_total, output[1], grad_guess)
-    ctx.scalars = tuple(scalars)
+    *row_inputs, grad_guess, stats, floats, ignore_index, backend = inputs
+    ctx.save_for_backward(*row_inputs, output[1], grad_guess)
+    ctx.packed = (floats, ignore_index, backend)
+    ctx.stats = stats
     # Unused outputs (lse, the gradient buffer) must not get zero-filled logits-sized gradients.
     ctx.set_materialize_grads(False)
     # Kept off save_for_backward on purpose: the backward mutates it (redo_gradient_), which
@@ -281,24 +334,20 @@ def _setup_forward_with_grad(ctx, inputs, output) -> None:
     ctx.grad_buffer = output[2].detach()
 
 
-def _backward_forward_with_grad(ctx, grad_loss, grad_lse, grad_of_grad):
-    logits, target, weight, weight_total, lse, grad_guess = ctx.saved_tensors
+def _backward_forward_with_grad(ctx, grad_loss, *unused):
+    *inputs, lse, grad_guess = ctx.saved_tensors
     if grad_loss is None:
         return (None, *_NO_GRADS)
     if torch.is_grad_enabled():
-        return (_composite_gradient(ctx, grad_loss, logits, target, weight), *_NO_GRADS)
+        return (_composite_gradient(ctx, grad_loss, inputs), *_NO_GRADS)
     kernels = _kernels(ctx)
     grad_buffer, ctx.grad_buffer = ctx.grad_buffer, None
     if grad_buffer is None:
         # A second backward (retain_graph): autograd may own the first buffer by now. Redo the
         # first backward's arithmetic exactly (the forward's gradient pass, then the rows whose
         # upstream differs), so that repeated backward passes agree bitwise, as gradcheck asks.
-        grad_buffer = kernels.forward_with_grad(
-            logits, target, weight, weight_total, grad_guess, *ctx.scalars
-        )[2]
-    kernels.redo_gradient_(
-        grad_loss, logits, target, weight, weight_total, lse, grad_guess, grad_buffer, *ctx.scalars
-    )
+        grad_buffer = kernels.forward_with_grad(*inputs, grad_guess, False, *ctx.packed)[2]
+    kernels.redo_gradient_(grad_loss, *inputs, lse, grad_guess, grad_buffer, *ctx.packed)
     return (grad_buffer, *_NO_GRADS)
 
 
@@ -316,19 +365,18 @@ fused_forward_with_grad.register_autograd(
 
 
 class _EagerForward(torch.autograd.Function):
-    # The scalars travel as one tuple: apply's per-argument cost is part of what is saved here.
+    # The options travel as one tuple: apply's per-argument cost is part of what is saved here.
     @staticmethod
-    def forward(ctx, logits, target, weight, weight_total, scalars):
-        inputs = (logits, target, weight, weight_total, *scalars)
+    def forward(ctx, logits, target, weight, weight_total, mix_target, mix_lambda, call):
+        inputs = (logits, target, weight, weight_total, mix_target, mix_lambda, *call)
         output = _forward_impl(*inputs)
         _setup_forward(ctx, inputs, output)
         ctx.direct = True
-        ctx.mark_non_differentiable(output[1])
         return output
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        return _backward_forward(ctx, grad_loss, grad_lse)[:5]
+    def backward(ctx, grad_loss, *unused):
+        return _backward_forward(ctx, grad_loss)[:7]
 
 
 class _EagerReducedLoss(torch.autograd.Function):
@@ -336,35 +384,38 @@ class _EagerReducedLoss(torch.autograd.Function):
     ``lsr_fused::forward_with_grad`` with the reduction inside, so that autograd runs one backward
     node instead of three (the reduction's nodes cost more than the kernels on small problems).
     Same arithmetic as the op route: loss ``sum(l) [/ d]``; the upstream of every row is
-    ``g [/ d]`` for the incoming ``g``, compared with the guess ``1 [/ d]`` as there."""
+    ``g [/ d]`` for the incoming ``g``, compared with the guess ``1 [/ d]`` as there. Outputs
+    ``(loss, stats lse, stats arg-max)``, the last two not differentiable."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, weight_total, denominator, scalars):
+    def forward(ctx, logits, target, weight, weight_total, mix_target, mix_lambda, denominator,
+                call):  # fmt: skip
         if denominator is None:
             grad_guess = torch.ones(1, dtype=accumulation_dtype(logits.dtype), device=logits.device)
         else:
             # IEEE 1 / d, as the backward's g / d is for g = 1 (a guess one ulp off would only
             # cost a recomputation, never a wrong gradient).
             grad_guess = denominator.reshape(1).reciprocal()
-        inputs = (logits, target, weight, weight_total, grad_guess, *scalars)
+        inputs = (logits, target, weight, weight_total, mix_target, mix_lambda, grad_guess, *call)
         output = _forward_with_grad_impl(*inputs)
         _setup_forward_with_grad(ctx, inputs, output)
         ctx.direct = True
         ctx.denominator = denominator
+        ctx.mark_non_differentiable(output[3], output[4])
         total = output[0].sum()
-        return total if denominator is None else total / denominator
+        return (total if denominator is None else total / denominator), output[3], output[4]
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, *unused):
+        no_grads = (None,) * 7
         if grad_total is None:
-            return (None,) * 6
+            return (None, *no_grads)
         upstream = grad_total if ctx.denominator is None else grad_total / ctx.denominator
         upstream = upstream.reshape(1)
-        grad_guess = ctx.saved_tensors[5]
-        no_grads = (None,) * 5
+        grad_guess = ctx.saved_tensors[-1]
         if (
             upstream.device.type == "cpu"
-            and ctx.scalars[-1] == "cpp"
+            and ctx.packed[-1] == "cpp"
             and ctx.grad_buffer is not None
             and not torch.is_grad_enabled()
             and torch.equal(upstream, grad_guess)
@@ -375,14 +426,8 @@ class _EagerReducedLoss(torch.autograd.Function):
             grad_buffer, ctx.grad_buffer = ctx.grad_buffer, None
             return (grad_buffer, *no_grads)
         rows = ctx.saved_tensors[1].shape[0]
-        grads = _backward_forward_with_grad(ctx, upstream.expand(rows), None, None)
+        grads = _backward_forward_with_grad(ctx, upstream.expand(rows))
         return (grads[0], *no_grads)
-
-
-def reduced_loss_with_grad(logits, target, weight, weight_total, denominator, scalars) -> Tensor:
-    """The eager route of a ``"sum"`` (``denominator`` None) or ``"mean"`` training step's loss
-    (see :class:`_EagerReducedLoss`); call only where :func:`eager_call_allowed`."""
-    return _EagerReducedLoss.apply(logits, target, weight, weight_total, denominator, scalars)
 
 
 def eager_call_allowed(logits: Tensor) -> bool:
@@ -392,11 +437,35 @@ def eager_call_allowed(logits: Tensor) -> bool:
     return type(logits) in (Tensor, torch.nn.Parameter) and logits.device.type in ("cpu", "cuda")
 
 
-def forward(logits, target, weight, weight_total, *scalars, inplace_backward: bool):
-    """``(loss, lse)`` per row: ``lsr_fused::forward``, or its eager route."""
+def forward(
+    inputs: RowInputs, params: RowParams, backend: str, *, inplace_backward: bool, stats: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, lse, stats lse, stats arg-max)`` per row: ``lsr_fused::forward``, or its eager
+    route (the last two empty unless ``stats``)."""
+    call = (inplace_backward, stats, *params.packed(), backend)
+    logits = inputs[0]
     if not eager_call_allowed(logits):
-        return fused_forward(logits, target, weight, weight_total, *scalars, inplace_backward)
+        return fused_forward(*inputs, *call)
     if not (torch.is_grad_enabled() and logits.requires_grad):
-        return _forward_impl(logits, target, weight, weight_total, *scalars, inplace_backward)
-    scalars = (*scalars, inplace_backward)
-    return _EagerForward.apply(logits, target, weight, weight_total, scalars)
+        return _forward_impl(*inputs, *call)
+    return _EagerForward.apply(*inputs, call)
+
+
+def reduced_loss_with_grad(
+    inputs: RowInputs, denominator: Optional[Tensor], params: RowParams, backend: str, stats: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A ``"sum"`` (``denominator`` None) or ``"mean"`` training step's ``(loss, stats lse,
+    stats arg-max)``, whose forward pass already writes the gradient for the upstream value
+    ``loss.backward()`` sends (1, or 1 / denominator); backward only redoes rows whose real
+    upstream differs (see :class:`_EagerReducedLoss`)."""
+    call = (stats, *params.packed(), backend)
+    if eager_call_allowed(inputs[0]):
+        return _EagerReducedLoss.apply(*inputs, denominator, call)
+    # Computed as autograd's DivBackward will (ones / denominator): the two are bitwise equal.
+    logits = inputs[0]
+    grad_guess = torch.ones(1, dtype=accumulation_dtype(logits.dtype), device=logits.device)
+    if denominator is not None:
+        grad_guess = grad_guess / denominator
+    loss, _, _, stats_lse, stats_argmax = fused_forward_with_grad(*inputs, grad_guess, *call)
+    total = loss.sum()
+    return (total if denominator is None else total / denominator), stats_lse, stats_argmax

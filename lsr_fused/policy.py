@@ -20,10 +20,11 @@ from . import ops
 from ._params import accumulation_dtype as accumulation_dtype  # the rule, re-exported
 from ._validation import is_dense
 from .errors import ArgumentTypeError, ArgumentValueError
+from .options import BACKENDS as BACKENDS  # re-exported: the option tables live there
+from .options import REDUCTIONS as REDUCTIONS
+from .options import SPREADS as SPREADS
+from .options import loss_options
 
-REDUCTIONS = ("none", "sum", "mean")
-SPREADS = ("all", "others")
-BACKENDS = ("auto", "triton", "cpp", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -116,25 +117,10 @@ def resolve_backend(backend: str, device: torch.device, *, sharded: bool = False
 
 
 def check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend) -> None:
-    """Validate the scalar options (shared by the functional form and the module's constructor)."""
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise ArgumentTypeError(
-            f"label_smoothing must be a float, got {type(label_smoothing).__name__}"
-        )
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ArgumentValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
-        raise ArgumentTypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
-    if not 0.0 <= float(z_loss) < float("inf"):
-        raise ArgumentValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ArgumentTypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ArgumentValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if spread not in SPREADS:
-        raise ArgumentValueError(f"spread must be one of {SPREADS}, got {spread!r}")
-    if backend not in BACKENDS:
-        raise ArgumentValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    """Validate the scalar options (the checks of :class:`lsr_fused.options.LossOptions`)."""
+    loss_options(
+        label_smoothing, ignore_index, reduction, spread, z_loss, None, False, False, backend
+    )
 
 
 def check_reduce_hidden_grad(reduce_hidden_grad) -> None:
@@ -146,17 +132,17 @@ def check_reduce_hidden_grad(reduce_hidden_grad) -> None:
         )
 
 
-def check_target_dtype(target: Tensor) -> None:
+def check_target_dtype(target: Tensor, name: str = "target") -> None:
     """Targets are class indices of any integer dtype (uint8 as PyTorch accepts, int32, int64,
     ...); floating targets would be class probabilities, which these losses do not take."""
     dtype = target.dtype
     if dtype.is_floating_point or dtype.is_complex:
         raise ArgumentTypeError(
-            f"target must hold integer class indices, got {dtype}: class-probability (soft) "
+            f"{name} must hold integer class indices, got {dtype}: class-probability (soft) "
             "targets are not supported"
         )
     if dtype == torch.bool:
-        raise ArgumentTypeError("target must hold integer class indices, got torch.bool")
+        raise ArgumentTypeError(f"{name} must hold integer class indices, got torch.bool")
 
 
 def check_tensors(logits, target, weight, spread, *, shard: bool = False) -> None:
@@ -275,20 +261,82 @@ def class_weights(
     return weight, weight.sum().reshape(1)
 
 
+def mix_inputs(
+    mix_target: Optional[Tensor], mix_lambda, target: Tensor, acc_dtype: torch.dtype
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The mixed target as the kernels read it: ``(rows,)`` int64 classes and ``(rows,)``
+    ``lam`` in the accumulation dtype (a float broadcast with stride 0), or ``(None, None)``.
+
+    ``mix_lambda`` is a float in ``[0, 1]`` or a floating tensor of the target's shape (or 0-d);
+    a tensor's values are not examined (that would synchronize with the device)."""
+    if mix_target is None:
+        if not (_is_python_number(mix_lambda) and float(mix_lambda) == 1.0):
+            raise ArgumentValueError("mix_lambda is given without mix_target; pass both or neither")
+        return None, None
+    if not isinstance(mix_target, Tensor):
+        raise ArgumentTypeError(
+            f"mix_target must be a Tensor or None, got {type(mix_target).__name__}"
+        )
+    check_target_dtype(mix_target, "mix_target")
+    if tuple(mix_target.shape) != tuple(target.shape):
+        raise ArgumentValueError(
+            f"mix_target shape {tuple(mix_target.shape)} does not match target shape "
+            f"{tuple(target.shape)}"
+        )
+    if mix_target.device != target.device:
+        raise ArgumentValueError(
+            f"mix_target is on {mix_target.device} but target is on {target.device}"
+        )
+    rows = target.numel()
+    if _is_python_number(mix_lambda):
+        if not 0.0 <= float(mix_lambda) <= 1.0:
+            raise ArgumentValueError(f"mix_lambda must be in [0, 1], got {mix_lambda}")
+        lam = torch.full((1,), float(mix_lambda), dtype=acc_dtype, device=target.device)
+        return flat_targets(mix_target), lam.expand(rows)
+    if not isinstance(mix_lambda, Tensor):
+        raise ArgumentTypeError(
+            f"mix_lambda must be a float or a Tensor, got {type(mix_lambda).__name__}"
+        )
+    if not mix_lambda.is_floating_point():
+        raise ArgumentTypeError(f"mix_lambda must be floating point, got {mix_lambda.dtype}")
+    if mix_lambda.dim() != 0 and tuple(mix_lambda.shape) != tuple(target.shape):
+        raise ArgumentValueError(
+            f"mix_lambda must be a float, a 0-d tensor or a tensor of the target's shape "
+            f"{tuple(target.shape)}, got shape {tuple(mix_lambda.shape)}"
+        )
+    if mix_lambda.device != target.device:
+        raise ArgumentValueError(
+            f"mix_lambda is on {mix_lambda.device} but target is on {target.device}"
+        )
+    lam = mix_lambda.to(acc_dtype)
+    lam = lam.reshape(1).expand(rows) if lam.dim() == 0 else lam.reshape(-1)
+    return flat_targets(mix_target), lam
+
+
+def _is_python_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
 def mean_denominator(
     flat_target: Tensor,
     weight: Optional[Tensor],
     ignore_index: int,
     num_classes: int,
     acc_dtype: torch.dtype,
+    mix: tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
 ) -> Tensor:
-    """Sum of ``weight[target]`` over non-ignored elements (their count without weights)."""
+    """Sum of ``weight[target]`` over non-ignored elements (their count without weights); with a
+    mixed target ``(y2, lam)``, of ``lam w[y1] + (1 - lam) w[y2]``."""
     counted = flat_target != ignore_index
     if weight is None:
         return counted.sum(dtype=acc_dtype)
     # Clamped so that a bad target cannot index out of bounds; its loss is NaN anyway.
-    safe_target = flat_target.clamp(0, num_classes - 1)
-    return (weight.gather(0, safe_target) * counted).sum()
+    target_weight = weight.gather(0, flat_target.clamp(0, num_classes - 1))
+    mix_target, mix_lambda = mix
+    if mix_target is not None:
+        mix_weight = weight.gather(0, mix_target.clamp(0, num_classes - 1))
+        target_weight = mix_lambda * target_weight + (1.0 - mix_lambda) * mix_weight
+    return (target_weight * counted).sum()
 
 
 def reduce(loss: Tensor, target_shape, reduction: str, denominator: Optional[Tensor]) -> Tensor:

@@ -369,17 +369,19 @@ def test_custom_ops_pass_opcheck(backend):
     logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 6, -100, 3, 2, 1])
     weight = torch.rand(7, dtype=torch.float64)
+    # The schema's packed options: RowParams.packed() (target_extra, other_mass, z_loss, softcap).
     args = (
         logits,
         target,
         weight,
         weight.sum().reshape(1),
-        0.8,
-        0.2 / 7,
-        1e-3,
+        None,
+        None,
+        False,
+        False,
+        [0.8, 0.2 / 7, 1e-3, 0.0],
         -100,
         backend,
-        False,
     )
     torch.library.opcheck(torch.ops.lsr_fused.forward.default, args)
 

@@ -70,10 +70,12 @@ class _ShardedRows(torch.autograd.Function):
         return grad_rows, None, None, None, None
 
 
-def _check(logits, target, weight, options, backend) -> tuple[Tensor, str, Tensor]:
+def _check(logits, target, weight, options, backend, new) -> tuple[Tensor, str, Tensor]:
     """Every local check, then :func:`describe`: ``(description, resolved backend, flat
     target)``; raises what a check raises."""
     label_smoothing, ignore_index, _, spread, z_loss = options
+    if new != (None, None, 1.0, False):
+        raise policy.ArgumentValueError("softcap, mix_target and return_stats: not yet sharded")
     check_exchange_values(label_smoothing, ignore_index, z_loss)
     policy.check_options(*options, backend)
     policy.check_tensors(logits, target, weight, spread, shard=True)
@@ -101,6 +103,10 @@ def sharded_label_smoothing_cross_entropy(
     weight: Optional[Tensor] = None,
     spread: str = "all",
     z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    mix_target: Optional[Tensor] = None,
+    mix_lambda=1.0,
+    return_stats: bool = False,
     inplace_backward: bool = False,
     backend: str = "auto",
     process_group=None,
@@ -131,7 +137,8 @@ def sharded_label_smoothing_cross_entropy(
     """
     group = resolve_group(process_group)
     options = (label_smoothing, ignore_index, reduction, spread, z_loss)
-    checked, local_error = run_checks(_check, logits, target, weight, options, backend)
+    new = (softcap, mix_target, mix_lambda, return_stats)
+    checked, local_error = run_checks(_check, logits, target, weight, options, backend, new)
     num_classes, offset, _ = agree(
         group, None if checked is None else checked[0], local_error, options, device_of=logits
     )
