@@ -8,6 +8,8 @@ Public API:
   matmul fused with that loss, chunk by chunk, so that the ``(N, C)`` logits never exist.
 * :func:`linear_cross_entropy`: the same with the signature of torch 2.13's
   ``F.linear_cross_entropy`` (a drop-in that keeps label smoothing on the fused path).
+* :class:`LossOptions`: the loss's options as one checked, frozen object (``module.options``);
+  :class:`LossStats`: what ``return_stats=True`` returns beside the loss.
 * :func:`set_validation`: opt-in host-side target checks for CUDA tensors.
 * :func:`set_gradient_pool`, :func:`trim_gradient_pool`, :func:`gradient_pool_stats`: the bounded
   pool of CPU gradient buffers the C++ backend reuses across training steps.
@@ -21,7 +23,9 @@ from .functional import available_backends, label_smoothing_cross_entropy
 from .linear import linear_label_smoothing_cross_entropy
 from .linear_compat import linear_cross_entropy
 from .module import LabelSmoothingCE, LinearLabelSmoothingCE
+from .options import LossOptions
 from .scheduler import GradualWarmupScheduler, WarmupScheduler, linear_scaled_lr
+from .stats import LossStats
 
 __version__ = "0.1.0"
 
@@ -29,6 +33,8 @@ __all__ = [
     "GradualWarmupScheduler",
     "LabelSmoothingCE",
     "LinearLabelSmoothingCE",
+    "LossOptions",
+    "LossStats",
     "WarmupScheduler",
     "available_backends",
     "gradient_pool_stats",
