@@ -77,6 +77,8 @@ def wants_composite(*tensors: Optional[Tensor], weights: tuple[Optional[Tensor],
         return True
     if torch.compiler.is_compiling():
         return False  # the compiler sees plain tensors (it handles transforms itself)
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False  # no transform is active (one call, where a per-tensor test costs more)
     return any(
         t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
         for t in (*tensors, *weights)

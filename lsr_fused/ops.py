@@ -36,24 +36,26 @@ from ._params import RowParams, accumulation_dtype
 from ._validation import check_mix_targets, check_targets
 
 
+_LOADED_BACKENDS: dict[str, ModuleType] = {}
+
+
 def backend_module(name: str) -> ModuleType:
     """The module of :mod:`lsr_fused.backends` implementing backend ``name`` (imported on first use:
-    Triton is optional). Plain imports, not ``importlib``, so that torch.compile traces through."""
+    Triton is optional; a dictionary lookup afterwards, as this is on every call's path). Plain
+    imports, not ``importlib``, so that torch.compile traces through."""
+    module = _LOADED_BACKENDS.get(name)
+    if module is not None:
+        return module
     if name == "triton":
-        from .backends import triton_backend
-
-        return triton_backend
-    if name == "triton_sharded":
-        from .backends import triton_sharded
-
-        return triton_sharded
-    if name == "cpp":
-        from .backends import cpp_backend
-
-        return cpp_backend
-    from .backends import torch_backend
-
-    return torch_backend
+        from .backends import triton_backend as module
+    elif name == "triton_sharded":
+        from .backends import triton_sharded as module
+    elif name == "cpp":
+        from .backends import cpp_backend as module
+    else:
+        from .backends import torch_backend as module
+    _LOADED_BACKENDS[name] = module
+    return module
 
 
 def writes_grad_in_forward(backend: str, device_type: str) -> bool:
@@ -401,9 +403,12 @@ class _EagerReducedLoss(torch.autograd.Function):
         _setup_forward_with_grad(ctx, inputs, output)
         ctx.direct = True
         ctx.denominator = denominator
-        ctx.mark_non_differentiable(output[3], output[4])
         total = output[0].sum()
-        return (total if denominator is None else total / denominator), output[3], output[4]
+        total = total if denominator is None else total / denominator
+        if not call[0]:
+            return total  # one output: each one costs autograd bookkeeping
+        ctx.mark_non_differentiable(output[3], output[4])
+        return total, output[3], output[4]
 
     @staticmethod
     def backward(ctx, grad_total, *unused):
@@ -460,7 +465,8 @@ def reduced_loss_with_grad(
     upstream differs (see :class:`_EagerReducedLoss`)."""
     call = (stats, *params.packed(), backend)
     if eager_call_allowed(inputs[0]):
-        return _EagerReducedLoss.apply(*inputs, denominator, call)
+        output = _EagerReducedLoss.apply(*inputs, denominator, call)
+        return output if stats else (output, None, None)
     # Computed as autograd's DivBackward will (ones / denominator): the two are bitwise equal.
     logits = inputs[0]
     grad_guess = torch.ones(1, dtype=accumulation_dtype(logits.dtype), device=logits.device)

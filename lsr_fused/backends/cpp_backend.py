@@ -249,10 +249,14 @@ def set_cpu_capability(name: str) -> str:
     return torch.ops.lsr_fused_C.set_cpu_capability(name)
 
 
+# The smallest buffer the pool serves (csrc/grad_pool.h): below it, empty_like without the op call.
+_POOL_MIN_BYTES = 1 << 20
+
+
 def empty_grad(logits: Tensor) -> Tensor:
     """A gradient buffer with the layout of ``torch.empty_like(logits)``: from the gradient pool on
     the CPU (for at least 1 MiB, while the pool is on), else ``torch.empty_like``."""
-    if logits.device.type != "cpu":
+    if logits.device.type != "cpu" or logits.numel() * logits.element_size() < _POOL_MIN_BYTES:
         return torch.empty_like(logits)
     _require()
     return torch.ops.lsr_fused_C.empty_grad(logits)
