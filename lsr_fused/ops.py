@@ -35,7 +35,6 @@ from . import composite
 from ._params import RowParams, accumulation_dtype
 from ._validation import check_mix_targets, check_targets
 
-
 _LOADED_BACKENDS: dict[str, ModuleType] = {}
 
 
