@@ -428,31 +428,41 @@ def check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size,
             f"target shape {tuple(target.shape)} does not match hidden shape "
             f"{tuple(hidden.shape)}: expected {tuple(hidden.shape[:-1])}"
         )
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise ArgumentTypeError(
-                f"chunk_size must be an int or None, got {type(chunk_size).__name__}"
-            )
-        if chunk_size < 1:
-            raise ArgumentValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_chunk_size(chunk_size)
     check_target_dtype(target)
     if target.device != hidden.device:
         raise ArgumentValueError(f"target is on {target.device} but hidden is on {hidden.device}")
-    if class_weight is not None:
-        if not isinstance(class_weight, Tensor):
-            raise ArgumentTypeError(
-                f"class_weight must be a Tensor or None, got {type(class_weight).__name__}"
-            )
-        if not class_weight.is_floating_point():
-            raise ArgumentTypeError(
-                f"class_weight must be floating point, got {class_weight.dtype}"
-            )
-        if tuple(class_weight.shape) != (weight.shape[0],):
-            raise ArgumentValueError(
-                f"class_weight must have shape ({weight.shape[0]},), one per class, got "
-                f"{tuple(class_weight.shape)}"
-            )
-        if class_weight.device != hidden.device:
-            raise ArgumentValueError(
-                f"class_weight is on {class_weight.device} but hidden is on {hidden.device}"
-            )
+    _check_class_weight(class_weight, weight.shape[0], hidden.device)
+
+
+def check_chunk_size(chunk_size) -> None:
+    """The fused head's ``chunk_size``: an int >= 1, or None (the default rule); the one check of
+    the local and the vocabulary-parallel forms."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise ArgumentTypeError(
+            f"chunk_size must be an int or None, got {type(chunk_size).__name__}"
+        )
+    if chunk_size < 1:
+        raise ArgumentValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _check_class_weight(class_weight, num_classes: int, device: torch.device) -> None:
+    if class_weight is None:
+        return
+    if not isinstance(class_weight, Tensor):
+        raise ArgumentTypeError(
+            f"class_weight must be a Tensor or None, got {type(class_weight).__name__}"
+        )
+    if not class_weight.is_floating_point():
+        raise ArgumentTypeError(f"class_weight must be floating point, got {class_weight.dtype}")
+    if tuple(class_weight.shape) != (num_classes,):
+        raise ArgumentValueError(
+            f"class_weight must have shape ({num_classes},), one per class, got "
+            f"{tuple(class_weight.shape)}"
+        )
+    if class_weight.device != device:
+        raise ArgumentValueError(
+            f"class_weight is on {class_weight.device} but hidden is on {device}"
+        )
