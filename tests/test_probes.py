@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from reference import IGNORE, assert_close, dense_loss, tolerances
+from reference import IGNORE, assert_close, dense_loss, dense_stats, tolerances
 
 import lsr_fused
 from lsr_fused import label_smoothing_cross_entropy, linear_label_smoothing_cross_entropy
@@ -169,6 +169,64 @@ def _sharded_linear_call(t, backend, options):
     return _linear_call(t, backend, {**options, "process_group": _one_rank_group()})
 
 
+def _mixed(build):
+    """``build`` plus a mixed target (garbage where the target is ignored: never read) and a
+    per-element ``lam``."""
+
+    def build_mixed(dtype, generator):
+        tensors = build(dtype, generator)
+        target = tensors["target"]
+        mix_target = torch.randint(0, C, target.shape, generator=generator)
+        mix_target.view(-1)[1] = -7
+        lam = torch.rand(target.shape, generator=generator, dtype=torch.float64).to(dtype)
+        return {**tensors, "mix_target": mix_target, "mix_lambda": lam}
+
+    return build_mixed
+
+
+def _mixed_options(t, options):
+    return {**options, "mix_target": t["mix_target"], "mix_lambda": t["mix_lambda"]}
+
+
+def _mixed_loss_call(t, backend, options):
+    return _loss_call(t, backend, _mixed_options(t, options))
+
+
+def _mixed_loss_reference(t, options):
+    return _loss_reference(t, _mixed_options(t, options))
+
+
+def _mixed_linear_call(t, backend, options):
+    return _linear_call(t, backend, _mixed_options(t, options))
+
+
+def _mixed_linear_reference(t, options):
+    return _linear_reference(t, _mixed_options(t, options))
+
+
+def _stats_loss_call(t, backend, options):
+    """The loss with ``return_stats=True``; the statistics are checked here, the loss and its
+    gradients by the probe."""
+    loss, stats = _loss_call(t, backend, {**options, "return_stats": True})
+    ref_options = {k: v for k, v in options.items() if k not in ("inplace_backward", "spread")}
+    ref_options.pop("label_smoothing", None)
+    values = {k: v.detach() for k, v in t.items()}
+    lse, accuracy, z_term = dense_stats(values["logits"], values["target"],
+                                        weight=values["weight"], **ref_options)  # fmt: skip
+    assert_close(stats.lse, lse, 1e-5, "stats lse")
+    assert_close(stats.z_loss, z_term, 1e-5, "stats z_loss")
+    torch.testing.assert_close(stats.accuracy.double(), accuracy, rtol=0, atol=1e-6)
+    return loss
+
+
+def _sharded_mixed_loss_call(t, backend, options):
+    return _mixed_loss_call(t, backend, {**options, "process_group": _one_rank_group()})
+
+
+def _sharded_mixed_linear_call(t, backend, options):
+    return _mixed_linear_call(t, backend, {**options, "process_group": _one_rank_group()})
+
+
 ENTRIES = [
     Entry("loss", _loss_build, _loss_call, _loss_reference, ("logits", "weight")),
     Entry("module", _loss_build, _module_call, _loss_reference, ("logits", "weight")),
@@ -194,10 +252,46 @@ ENTRIES = [
         _linear_reference,
         ("hidden", "weight", "bias", "class_weight"),
     ),
+    Entry(
+        "mixed-loss",
+        _mixed(_loss_build),
+        _mixed_loss_call,
+        _mixed_loss_reference,
+        ("logits", "weight", "mix_lambda"),
+    ),
+    Entry(
+        "mixed-spatial",
+        _mixed(_spatial_build),
+        _mixed_loss_call,
+        _mixed_loss_reference,
+        ("logits", "weight", "mix_lambda"),
+    ),
+    Entry(
+        "mixed-linear",
+        _mixed(_linear_build),
+        _mixed_linear_call,
+        _mixed_linear_reference,
+        ("hidden", "weight", "bias", "class_weight", "mix_lambda"),
+    ),
+    Entry("stats-loss", _loss_build, _stats_loss_call, _loss_reference, ("logits", "weight")),
+    Entry(
+        "sharded-mixed-loss",
+        _mixed(_loss_build),
+        _sharded_mixed_loss_call,
+        _mixed_loss_reference,
+        ("logits", "weight", "mix_lambda"),
+    ),
+    Entry(
+        "sharded-mixed-linear",
+        _mixed(_linear_build),
+        _sharded_mixed_linear_call,
+        _mixed_linear_reference,
+        ("hidden", "weight", "bias", "class_weight", "mix_lambda"),
+    ),
 ]
 # The vocabulary-parallel forms refuse, with a clear error on every rank, what they do not
 # differentiate: class weights that require grad, and double backward.
-SHARDED = ("sharded-loss", "sharded-linear")
+SHARDED = ("sharded-loss", "sharded-linear", "sharded-mixed-loss", "sharded-mixed-linear")
 ENTRY_IDS = [e.name for e in ENTRIES]
 _CLASS_WEIGHTS = {
     "loss": "weight",
@@ -206,12 +300,26 @@ _CLASS_WEIGHTS = {
     "linear": "class_weight",
     "sharded-loss": "weight",
     "sharded-linear": "class_weight",
+    "mixed-loss": "weight",
+    "mixed-spatial": "weight",
+    "mixed-linear": "class_weight",
+    "stats-loss": "weight",
+    "sharded-mixed-loss": "weight",
+    "sharded-mixed-linear": "class_weight",
 }
+
+
+def _composite_only(entry) -> tuple[str, ...]:
+    """The floating arguments that, requiring grad, take the composite path (the fused path
+    treats them as data) and that the sharded forms refuse: class weights and ``mix_lambda``."""
+    return (_CLASS_WEIGHTS[entry.name], "mix_lambda")
+
 
 OPTIONS = {
     "mean": dict(label_smoothing=0.1),
     "sum-others-z": dict(label_smoothing=0.2, spread="others", reduction="sum", z_loss=1e-3),
     "none": dict(label_smoothing=0.3, reduction="none"),
+    "capped-z": dict(label_smoothing=0.1, softcap=3.0, z_loss=1e-3),
 }
 
 
@@ -268,7 +376,7 @@ def test_layouts_of_every_argument(entry, arg, layout, backend, options):
     tensors[arg] = LAYOUTS[layout](tensors[arg])
     # Gradients of every floating argument the fused path differentiates (class weights that
     # require grad take the composite path: test_requires_grad_on_each_floating_argument).
-    grad_names = tuple(k for k in entry.floating if k != _CLASS_WEIGHTS[entry.name])
+    grad_names = tuple(k for k in entry.floating if k not in _composite_only(entry))
     for name in grad_names:
         # The hostile view is taken of a leaf that requires grad (the usual way views arrive).
         leaf = tensors[name].detach().clone().requires_grad_()
@@ -283,7 +391,7 @@ def test_requires_grad_on_each_floating_argument(entry, backend, options):
     for name in entry.floating:
         tensors = entry.build(torch.float64, torch.Generator().manual_seed(2))
         tensors[name].requires_grad_()
-        if entry.name in SHARDED and name == _CLASS_WEIGHTS[entry.name]:
+        if entry.name in SHARDED and name in _composite_only(entry):
             with pytest.raises(ValueError, match=f"{name} requires grad"):
                 entry.call(tensors, backend, dict(options))
             continue
@@ -326,7 +434,7 @@ def test_gradcheck_and_gradgradcheck(entry, backend, options, wrt):
     tensors = entry.build(torch.float64, torch.Generator().manual_seed(4))
     names = entry.floating
     if wrt == "fused":
-        names = tuple(k for k in names if k != _CLASS_WEIGHTS[entry.name])
+        names = tuple(k for k in names if k not in _composite_only(entry))
 
     def loss_of(*values):
         return entry.call({**tensors, **dict(zip(names, values, strict=True))}, backend, options)
@@ -347,7 +455,7 @@ def test_gradcheck_and_gradgradcheck(entry, backend, options, wrt):
 def test_repeated_backward_is_bitwise_identical(entry, backend, options):
     tensors = entry.build(torch.float32, torch.Generator().manual_seed(5))
     # Class weights that require grad take the composite path; the fused path is the one probed.
-    names = [k for k in entry.floating if k != _CLASS_WEIGHTS[entry.name]]
+    names = [k for k in entry.floating if k not in _composite_only(entry)]
     for k in names:
         tensors[k].requires_grad_()
     loss = entry.call(tensors, backend, dict(options)).sum()
