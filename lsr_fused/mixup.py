@@ -227,12 +227,11 @@ class BatchMixer:
     def __call__(self, images: Tensor, target: Tensor) -> MixedBatch:
         self._check_batch(images, target)
         size = tuple(images.shape[-2:]) if self.cutmix_alpha > 0 else (1, 1)
-        partner = images.flip(0)
         mix_target = target.flip(0)
         if self.mode == "batch":
             draws = self._sample(1, size)
             return MixedBatch(
-                self._mix_batch(images, partner, draws), target, mix_target, float(draws.lam[0])
+                self._mix_batch(images, draws), target, mix_target, float(draws.lam[0])
             )
         num = images.shape[0]
         if self.mode == "pair":
@@ -241,7 +240,7 @@ class BatchMixer:
         else:
             draws = self._sample(num, size)
         lam = draws.lam.float()  # what the loss receives is also what weights the images
-        mixed = self._mix_elements(images, partner, draws, lam)
+        mixed = self._mix_elements(images, draws, lam)
         return MixedBatch(mixed, target, mix_target, lam.to(target.device))
 
     def _sample(self, count: int, size: tuple[int, int] = (1, 1)) -> _Draws:
@@ -298,28 +297,29 @@ class BatchMixer:
             )
 
     @staticmethod
-    def _mix_batch(images: Tensor, partner: Tensor, draws: _Draws) -> Tensor:
-        """One ``lam`` (and one box) for the whole batch."""
+    def _mix_batch(images: Tensor, draws: _Draws) -> Tensor:
+        """One ``lam`` (and one box) for the whole batch; only the box's pixels are flipped."""
         if bool(draws.cutmix[0]):
             top, bottom, left, right = draws.boxes[0].tolist()
             mixed = images.clone()
-            mixed[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+            mixed[..., top:bottom, left:right] = images[..., top:bottom, left:right].flip(0)
             return mixed
         if bool(draws.mixup[0]):
-            return _blend(images, partner, float(draws.lam[0]))
+            return _blend(images, images.flip(0), float(draws.lam[0]))
         return images.clone()
 
     @staticmethod
-    def _mix_elements(images: Tensor, partner: Tensor, draws: _Draws, lam: Tensor) -> Tensor:
+    def _mix_elements(images: Tensor, draws: _Draws, lam: Tensor) -> Tensor:
         """Each element with its own ``lam`` (float32 ``(N,)``, CPU) and box."""
         mixed = images.clone()
         mixup_rows = draws.mixup.nonzero().flatten()  # host tensors: no device sync
         if mixup_rows.numel():
             rows = mixup_rows.to(images.device)
-            blended = _blend(images.index_select(0, rows), partner.index_select(0, rows),
+            partners = (images.shape[0] - 1 - mixup_rows).to(images.device)
+            blended = _blend(images.index_select(0, rows), images.index_select(0, partners),
                              lam[mixup_rows])  # fmt: skip
             mixed.index_copy_(0, rows, blended)
         if bool(draws.cutmix.any()):
             inside = _box_mask(draws.boxes, *images.shape[-2:], images.device)
-            mixed = torch.where(inside, partner, mixed)
+            mixed = torch.where(inside, images.flip(0), mixed)
         return mixed
