@@ -124,15 +124,26 @@ def _blend(images: Tensor, partner: Tensor, weight: Union[float, Tensor]) -> Ten
     images) and rounded once to the images' dtype."""
     compute = torch.float64 if images.dtype == torch.float64 else torch.float32
     if isinstance(weight, Tensor):
-        weight = weight.to(device=images.device, dtype=compute)
-        weight = weight.view(-1, *([1] * (images.dim() - 1)))
+        weight = weight.to(compute).view(-1, *([1] * (images.dim() - 1)))
     mixed = torch.lerp(partner.to(compute), images.to(compute), weight)
     return mixed.to(images.dtype)
 
 
-def _box_mask(boxes: Tensor, height: int, width: int, device: torch.device) -> Tensor:
-    """Bool ``(n, 1, height, width)``: True inside each element's box."""
-    top, bottom, left, right = boxes.to(device).unbind(1)
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor copied to ``device`` without waiting for the device: from pinned memory,
+    non-blocking (a plain ``.to("cuda")`` from pageable memory synchronizes the stream). The
+    caching host allocator keeps the pinned buffer until the copy has run."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def _box_mask(boxes: Tensor, height: int, width: int) -> Tensor:
+    """Bool ``(n, 1, height, width)`` on the boxes' device: True inside each element's box."""
+    device = boxes.device
+    top, bottom, left, right = boxes.unbind(1)
     rows = torch.arange(height, device=device)
     cols = torch.arange(width, device=device)
     in_rows = (rows >= top[:, None]) & (rows < bottom[:, None])
@@ -239,9 +250,9 @@ class BatchMixer:
             draws = _Draws(*(torch.cat([t, t.flip(0)]) for t in half))
         else:
             draws = self._sample(num, size)
-        lam = draws.lam.float()  # what the loss receives is also what weights the images
-        mixed = self._mix_elements(images, draws, lam)
-        return MixedBatch(mixed, target, mix_target, lam.to(target.device))
+        # float32: what the loss receives is also what weights the images
+        lam = _to_device(draws.lam.float(), target.device)
+        return MixedBatch(self._mix_elements(images, draws, lam), target, mix_target, lam)
 
     def _sample(self, count: int, size: tuple[int, int] = (1, 1)) -> _Draws:
         """Draw ``count`` units' mixing on the host: whether each is mixed, by which method, its
@@ -310,16 +321,18 @@ class BatchMixer:
 
     @staticmethod
     def _mix_elements(images: Tensor, draws: _Draws, lam: Tensor) -> Tensor:
-        """Each element with its own ``lam`` (float32 ``(N,)``, CPU) and box."""
-        mixed = images.clone()
+        """Each element with its own ``lam`` (float32 ``(N,)``, on the images' device) and box."""
+        num = images.shape[0]
         mixup_rows = draws.mixup.nonzero().flatten()  # host tensors: no device sync
-        if mixup_rows.numel():
-            rows = mixup_rows.to(images.device)
-            partners = (images.shape[0] - 1 - mixup_rows).to(images.device)
-            blended = _blend(images.index_select(0, rows), images.index_select(0, partners),
-                             lam[mixup_rows])  # fmt: skip
-            mixed.index_copy_(0, rows, blended)
+        count = mixup_rows.numel()
+        # One copy to the device for every index: the mixup rows, their partners and the boxes.
+        indices = torch.cat([mixup_rows, num - 1 - mixup_rows, draws.boxes.flatten()])
+        rows, partners, boxes = _to_device(indices, images.device).split([count, count, 4 * num])
+        mixed = images.clone()
+        if count:
+            own, other = images.index_select(0, rows), images.index_select(0, partners)
+            mixed.index_copy_(0, rows, _blend(own, other, lam.index_select(0, rows)))
         if bool(draws.cutmix.any()):
-            inside = _box_mask(draws.boxes, *images.shape[-2:], images.device)
+            inside = _box_mask(boxes.view(num, 4), *images.shape[-2:])
             mixed = torch.where(inside, images.flip(0), mixed)
         return mixed

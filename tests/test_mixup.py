@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import dense_loss, smoothed_targets
 
 import lsr_fused
 from lsr_fused.mixup import MODES, BatchMixer, sample_beta
-from tests.reference import dense_loss, smoothed_targets
 
 HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 ALL_FLOAT = (*HALF_AND_FLOAT, torch.float64)
