@@ -236,6 +236,7 @@ class BatchMixer:
         )
 
     def __call__(self, images: Tensor, target: Tensor) -> MixedBatch:
+        """Mix ``images`` (``(N, ...)``) with their mirror partners; see the class docstring."""
         self._check_batch(images, target)
         size = tuple(images.shape[-2:]) if self.cutmix_alpha > 0 else (1, 1)
         mix_target = target.flip(0)
