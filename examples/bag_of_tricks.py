@@ -16,6 +16,12 @@ and the batch order; the split never changes):
    built with ``WarmupScheduler`` followed by cosine decay; and, for one base_lr, the same gradual
    warmup built with the seed's ``GradualWarmupScheduler`` signature. Reported: final validation
    accuracy against the peak lr, and the lr of every step.
+3. **Mixup and CutMix** (with ``--mixup``). ``lsr_fused.BatchMixer`` in batch mode (one ``lam``
+   per batch, each image paired with its mirror in the shuffled batch): no mixing, mixup
+   (alpha 0.2, the bag of tricks' value), CutMix (alpha 1, the CutMix paper's) and both
+   (switch_prob 0.5), each trained with ``label_smoothing_cross_entropy(..., mix_target=,
+   mix_lambda=)`` at the label-smoothing study's batch, lr and warmup. Reported like study 1 (table
+   and JSON; not drawn in the figure).
 
 Outputs (``--out``, default ``examples/results``): ``bag_of_tricks.json`` (every run, its settings,
 metrics and per-step lr and loss), ``bag_of_tricks.png`` (all panels), and a table on stdout.
@@ -25,6 +31,7 @@ metrics and per-step lr and loss), ``bag_of_tricks.png`` (all panels), and a tab
 
     python examples/bag_of_tricks.py            # 93 runs, about 6 CPU-minutes (2 processes)
     python examples/bag_of_tricks.py --quick    # 31 runs, about 35 s on 2 cores
+    python examples/bag_of_tricks.py --mixup    # the 93 runs and 12 of mixup / CutMix
     python examples/bag_of_tricks.py --replot examples/results/bag_of_tricks.json
 
 Every run uses one thread (these convolutions are tiny), ``--jobs`` (default 2) runs in parallel;
@@ -35,6 +42,7 @@ scores as wrong on every image with non-finite logits.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -57,7 +65,13 @@ except ImportError:  # running from a source checkout without installing the pac
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import lsr_fused
 
-from lsr_fused import GradualWarmupScheduler, LabelSmoothingCE, WarmupScheduler, linear_scaled_lr
+from lsr_fused import (
+    BatchMixer,
+    GradualWarmupScheduler,
+    LabelSmoothingCE,
+    WarmupScheduler,
+    linear_scaled_lr,
+)
 
 ECE_BINS = 15
 LS_ARMS = (  # (name, eps, spread)
@@ -65,6 +79,14 @@ LS_ARMS = (  # (name, eps, spread)
     ("eps=0.1 all", 0.1, "all"),
     ("eps=0.1 others", 0.1, "others"),
 )
+MIXUP_ARMS = (  # (name, mixup_alpha, cutmix_alpha); switch_prob 0.5 when both are > 0
+    ("no mixing", 0.0, 0.0),
+    ("mixup 0.2", 0.2, 0.0),
+    ("cutmix 1.0", 0.0, 1.0),
+    ("mixup 0.2 + cutmix 1.0", 0.2, 1.0),
+)
+MIXUP_SWITCH_PROB = 0.5
+MIXER_SEED_OFFSET = 10_000  # a mixer's generator seed: the run's seed + this
 WARMUP_KINDS = ("none", "constant", "gradual")
 GWS_KIND = "gradual (GradualWarmupScheduler)"
 GWS_MULTIPLIER = 10  # the seed's API ramps base -> base * multiplier: 0.1x -> 1x of the peak lr
@@ -192,9 +214,11 @@ def train(
     make_scheduler,
     width: int,
     weight_decay: float,
+    mixer: BatchMixer | None = None,
 ) -> dict:
     """SGD (momentum 0.9) on shuffled batches (the last partial batch is dropped); the scheduler
-    steps once per iteration, after ``optimizer.step()``. Stops early if the loss is not finite."""
+    steps once per iteration, after ``optimizer.step()``. Stops early if the loss is not finite.
+    With a ``mixer``, each batch is mixed and ``criterion`` gets its ``mix_target`` and ``lam``."""
     x_train, y_train, x_val, y_val = data
     torch.manual_seed(seed)
     model = make_model(width)
@@ -212,7 +236,12 @@ def train(
         for i in range(0, len(perm) - batch_size + 1, batch_size):
             idx = perm[i : i + batch_size]
             lrs.append(optimizer.param_groups[0]["lr"])
-            loss = criterion(model(x_train[idx]), y_train[idx])
+            images, target = x_train[idx], y_train[idx]
+            if mixer is None:
+                loss = criterion(model(images), target)
+            else:
+                images, target, mix_target, lam = mixer(images, target)
+                loss = criterion(model(images), target, mix_target=mix_target, mix_lambda=lam)
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
                 diverged = True
@@ -271,11 +300,18 @@ def warmup_scheduler_factory(kind: str, peak_lr: float, warmup: int):
 
 
 def run_specs(args: argparse.Namespace, num_train: int) -> list[dict]:
-    """Every run of both studies, as plain settings (what the JSON records next to the results)."""
+    """Every run of the studies, as plain settings (what the JSON records next to the results)."""
     common = {"width": args.width, "weight_decay": args.weight_decay}
+    small_batch = {  # the label-smoothing and mixup studies' batch, lr and warmup
+        "base_lr": args.ls_base_lr,
+        "peak_lr": linear_scaled_lr(args.ls_base_lr, args.ls_batch),
+        "batch_size": args.ls_batch,
+        "warmup": "gradual",
+        "scheduler": "WarmupScheduler",
+        "warmup_steps": args.ls_warmup_epochs * (num_train // args.ls_batch),
+        **common,
+    }
     specs = []
-    ls_lr = linear_scaled_lr(args.ls_base_lr, args.ls_batch)
-    ls_warmup = args.ls_warmup_epochs * (num_train // args.ls_batch)
     for name, eps, spread in LS_ARMS:
         for seed in args.seeds:
             specs.append(
@@ -285,14 +321,8 @@ def run_specs(args: argparse.Namespace, num_train: int) -> list[dict]:
                     "eps": eps,
                     "spread": spread,
                     "seed": seed,
-                    "base_lr": args.ls_base_lr,
-                    "peak_lr": ls_lr,
-                    "batch_size": args.ls_batch,
                     "epochs": args.ls_epochs,
-                    "warmup": "gradual",
-                    "scheduler": "WarmupScheduler",
-                    "warmup_steps": ls_warmup,
-                    **common,
+                    **small_batch,
                 }
             )
     warmup = args.warmup_epochs * (num_train // args.big_batch)
@@ -318,7 +348,30 @@ def run_specs(args: argparse.Namespace, num_train: int) -> list[dict]:
                     **common,
                 }
             )
+    if args.mixup:
+        specs += mixup_specs(args, small_batch)
     return specs
+
+
+def mixup_specs(args: argparse.Namespace, small_batch: dict) -> list[dict]:
+    """The mixup study: every arm of ``MIXUP_ARMS`` for every seed, batch mode."""
+    return [
+        {
+            "study": "mixup",
+            "arm": name,
+            "mixup_alpha": mixup_alpha,
+            "cutmix_alpha": cutmix_alpha,
+            "switch_prob": MIXUP_SWITCH_PROB,
+            "mix_mode": "batch",
+            "eps": args.mixup_eps,
+            "spread": "all",
+            "seed": seed,
+            "epochs": args.mixup_epochs,
+            **small_batch,
+        }
+        for name, mixup_alpha, cutmix_alpha in MIXUP_ARMS
+        for seed in args.seeds
+    ]
 
 
 _DATA: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
@@ -334,24 +387,48 @@ def init_worker() -> None:
     _DATA = load_data()
 
 
+def make_criterion(spec: dict) -> tuple:
+    """The loss of one run and, in the mixup study, its ``BatchMixer`` (None: no mixing).
+
+    The mixup study calls the functional loss with the mixer's ``mix_target`` and ``lam``: per
+    element ``lam * LS(x, y) + (1 - lam) * LS(x, y_partner)``, in one fused pass. Its mixer draws
+    from a generator of its own, so mixing leaves the batch order (the ``seed``'s) unchanged.
+    """
+    if spec["study"] != "mixup":
+        return LabelSmoothingCE(spec["eps"], spread=spec["spread"]), None
+    criterion = functools.partial(
+        lsr_fused.label_smoothing_cross_entropy,
+        label_smoothing=spec["eps"],
+        spread=spec["spread"],
+    )
+    if spec["mixup_alpha"] == 0 and spec["cutmix_alpha"] == 0:
+        return criterion, None
+    mixer = BatchMixer(
+        mixup_alpha=spec["mixup_alpha"],
+        cutmix_alpha=spec["cutmix_alpha"],
+        switch_prob=spec["switch_prob"],
+        mode=spec["mix_mode"],
+        generator=torch.Generator().manual_seed(MIXER_SEED_OFFSET + spec["seed"]),
+    )
+    return criterion, mixer
+
+
 def run_one(spec: dict) -> dict:
     if _DATA is None:
         init_worker()
-    if spec["study"] == "label_smoothing":
-        make_scheduler = warmup_scheduler_factory("gradual", spec["peak_lr"], spec["warmup_steps"])
-    else:
-        make_scheduler = warmup_scheduler_factory(
-            spec["warmup"], spec["peak_lr"], spec["warmup_steps"]
-        )
+    kind = spec["warmup"] if spec["study"] == "warmup" else "gradual"
+    make_scheduler = warmup_scheduler_factory(kind, spec["peak_lr"], spec["warmup_steps"])
+    criterion, mixer = make_criterion(spec)
     result = train(
         _DATA,
         seed=spec["seed"],
         epochs=spec["epochs"],
         batch_size=spec["batch_size"],
-        criterion=LabelSmoothingCE(spec["eps"], spread=spec["spread"]),
+        criterion=criterion,
         make_scheduler=make_scheduler,
         width=spec["width"],
         weight_decay=spec["weight_decay"],
+        mixer=mixer,
     )
     return {**spec, **result}
 
@@ -362,7 +439,7 @@ def run_all(specs: list[dict], jobs: int) -> list[dict]:
 
     def report(i: int, run: dict) -> None:
         runs[i] = run
-        what = run["arm"] if run["study"] == "label_smoothing" else f"warmup {run['warmup']}"
+        what = f"warmup {run['warmup']}" if run["study"] == "warmup" else run["arm"]
         flag = " DIVERGED" if run["diverged"] else ""
         log(
             f"[{sum(r is not None for r in runs):3d}/{len(specs)}] {what[:20]:20s} "
@@ -399,15 +476,21 @@ def fmt(mean: float | None, std: float | None, digits: int = 4) -> str:
     return f"{mean:.{digits}f} +- {std:.{digits}f}"
 
 
-def summarize(runs: list[dict]) -> dict:
-    ls = {}
-    for name, _, _ in LS_ARMS:
-        arm = [r for r in runs if r["study"] == "label_smoothing" and r["arm"] == name]
-        ls[name] = {
+def summarize_arms(runs: list[dict], study: str, names: list[str]) -> dict:
+    """Per arm of ``study``: mean and std over seeds of accuracy, NLL and ECE."""
+    table = {}
+    for name in names:
+        arm = [r for r in runs if r["study"] == study and r["arm"] == name]
+        table[name] = {
             key: dict(zip(("mean", "std"), mean_std([r[key] for r in arm]), strict=True))
             for key in ("val_acc", "val_nll", "val_ece")
         }
-        ls[name]["seeds"] = len(arm)
+        table[name]["seeds"] = len(arm)
+    return table
+
+
+def summarize(runs: list[dict]) -> dict:
+    ls = summarize_arms(runs, "label_smoothing", [name for name, _, _ in LS_ARMS])
     sweep: dict = {}
     for r in runs:
         if r["study"] != "warmup":
@@ -431,24 +514,41 @@ def summarize(runs: list[dict]) -> dict:
             }
         stable = [v["peak_lr"] for v in table[kind].values() if v["stable"]]
         stable_max[kind] = max(stable) if stable else None
-    return {
+    summary = {
         "label_smoothing": ls,
         "warmup_sweep": table,
         "largest_stable_peak_lr": stable_max,
         "stable_definition": f"every seed ends at >= {STABLE_ACC:.0%} validation accuracy",
     }
+    if any(r["study"] == "mixup" for r in runs):
+        summary["mixup"] = summarize_arms(runs, "mixup", [name for name, _, _ in MIXUP_ARMS])
+    return summary
+
+
+def print_arms(title: str, arms: dict) -> None:
+    """One row per arm: accuracy, NLL and ECE, mean +- std across seeds."""
+    print(title)
+    width = max(16, *map(len, arms))
+    print(f"{'arm':{width}s} {'accuracy':>18s} {'NLL':>18s} {'ECE (15 bins)':>18s}")
+    for name, m in arms.items():
+        cells = [fmt(m[k]["mean"], m[k]["std"]) for k in ("val_acc", "val_nll", "val_ece")]
+        print(f"{name:{width}s} " + " ".join(f"{c:>18s}" for c in cells))
 
 
 def print_table(summary: dict, args) -> None:
     seeds = len(args.seeds)
-    print(
+    print_arms(
         f"\nLabel smoothing (validation, {seeds} seed(s), mean +- std across seeds; "
-        f"batch {args.ls_batch}, {args.ls_epochs} epochs)"
+        f"batch {args.ls_batch}, {args.ls_epochs} epochs)",
+        summary["label_smoothing"],
     )
-    print(f"{'arm':16s} {'accuracy':>18s} {'NLL':>18s} {'ECE (15 bins)':>18s}")
-    for name, m in summary["label_smoothing"].items():
-        cells = [fmt(m[k]["mean"], m[k]["std"]) for k in ("val_acc", "val_nll", "val_ece")]
-        print(f"{name:16s} " + " ".join(f"{c:>18s}" for c in cells))
+    if "mixup" in summary:
+        print_arms(
+            f"\nMixup and CutMix (validation, {seeds} seed(s), mean +- std across seeds; "
+            f"BatchMixer mode 'batch', switch_prob {MIXUP_SWITCH_PROB}; loss eps "
+            f"{args.mixup_eps:g} 'all'; batch {args.ls_batch}, {args.mixup_epochs} epochs)",
+            summary["mixup"],
+        )
     sweep = summary["warmup_sweep"]
     print(
         f"\nWarmup sweep: final validation accuracy, mean +- std over {seeds} seed(s) "
@@ -701,6 +801,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep-eps", type=float, default=0.1, help="label smoothing of the warmup sweep's loss"
     )
+    parser.add_argument(
+        "--mixup", action="store_true",
+        help="also run the mixup / CutMix study (BatchMixer with the loss's mix_target=)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mixup-epochs", type=int, default=None, help="mixup study (default: --ls-epochs)"
+    )
+    parser.add_argument(
+        "--mixup-eps", type=float, default=0.1, help="label smoothing of the mixup study's loss"
+    )
     parser.add_argument("--width", type=int, default=16, help="channels of the first stage")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument(
@@ -721,6 +831,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.base_lrs = [0.025 * 2**k for k in range(9)]  # 0.025 ... 6.4
     if args.ls_epochs is None:
         args.ls_epochs = 6 if quick else 30
+    if args.mixup_epochs is None:
+        args.mixup_epochs = args.ls_epochs
     if args.sweep_epochs is None:
         args.sweep_epochs = 12 if quick else 60
     if args.warmup_epochs is None:

@@ -15,6 +15,8 @@ Public API:
   pool of CPU gradient buffers the C++ backend reuses across training steps.
 * :class:`WarmupScheduler`, :class:`GradualWarmupScheduler`, :func:`linear_scaled_lr`: warmup
   and the linear scaling rule.
+* :class:`BatchMixer` (module :mod:`lsr_fused.mixup`): mixup and CutMix of a batch, returning the
+  partner targets and ``lam`` the loss takes as ``mix_target=`` and ``mix_lambda=``.
 """
 
 from ._validation import set_validation
@@ -22,6 +24,7 @@ from .backends.cpp_backend import gradient_pool_stats, set_gradient_pool, trim_g
 from .functional import available_backends, label_smoothing_cross_entropy
 from .linear import linear_label_smoothing_cross_entropy
 from .linear_compat import linear_cross_entropy
+from .mixup import BatchMixer, MixedBatch
 from .module import LabelSmoothingCE, LinearLabelSmoothingCE
 from .options import LossOptions
 from .scheduler import GradualWarmupScheduler, WarmupScheduler, linear_scaled_lr
@@ -30,11 +33,13 @@ from .stats import LossStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchMixer",
     "GradualWarmupScheduler",
     "LabelSmoothingCE",
     "LinearLabelSmoothingCE",
     "LossOptions",
     "LossStats",
+    "MixedBatch",
     "WarmupScheduler",
     "available_backends",
     "gradient_pool_stats",
@@ -42,6 +47,7 @@ __all__ = [
     "linear_cross_entropy",
     "linear_label_smoothing_cross_entropy",
     "linear_scaled_lr",
+    "mixup",
     "set_gradient_pool",
     "set_validation",
     "trim_gradient_pool",

@@ -29,7 +29,8 @@ def _flat(values, target) -> torch.Tensor:
     """A per-element argument (tensor of the target's shape, or a scalar) as ``(N,)``."""
     if isinstance(values, torch.Tensor):
         return values.reshape(-1).to(target.device)
-    return torch.full((max(target.numel(), 1),), float(values), device=target.device)
+    full = (max(target.numel(), 1),)
+    return torch.full(full, float(values), dtype=torch.float64, device=target.device)
 
 
 def dense_loss(
