@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_call
+import bench_options
 from _common import Progress, dtype_name, load_average, machine_info, pick_shapes
 from contenders import LABEL_SMOOTHING, build_contenders, lsr_fused_info, torch_eager
 from loss_workload import LossWorkload
@@ -162,9 +164,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "rest of a training step; 'alloc': 3 logits-sized tensors allocated, written and freed, "
         "one kept until the next call (cheaper); 'off': tight loop only",
     )
+    add(
+        "--no-scenarios",
+        action="store_true",
+        help="skip the two scenarios after the tables: the per-call cost at small shapes "
+        "against eager (bench_call.py) and the cost of each option (bench_options.py)",
+    )
     add("--seed", type=int, default=0)
     add("--no-progress", action="store_true", help="no progress line on stderr")
     return parser.parse_args(argv)
+
+
+def run_scenarios(device: torch.device, quick: bool, progress, tables: list[str]) -> dict:
+    """The per-call cost against eager (small shapes; CPU, one thread) and the cost of each
+    option (2048 x 32000 float32 on the CPU), printed and appended to ``tables``."""
+    results = {}
+    if device.type == "cpu":
+        progress("per-call cost at small shapes")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        rounds = 3 if quick else 9
+        try:
+            rows = bench_call.per_call_rows(rounds=rounds, budget_s=0.02 if quick else 0.05)
+        finally:
+            torch.set_num_threads(threads)
+        results["per_call"] = rows
+        text = bench_call.format_rows(rows, rounds)
+        progress.done()
+        print("\n" + text, flush=True)
+        tables.append(text)
+    progress("option cost")
+    shape = (256, 8192) if quick else (2048, 32000)
+    rounds = 3 if quick else 7
+    rows = bench_options.option_rows(shape, torch.float32, device, rounds)
+    results["options"] = rows
+    text = bench_options.format_rows(rows, shape, torch.float32, rounds)
+    progress.done()
+    print("\n" + text, flush=True)
+    tables.append(text)
+    return results
 
 
 def make_churn(kind: str, workload: LossWorkload):
@@ -232,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    scenarios = {} if args.no_scenarios else run_scenarios(device, args.quick, progress, tables)
     elapsed = time.perf_counter() - started
     info["elapsed_s"] = round(elapsed, 1)
     info["load_average_end"] = load_average()
@@ -243,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_loop": args.train_loop,
         "targets": targets,
         "records": records,
+        "scenarios": scenarios,
     }
     paths = write_outputs(args.out, device, payload, tables, header, progress)
     print(f"\nwrote {', '.join(map(str, paths))} ({elapsed:.0f} s)")

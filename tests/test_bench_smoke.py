@@ -80,3 +80,17 @@ def test_every_lsr_fused_row_agrees(quick_run):
             assert r["train"]["status"] == "ok" and r["train"]["ratio_to_copy"] > 0, r
             assert r["extra_mem_x"] is not None, r
     assert "WRONG" not in stdout
+
+
+def test_scenarios_per_call_and_option_cost_are_reported(quick_run):
+    out, stdout = quick_run
+    assert "per-call cost" in stdout and "eager/ours" in stdout
+    assert "option cost" in stdout
+    (path,) = out.glob("*.json")
+    scenarios = json.loads(path.read_text())["scenarios"]
+    assert {row["shape"] for row in scenarios["per_call"]} >= {"8x10", "256x1000"}
+    variants = {row["variant"]: row for row in scenarios["options"]}
+    assert set(variants) == {"plain", "return_stats", "mix (float lam)", "mix (tensor lam)",
+                             "softcap"}  # fmt: skip
+    assert variants["plain"]["ratio"] == 1.0
+    assert all(row["median_s"] > 0 for row in variants.values())
