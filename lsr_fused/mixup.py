@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "BatchMixer", "MixedBatch", "sample_beta"]
+__all__ = ["BatchMixer", "MixedBatch", "sample_beta"]
 
 MODES = ("batch", "pair", "elem")
 _TARGET_DTYPES = (torch.int64, torch.int32)

@@ -191,12 +191,12 @@ def _forward_with_signature(signature: inspect.Signature):
     the dataset columns that ``inspect.signature(model.forward)`` names."""
 
     def forward(self, *args, **kwargs):
+        """The model's forward with its loss through the fused head (see ``patch_causal_lm``)."""
         return _fused_forward(self, *args, **kwargs)
 
     self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     parameters = [self_parameter, *signature.parameters.values()]
     forward.__signature__ = signature.replace(parameters=parameters)
-    forward.__doc__ = _fused_forward.__doc__
     return forward
 
 
