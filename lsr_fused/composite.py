@@ -29,45 +29,85 @@ from torch import Tensor
 from ._params import RowParams, accumulation_dtype
 
 
-def row_losses(rows: Tensor, target: Tensor, weight: Optional[Tensor], params: RowParams) -> Tensor:
+def row_losses(rows: Tensor, target: Tensor, weight: Optional[Tensor], params: RowParams, *,
+               mix: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:  # fmt: skip
     """Per-row loss ``(n,)`` in the accumulation dtype of ``rows`` ``(..., C)`` (``n`` rows in all)
     for ``target`` ``(n,)`` integer class indices and class weights ``weight`` ``(C,)`` or None;
     differentiable (to any order) in ``rows`` and ``weight``. Ignored rows give 0 with a zero
-    gradient; a target out of range gives NaN."""
+    gradient; a target out of range gives NaN.
+
+    ``params.softcap`` ``c > 0`` reads every logit as ``c tanh(x / c)``. ``mix``: ``(y2, lam)``,
+    ``(n,)`` second targets and their complement weights (``lam`` broadcastable to ``(n,)``, any
+    stride): the target mass is split as ``lam`` on ``y`` and ``1 - lam`` on ``y2`` (see
+    :mod:`lsr_fused.backends`); ``lam`` enters the arithmetic like the logits (no gradient is
+    asked of it here, but one is correct if it requires grad). A ``y2`` out of range on a kept row
+    gives NaN; on ignored rows ``y2`` and ``lam`` are not used."""
     num_classes = rows.shape[-1]
     x = rows.reshape(-1, num_classes).to(accumulation_dtype(rows.dtype))
     ignored = target == params.ignore_index
-    invalid = ~ignored & ((target < 0) | (target >= num_classes))
+    invalid = ~ignored & _out_of_range(target, num_classes)
+    if mix is not None:
+        invalid = invalid | (~ignored & _out_of_range(mix[0], num_classes))
     skipped = ignored | invalid
     # Skipped rows get zero logits: their loss is replaced below, and whatever their logits hold
     # (-inf, NaN) must not leak into the gradient as 0 * inf.
     x = torch.where(skipped.unsqueeze(-1), 0.0, x)
-    safe_target = torch.where(skipped, 0, target)
+    if params.softcap > 0.0:
+        x = params.softcap * torch.tanh(x / params.softcap)
     row_max = x.detach().amax(dim=-1, keepdim=True)
     shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
     shifted = x - shift
     shifted_lse = torch.logsumexp(shifted, dim=-1)
+    picks = _target_picks(torch.where(skipped, 0, target), weight, mix, skipped, x.dtype)
     if weight is None:
-        target_weight = torch.ones_like(shifted_lse)
         total_weight = float(num_classes)
     else:
         weight = weight.to(x.dtype)
-        target_weight = weight.gather(0, safe_target)
         total_weight = weight.sum()
-    total_mass = params.other_mass * total_weight + params.target_extra * target_weight
+    target_mass = picks[0][1] if len(picks) == 1 else picks[0][1] + picks[1][1]
+    total_mass = params.other_mass * total_weight + params.target_extra * target_mass
     loss = total_mass * shifted_lse
     # Each term is skipped when its mass is 0, so that a masked (-inf) logit gives 0, not 0 * inf.
     if params.other_mass != 0.0:
         weighted = shifted.sum(dim=-1) if weight is None else shifted @ weight
         loss = loss - params.other_mass * weighted
     if params.target_extra != 0.0:
-        target_logit = shifted.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
-        loss = loss - params.target_extra * target_weight * target_logit
+        for index, mass, share in picks:
+            target_logit = shifted.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+            if share is not None:  # a pick with no share does not read its logit
+                target_logit = torch.where(share == 0.0, 0.0, target_logit)
+            loss = loss - params.target_extra * mass * target_logit
     if params.z_loss != 0.0:
         lse = shifted_lse + shift.squeeze(-1)
         loss = loss + params.z_loss * lse * lse
     loss = torch.where(ignored, 0.0, loss)
     return torch.where(invalid, float("nan"), loss)
+
+
+def _out_of_range(target: Tensor, num_classes: int) -> Tensor:
+    return (target < 0) | (target >= num_classes)
+
+
+def _target_picks(safe_target: Tensor, weight: Optional[Tensor], mix, skipped: Tensor,
+                  dtype: torch.dtype) -> tuple:  # fmt: skip
+    """``(index, mass, share)`` per target: ``((y, w_y, None),)`` unmixed, else
+    ``((y, lam w_y, lam), (y2, (1 - lam) w_y2, 1 - lam))``, with ``lam = 1`` and ``y2 = 0`` on
+    skipped rows (whatever they hold must not reach the gradient)."""
+    weight = None if weight is None else weight.to(dtype)
+
+    def weight_at(index: Tensor) -> Tensor:
+        return torch.ones_like(index, dtype=dtype) if weight is None else weight.gather(0, index)
+
+    if mix is None:
+        return ((safe_target, weight_at(safe_target), None),)
+    mix_target, mix_lambda = mix
+    safe_mix = torch.where(skipped, 0, mix_target)
+    share = torch.where(skipped, 1.0, mix_lambda.to(dtype).expand(safe_target.shape))
+    rest = 1.0 - share
+    return (
+        (safe_target, share * weight_at(safe_target), share),
+        (safe_mix, rest * weight_at(safe_mix), rest),
+    )
 
 
 def wants_composite(*tensors: Optional[Tensor], weights: tuple[Optional[Tensor], ...]) -> bool:
