@@ -3,25 +3,36 @@ are described in :mod:`lsr_fused.distributed`."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import policy
+from .._docs import extends_doc
 from .._params import smoothing_masses
+from .._validation import check_mix_targets
+from ..options import LossOptions
+from ..stats import loss_stats
 from .agreement import (
+    Field,
     ShardInput,
+    _bits_float,
+    _float_bits,
+    _target_summary,
     agree,
     check_exchange_values,
     describe,
     resolve_group,
     run_checks,
+    shown_as,
 )
 from .shard_math import (
     all_reduce_stats,
+    global_argmax,
     grad_coefs,
     local_targets,
+    mix_masses,
     no_rows_stats,
     row_terms,
     shard_kernels,
@@ -30,69 +41,163 @@ from .shard_math import (
 __all__ = ["sharded_label_smoothing_cross_entropy"]
 
 
+# What every rank must agree on beyond the common fields: the new options and the mixed target.
+_EXTRA_FIELDS = (
+    Field("softcap", "softcap (0: off)", show=shown_as(_bits_float)),
+    Field("return_stats", "return_stats", show=shown_as(bool)),
+    Field("has_mix", "whether mix_target is given", show=shown_as(bool)),
+    Field("mix_lambda", "mix_lambda (a float; -1: a tensor)", show=shown_as(_bits_float)),
+    Field("mix_checksum", "a checksum of mix_target (0 where it is not examined)"),
+)
+
+
+class _Setup(NamedTuple):
+    """A call's constants, as every rank agreed them."""
+
+    group: object
+    backend: str
+    num_classes: int
+    offset: int
+    masses: tuple[float, float]  # (target_extra, other_mass) of the global C
+    z_loss: float
+    ignore_index: int
+    softcap: float  # 0.0: off
+    stats: bool
+    inplace: bool
+
+
 class _ShardedRows(torch.autograd.Function):
-    """Per-row sharded loss over a ``(B, S, C_local)`` row view; returns ``(loss, w_y)``."""
+    """Per-row sharded loss over a ``(B, S, C_local)`` row view: ``(loss, mean weight per row,
+    lse, argmax)``, the last three not differentiable (the last two empty unless statistics are
+    asked for)."""
 
     @staticmethod
-    def forward(ctx, rows, flat_target, local_target, weight, setup):
-        group, backend, num_classes, masses, z_loss, ignore_index, _ = setup
-        stats_fn, _ = shard_kernels(backend)
+    def forward(ctx, rows, flat_target, local_target, weight, mix_target, local_mix, lam, setup):
+        stats_fn, _ = shard_kernels(setup.backend)
         acc = policy.accumulation_dtype(rows.dtype)
-        stats = torch.empty(6, flat_target.numel(), dtype=acc, device=rows.device)
+        num_rows = flat_target.numel()
+        stats = torch.empty(6 if mix_target is None else 8, num_rows, dtype=acc, device=rows.device)
+        argmax = torch.zeros(num_rows if setup.stats else 0, dtype=torch.int64, device=rows.device)
         # W_k, this shard's weight sum; summed with the statistics into W (weights only).
         shard_weight = float(rows.shape[-1]) if weight is None else weight.sum()
         extras = None if weight is None else shard_weight.reshape(1)
-        if flat_target.numel():
-            stats_fn(rows, local_target, weight, stats)
-            reduced = all_reduce_stats(stats, local_target, shard_weight, extras, group)
+        if num_rows:
+            argmax_out = argmax if setup.stats else None
+            stats_fn(rows, local_target, weight, stats, softcap=setup.softcap,
+                     local_mix_target=local_mix, argmax_out=argmax_out)  # fmt: skip
+            reduced = all_reduce_stats(stats, local_target, shard_weight, extras, setup.group,
+                                       local_mix_target=local_mix)  # fmt: skip
+            if setup.stats:
+                argmax = global_argmax(stats[0], argmax, setup.offset, setup.group)
         else:
             reduced = no_rows_stats(stats, extras)
-        total_weight = float(num_classes) if weight is None else reduced.extras[0]
-        scalars = (num_classes, masses, z_loss, ignore_index)
-        terms = row_terms(reduced, total_weight, flat_target, scalars)
-        ctx.mark_non_differentiable(terms.target_weight)
-        ctx.save_for_backward(rows, local_target, weight, *terms[1:])
+        total_weight = float(setup.num_classes) if weight is None else reduced.extras[0]
+        masses = None
+        if mix_target is not None:
+            masses = mix_masses(reduced, flat_target, setup.ignore_index, lam)
+        scalars = (setup.num_classes, setup.masses, setup.z_loss, setup.ignore_index)
+        mix = None if masses is None else (mix_target, masses)
+        terms = row_terms(reduced, total_weight, flat_target, scalars, mix=mix)
+        lse = terms.lse if setup.stats else terms.lse.new_empty(0)
+        ctx.mark_non_differentiable(terms.target_weight, lse, argmax)
+        ctx.save_for_backward(rows, local_target, weight, local_mix, masses, *terms[1:])
         ctx.setup = setup
-        return terms.loss, terms.target_weight
+        return terms.loss, terms.target_weight, lse, argmax
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_target_weight):
+    def backward(ctx, grad_loss, *unused):
         policy.refuse_double_backward("the vocabulary-parallel loss (process_group=)")
-        rows, local_target, weight, *terms = ctx.saved_tensors
-        _, backend, _, masses, z_loss, _, inplace = ctx.setup
-        _, grad_fn = shard_kernels(backend)
-        coefs = grad_coefs(grad_loss, *terms, masses, z_loss)
-        grad_rows = rows if inplace else torch.empty_like(rows)
-        grad_fn(rows, local_target, weight, coefs, grad_rows)
-        if inplace:
+        rows, local_target, weight, local_mix, masses, *terms = ctx.saved_tensors
+        setup = ctx.setup
+        _, grad_fn = shard_kernels(setup.backend)
+        coefs = grad_coefs(grad_loss, *terms, setup.masses, setup.z_loss, mix_masses=masses)
+        grad_rows = rows if setup.inplace else torch.empty_like(rows)
+        grad_fn(rows, local_target, weight, coefs, grad_rows, softcap=setup.softcap,
+                local_mix_target=local_mix)  # fmt: skip
+        if setup.inplace:
             # Anything else that saved these logits now fails loudly instead of reading a gradient.
             torch.autograd.graph.increment_version(rows)
-        return grad_rows, None, None, None, None
+        return (grad_rows, *(None,) * 7)
 
 
-def _check(logits, target, weight, options, backend, new) -> tuple[Tensor, str, Tensor]:
-    """Every local check, then :func:`describe`: ``(description, resolved backend, flat
-    target)``; raises what a check raises."""
-    label_smoothing, ignore_index, _, spread, z_loss = options
-    if new != (None, None, 1.0, False):
-        raise policy.ArgumentValueError("softcap, mix_target and return_stats: not yet sharded")
+class _Checked(NamedTuple):
+    description: Tensor
+    backend: str
+    options: LossOptions
+    flat_target: Tensor
+    mix: tuple[Optional[Tensor], Optional[Tensor]]
+
+
+def _check(logits, target, weight, fields, mix_target, mix_lambda) -> _Checked:
+    """Every local check, then :func:`describe`; raises what a check raises."""
+    label_smoothing, ignore_index, _, spread, z_loss = fields[:5]
     check_exchange_values(label_smoothing, ignore_index, z_loss)
-    policy.check_options(*options, backend)
+    options = LossOptions(*fields)
     policy.check_tensors(logits, target, weight, spread, shard=True)
     policy.check_sharded_autograd(weight, "weight")
-    resolved = policy.resolve_backend(backend, logits.device, sharded=True)
+    resolved = policy.resolve_backend(options.backend, logits.device, sharded=True)
     flat_target = policy.flat_targets(target)
+    acc = policy.accumulation_dtype(logits.dtype)
+    mix = policy.mix_inputs(mix_target, mix_lambda, target, acc)
+    policy.check_sharded_autograd(mix_lambda if isinstance(mix_lambda, Tensor) else None,
+                                  "mix_lambda")  # fmt: skip
+    lam_shown = -1.0 if isinstance(mix_lambda, Tensor) else float(mix_lambda)
+    mix_checksum = 0 if mix[0] is None else _target_summary(mix[0], ignore_index)[3]
+    extra = (_float_bits(options.softcap or 0.0), options.return_stats, mix[0] is not None,
+             _float_bits(lam_shown), mix_checksum)  # fmt: skip
     shard = ShardInput.of_logits(logits)
-    description = describe(shard, flat_target, target.shape, weight is not None, options)
-    return description, resolved, flat_target
+    description = describe(shard, flat_target, target.shape, weight is not None, fields[:5], extra)
+    return _Checked(description, resolved, options, flat_target, mix)
 
 
 def _mean_denominator(counted: Tensor, target_weight: Tensor, weight, acc: torch.dtype) -> Tensor:
     """The mean's ``sum of w_y`` over counted rows (their count without weights). The target's
-    weight is only on the rank that holds it: the forward's SUM gave every rank each ``w_y``."""
+    weight is only on the rank that holds it: the forward's SUM gave every rank each ``w_y``
+    (with a mixed target, ``lam w_y1 + (1 - lam) w_y2``)."""
     return counted.sum(dtype=acc) if weight is None else (target_weight * counted).sum()
 
 
+def _setup(group, checked: _Checked, agreement, inplace: bool) -> _Setup:
+    options = checked.options
+    num_classes = agreement.num_classes
+    masses = smoothing_masses(float(options.label_smoothing), num_classes, options.spread)
+    softcap = 0.0 if options.softcap is None else float(options.softcap)
+    return _Setup(group, checked.backend, num_classes, agreement.offset, masses,
+                  float(options.z_loss), options.ignore_index, softcap, options.return_stats,
+                  inplace)  # fmt: skip
+
+
+SHARDED_DOC = r"""
+    Args:
+        logits: this rank's contiguous slice of the classes, ``(N, C_local)``, ``(C_local,)`` or
+            ``(N, C_local, d1, ..., dk)``; ``C_local`` may differ between ranks (0 included).
+            Slices are ordered by rank in the group: rank 0 holds the first classes.
+        target: global class indices in ``[0, C)`` (or ``ignore_index``), the same on every rank.
+        weight: this rank's ``(C_local,)`` slice of the class weights, or None on every rank.
+        mix_target, mix_lambda: a mixed target (global class indices, the same on every rank) and
+            its weight, as in :func:`lsr_fused.label_smoothing_cross_entropy`; a ``mix_lambda``
+            that requires grad is refused (on every rank).
+        process_group: the group over which the classes are split (``None``: the default group).
+        label_smoothing, ignore_index, reduction, spread, z_loss, softcap, return_stats,
+            inplace_backward: as in :func:`lsr_fused.label_smoothing_cross_entropy`, with the
+            smoothing masses of the global class count ``C``; the statistics are those of the
+            whole row (the arg-max is the lowest global index of the row's maximum).
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked
+            composite); ``"auto"`` is Triton on CUDA, else ``"torch"``; ``"cpp"`` runs ``"torch"``.
+
+    Returns:
+        The loss of the unsharded computation, identical on every rank (``reduction="none"``: the
+        shape of ``target``), or ``(loss, LossStats)`` with ``return_stats``; backward gives each
+        rank the gradient of its slice.
+
+    Raises:
+        ValueError on every rank of the group when ranks disagree on shapes, dtype or options,
+        when any rank's arguments are invalid, or (CPU targets, or with
+        :func:`lsr_fused.set_validation`) when a target is outside ``[0, C)``.
+"""
+
+
+@extends_doc(SHARDED_DOC)
 def sharded_label_smoothing_cross_entropy(
     logits: Tensor,
     target: Tensor,
@@ -110,50 +215,39 @@ def sharded_label_smoothing_cross_entropy(
     inplace_backward: bool = False,
     backend: str = "auto",
     process_group=None,
-) -> Tensor:
-    """Label-smoothed cross-entropy of logits sharded along the classes over ``process_group``.
-
-    Args:
-        logits: this rank's contiguous slice of the classes, ``(N, C_local)``, ``(C_local,)`` or
-            ``(N, C_local, d1, ..., dk)``; ``C_local`` may differ between ranks (0 included).
-            Slices are ordered by rank in the group: rank 0 holds the first classes.
-        target: global class indices in ``[0, C)`` (or ``ignore_index``), the same on every rank.
-        weight: this rank's ``(C_local,)`` slice of the class weights, or None on every rank.
-        process_group: the group over which the classes are split (``None``: the default group).
-        label_smoothing, ignore_index, reduction, spread, z_loss, inplace_backward: as in
-            :func:`lsr_fused.label_smoothing_cross_entropy`, with the smoothing masses of the
-            global class count ``C``.
-        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked
-            composite); ``"auto"`` is Triton on CUDA, else ``"torch"``; ``"cpp"`` runs ``"torch"``.
-
-    Returns:
-        The loss of the unsharded computation, identical on every rank (``reduction="none"``: the
-        shape of ``target``); backward gives each rank the gradient of its slice.
-
-    Raises:
-        ValueError on every rank of the group when ranks disagree on shapes, dtype or options,
-        when any rank's arguments are invalid, or (CPU targets, or with
-        :func:`lsr_fused.set_validation`) when a target is outside ``[0, C)``.
-    """
+):
+    """Label-smoothed cross-entropy of logits sharded along the classes over ``process_group``."""
     group = resolve_group(process_group)
-    options = (label_smoothing, ignore_index, reduction, spread, z_loss)
-    new = (softcap, mix_target, mix_lambda, return_stats)
-    checked, local_error = run_checks(_check, logits, target, weight, options, backend, new)
-    num_classes, offset, _ = agree(
-        group, None if checked is None else checked[0], local_error, options, device_of=logits
-    )
-    _, resolved, flat_target = checked
+    fields = (label_smoothing, ignore_index, reduction, spread, z_loss, softcap, return_stats,
+              inplace_backward, backend)  # fmt: skip
+    checked, local_error = run_checks(_check, logits, target, weight, fields, mix_target,
+                                      mix_lambda)  # fmt: skip
+    agreement = agree(
+        group, None if checked is None else checked.description, local_error, fields[:5],
+        device_of=logits, extra_fields=_EXTRA_FIELDS,
+    )  # fmt: skip
+    options, flat_target, (flat_mix, lam) = checked.options, checked.flat_target, checked.mix
     rows = policy.row_view(logits)
+    if flat_mix is not None:
+        # The same mix_target on every rank (checksums agreed): every rank raises alike.
+        check_mix_targets(flat_target, flat_mix, agreement.num_classes, options.ignore_index)
     acc = policy.accumulation_dtype(logits.dtype)
     if weight is not None:
         weight = weight.to(acc).contiguous()
-    local_target = local_targets(flat_target, offset, rows.shape[-1])
-    masses = smoothing_masses(float(label_smoothing), num_classes, spread)
+    local_target = local_targets(flat_target, agreement.offset, rows.shape[-1])
+    local_mix = None if flat_mix is None else local_targets(flat_mix, agreement.offset,
+                                                             rows.shape[-1])  # fmt: skip
     # In place needs storage we own: a leaf's, or a view of a leaf's, is the caller's.
-    inplace = bool(inplace_backward) and policy.may_overwrite(logits)
-    setup = (group, resolved, num_classes, masses, float(z_loss), ignore_index, inplace)
-    loss, target_weight = _ShardedRows.apply(rows, flat_target, local_target, weight, setup)
+    inplace = options.inplace_backward and policy.may_overwrite(logits)
+    setup = _setup(group, checked, agreement, inplace)
+    loss, target_weight, lse, argmax = _ShardedRows.apply(
+        rows, flat_target, local_target, weight, flat_mix, local_mix, lam, setup
+    )
     denominator = None
-    if reduction == "mean":
-        denominator = _mean_denominator(flat_target != ignore_index, target_weight, weight, acc)
-    return policy.reduce(loss, target.shape, reduction, denominator)
+    if options.reduction == "mean":
+        counted = flat_target != options.ignore_index
+        denominator = _mean_denominator(counted, target_weight, weight, acc)
+    loss = policy.reduce(loss, target.shape, options.reduction, denominator)
+    if not options.return_stats:
+        return loss
+    return loss, loss_stats(lse, argmax, flat_target, options, target.shape, denominator)
