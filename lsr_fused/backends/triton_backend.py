@@ -23,7 +23,9 @@ from . import FIRST_LOGIT_MAX_GAP
 from .triton_common import (
     FP_FUSION,
     GRADIENT_BLOCK_LIMIT,
+    capped,
     check_gradient_layout,
+    check_row_vector,
     finite_or_zero,
     gradient_row,
     launch_config,
@@ -34,6 +36,7 @@ from .triton_common import (
     row_start,
     runtime_scalar,
     shifted_lse,
+    softcap_value,
     stats_block_limit,
     triton_accumulation,
 )
@@ -56,20 +59,68 @@ def _row_target(target_ptr, row, num_classes, ignore_index):
 
 
 @triton.jit
+def _mix_target(mix_target_ptr, mix_lambda_ptr, mix_lambda_stride, row, ignored, num_classes,
+                ACC: tl.constexpr):
+    """(mix_col, lam, in_range) of a mixed target, like :func:`_row_target`; an ignored row reads
+    neither (its y2 may be garbage)."""
+    kept = ~ignored
+    mix_target = tl.load(mix_target_ptr + row, mask=kept, other=0)
+    lam = tl.load(mix_lambda_ptr + row.to(tl.int64) * mix_lambda_stride, mask=kept, other=0.0)
+    in_range = (mix_target >= 0) & (mix_target < num_classes)
+    return tl.where(in_range, mix_target, 0).to(tl.int32), lam.to(ACC), in_range
+
+
+@triton.jit
+def _class_weight(col, weight_ptr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    if HAS_WEIGHT:
+        return tl.load(weight_ptr + col).to(ACC)
+    return tl.full([], 1.0, ACC)
+
+
+@triton.jit
+def _total_weight(weight_total_ptr, num_classes, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """W = sum of the class weights, C without weights."""
+    if HAS_WEIGHT:
+        return tl.load(weight_total_ptr).to(ACC)
+    # (An int argument equal to 1 arrives as a constexpr, which has no .to(): add instead.)
+    return tl.zeros([], ACC) + num_classes
+
+
+@triton.jit
 def _row_masses(
     target_col, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
     HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
 ):
     """(w_y, S): the target's class weight and the total weighted target mass
     S = b * W + (a - b) * w_y (W = sum of weights, C without weights)."""
-    if HAS_WEIGHT:
-        target_weight = tl.load(weight_ptr + target_col).to(ACC)
-        total_weight = tl.load(weight_total_ptr).to(ACC)
-    else:
-        target_weight = tl.full([], 1.0, ACC)
-        # (An int argument equal to 1 arrives as a constexpr, which has no .to(): add instead.)
-        total_weight = tl.zeros([], ACC) + num_classes
+    target_weight = _class_weight(target_col, weight_ptr, HAS_WEIGHT, ACC)
+    total_weight = _total_weight(weight_total_ptr, num_classes, HAS_WEIGHT, ACC)
     return target_weight, other_mass * total_weight + target_extra * target_weight
+
+
+@triton.jit
+def _target_coefs(
+    target_col, mix_col, lam, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
+    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, MIXED: tl.constexpr,
+):
+    """(S, t1, t2): the loss's target terms are ``t1 (z_y1 - r) + t2 (z_y2 - r)`` and its gradient
+    spikes ``-g t1 [i == y1] - g t2 [i == y2]``. Unmixed, ``t1 = (a - b) w_y`` and t2 is 0. Mixed,
+    the smoothed target ``lam q(y1) + (1 - lam) q(y2)`` puts ``b`` on every class plus
+    ``(a - b) lam`` on y1 and ``(a - b) (1 - lam)`` on y2: ``t1 = (a - b) lam w_y1``,
+    ``t2 = (a - b) (1 - lam) w_y2`` and ``S = sum_c q_c w_c = b W + t1 + t2``."""
+    target_weight, total_mass = _row_masses(
+        target_col, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
+        HAS_WEIGHT, ACC,
+    )
+    target_coef = target_extra * target_weight
+    mix_coef = tl.zeros([], ACC)
+    if MIXED:
+        mix_weight = _class_weight(mix_col, weight_ptr, HAS_WEIGHT, ACC)
+        target_coef = target_extra * (lam * target_weight)
+        mix_coef = target_extra * ((1.0 - lam) * mix_weight)
+        total_weight = _total_weight(weight_total_ptr, num_classes, HAS_WEIGHT, ACC)
+        total_mass = other_mass * total_weight + (target_coef + mix_coef)
+    return total_mass, target_coef, mix_coef
 
 
 @triton.jit
@@ -100,22 +151,49 @@ def _saved_lse(lse_r, from_first, from_max):
 
 
 @triton.jit
-def _decode_saved(saved, row_ptr, stride_class, num_classes, BLOCK: tl.constexpr,
-                  ALIGN: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+def _decode_saved(saved, row_ptr, stride_class, num_classes, cap, BLOCK: tl.constexpr,
+                  ALIGN: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
     """Backward's ``(r, lse_r)`` from forward's saved value: a finite negative one says that
     ``r`` is the row max, recomputed here (one more read, for those rows only) with its sum,
     whose log is more exact than the saved ``-(1 + lse_r)`` (rounded to the ulp of 1);
-    otherwise ``r`` is ``x_0`` where finite, else 0, and ``lse_r`` the saved value."""
-    reference = reference_logit(row_ptr, ACC)
+    otherwise ``r`` is ``x_0`` where finite, else 0, and ``lse_r`` the saved value (all of the
+    capped logits under SOFTCAP)."""
+    reference = reference_logit(row_ptr, cap, SOFTCAP, ACC)
     lse_r = saved
     # (C == 1: x_0 is the max, never a max reference; the branch folds away once C == 1 is
     # specialized, sparing a one-warp kernel the divergent-reduction fallback it would get.)
     if (saved < 0.0) & (saved > float("-inf")) & (num_classes > 1):
         reference, sum_exp = online_max_sum_exp(
-            row_ptr, stride_class, num_classes, BLOCK, ALIGN, ACC
+            row_ptr, stride_class, num_classes, cap, BLOCK, ALIGN, ACC, SOFTCAP
         )
         lse_r = tl.log(sum_exp)
     return reference, lse_r
+
+
+@triton.jit
+def _target_logit(row_ptr, col, stride_class, reference, cap, ACC: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
+    """``z_col - r``: one (capped) logit relative to the reference."""
+    logit = tl.load(row_ptr + col.to(tl.int64) * stride_class).to(ACC)
+    return capped(logit, cap, SOFTCAP) - reference
+
+
+@triton.jit
+def _row_loss(lse_r, lse, weighted_sum, target_logit, mix_logit, total_mass, target_coef,
+              mix_coef, target_extra, other_mass, z_loss, MIXED: tl.constexpr):
+    """loss = S lse_r - b sum_c w_c (z_c - r) - t1 (z_y1 - r) - t2 (z_y2 - r) + zl lse**2 (see
+    :func:`_target_coefs`), every logit taken relative to r so that nothing of the size of the
+    logits cancels. A term whose coefficient is 0 is dropped, not multiplied, so a masked (-inf)
+    logit cannot make 0 * inf."""
+    loss = total_mass * lse_r
+    loss -= tl.where(other_mass != 0.0, other_mass * weighted_sum, 0.0)
+    if MIXED:
+        loss -= tl.where(target_coef != 0.0, target_coef * target_logit, 0.0)
+        loss -= tl.where(mix_coef != 0.0, mix_coef * mix_logit, 0.0)
+    else:
+        loss -= tl.where(target_extra != 0.0, target_coef * target_logit, 0.0)
+    loss += tl.where(z_loss != 0.0, z_loss * lse * lse, 0.0)
+    return loss
 
 
 @triton.jit
@@ -123,17 +201,21 @@ def _forward_kernel(
     logits_ptr, target_ptr, weight_ptr, weight_total_ptr, loss_ptr, lse_ptr, grad_ptr, guess_ptr,
     inner, stride_outer, stride_inner, stride_class, grad_stride_outer, grad_stride_inner,
     num_classes, target_extra: tl.float64, other_mass: tl.float64, z_loss: tl.float64,
-    ignore_index, HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
-    GRAD_BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
+    ignore_index, mix_target_ptr, mix_lambda_ptr, mix_lambda_stride, lse_out_ptr, argmax_out_ptr,
+    softcap: tl.float64, HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    GRAD_BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr,
+    MIXED: tl.constexpr, STATS: tl.constexpr,
 ):
     target_extra = runtime_scalar(target_extra, ACC)
     other_mass = runtime_scalar(other_mass, ACC)
     z_loss = runtime_scalar(z_loss, ACC)
+    cap = runtime_scalar(softcap, ACC)
     row = tl.program_id(0)
     row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
-    first = tl.load(row_ptr).to(ACC)
-    running_max, running_sum_exp, weighted_sum, weight_sum = online_row_stats_at_max(
-        row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC
+    first = capped(tl.load(row_ptr).to(ACC), cap, SOFTCAP)
+    running_max, running_sum_exp, weighted_sum, weight_sum, argmax = online_row_stats_at_max(
+        row_ptr, stride_class, num_classes, weight_ptr, cap, HAS_WEIGHT, BLOCK, ALIGN, ACC,
+        SOFTCAP, STATS,
     )
     reference, weighted_sum, from_first, from_max = _forward_reference(
         first, running_max, weighted_sum, weight_sum
@@ -142,22 +224,27 @@ def _forward_kernel(
     saved_lse = _saved_lse(lse_r, from_first, from_max)
 
     target_col, ignored, in_range = _row_target(target_ptr, row, num_classes, ignore_index)
-    target_logit = tl.load(row_ptr + target_col.to(tl.int64) * stride_class).to(ACC) - reference
-    target_weight, total_mass = _row_masses(
-        target_col, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
-        HAS_WEIGHT, ACC,
+    target_logit = _target_logit(row_ptr, target_col, stride_class, reference, cap, ACC, SOFTCAP)
+    mix_col, lam, mix_logit = target_col, 1.0, target_logit
+    if MIXED:
+        mix_col, lam, mix_in_range = _mix_target(
+            mix_target_ptr, mix_lambda_ptr, mix_lambda_stride, row, ignored, num_classes, ACC
+        )
+        in_range = in_range & mix_in_range
+        mix_logit = _target_logit(row_ptr, mix_col, stride_class, reference, cap, ACC, SOFTCAP)
+    total_mass, target_coef, mix_coef = _target_coefs(
+        target_col, mix_col, lam, weight_ptr, weight_total_ptr, num_classes, target_extra,
+        other_mass, HAS_WEIGHT, ACC, MIXED,
     )
-    # loss = S * lse_r - b * sum_c w_c (x_c - r) - (a - b) * w_y * (x_y - r) + z * lse**2, every
-    # logit taken relative to r so that nothing of the size of the logits cancels. A term whose
-    # coefficient is 0 is dropped, not multiplied, so a masked (-inf) logit cannot make 0 * inf.
     lse = reference + lse_r
-    loss = total_mass * lse_r
-    loss -= tl.where(other_mass != 0.0, other_mass * weighted_sum, 0.0)
-    loss -= tl.where(target_extra != 0.0, target_extra * target_weight * target_logit, 0.0)
-    loss += tl.where(z_loss != 0.0, z_loss * lse * lse, 0.0)
+    loss = _row_loss(lse_r, lse, weighted_sum, target_logit, mix_logit, total_mass, target_coef,
+                     mix_coef, target_extra, other_mass, z_loss, MIXED)
     loss = tl.where(in_range, loss, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
     tl.store(lse_ptr + row, saved_lse)
+    if STATS:
+        tl.store(lse_out_ptr + row, lse)
+        tl.store(argmax_out_ptr + row, argmax.to(tl.int64))
 
     if WRITE_GRAD:
         # Training step: write the gradient now, for the upstream value the caller expects
@@ -168,8 +255,8 @@ def _forward_kernel(
         gradient_row(
             row_ptr, grad_row_ptr, stride_class, num_classes, reference, lse_r,
             upstream * (total_mass + 2.0 * z_loss * lse), upstream * other_mass, target_col,
-            upstream * (target_extra * target_weight), weight_ptr, HAS_WEIGHT, GRAD_BLOCK, ALIGN,
-            ACC,
+            upstream * target_coef, mix_col, upstream * mix_coef, cap, weight_ptr, HAS_WEIGHT,
+            GRAD_BLOCK, ALIGN, ACC, SOFTCAP, MIXED,
         )
 
 
@@ -179,8 +266,9 @@ def _backward_kernel(
     lse_ptr, grad_ptr, guess_ptr,
     inner, stride_outer, stride_inner, stride_class, grad_stride_outer, grad_stride_inner,
     num_classes, target_extra: tl.float64, other_mass: tl.float64, z_loss: tl.float64,
-    ignore_index, HAS_WEIGHT: tl.constexpr, SKIP_GUESSED: tl.constexpr, BLOCK: tl.constexpr,
-    ALIGN: tl.constexpr, ACC: tl.constexpr,
+    ignore_index, mix_target_ptr, mix_lambda_ptr, mix_lambda_stride, softcap: tl.float64,
+    HAS_WEIGHT: tl.constexpr, SKIP_GUESSED: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr, MIXED: tl.constexpr,
 ):
     row = tl.program_id(0)
     upstream = tl.load(grad_loss_ptr + row.to(tl.int64) * grad_loss_stride).to(ACC)
@@ -192,22 +280,30 @@ def _backward_kernel(
     target_extra = runtime_scalar(target_extra, ACC)
     other_mass = runtime_scalar(other_mass, ACC)
     z_loss = runtime_scalar(z_loss, ACC)
+    cap = runtime_scalar(softcap, ACC)
     row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
     reference, lse_r = _decode_saved(
-        tl.load(lse_ptr + row).to(ACC), row_ptr, stride_class, num_classes, BLOCK, ALIGN, ACC
+        tl.load(lse_ptr + row).to(ACC), row_ptr, stride_class, num_classes, cap, BLOCK, ALIGN,
+        ACC, SOFTCAP,
     )
     target_col, ignored, in_range = _row_target(target_ptr, row, num_classes, ignore_index)
+    mix_col, lam = target_col, 1.0
+    if MIXED:
+        mix_col, lam, mix_in_range = _mix_target(
+            mix_target_ptr, mix_lambda_ptr, mix_lambda_stride, row, ignored, num_classes, ACC
+        )
+        in_range = in_range & mix_in_range
     upstream = _row_upstream(upstream, ignored, in_range)
-    target_weight, total_mass = _row_masses(
-        target_col, weight_ptr, weight_total_ptr, num_classes, target_extra, other_mass,
-        HAS_WEIGHT, ACC,
+    total_mass, target_coef, mix_coef = _target_coefs(
+        target_col, mix_col, lam, weight_ptr, weight_total_ptr, num_classes, target_extra,
+        other_mass, HAS_WEIGHT, ACC, MIXED,
     )
     grad_row_ptr = grad_ptr + row_start(row, inner, grad_stride_outer, grad_stride_inner, ALIGN)
     gradient_row(
         row_ptr, grad_row_ptr, stride_class, num_classes, reference, lse_r,
         upstream * (total_mass + 2.0 * z_loss * (reference + lse_r)), upstream * other_mass,
-        target_col, upstream * (target_extra * target_weight), weight_ptr, HAS_WEIGHT, BLOCK,
-        ALIGN, ACC,
+        target_col, upstream * target_coef, mix_col, upstream * mix_coef, cap, weight_ptr,
+        HAS_WEIGHT, BLOCK, ALIGN, ACC, SOFTCAP, MIXED,
     )
 # fmt: on
 
@@ -219,6 +315,27 @@ def _weight_args(weight: Tensor | None, weight_total: Tensor | None, logits: Ten
     return weight, weight_total, True
 
 
+def _mix_args(mix, rows: int, acc_dtype: torch.dtype):
+    """``(mix_target, mix_lambda, its stride)`` kernel arguments; ``None``s (a constexpr each, so
+    the unmixed kernel is compiled without them) when ``mix`` is None."""
+    if mix is None:
+        return None, None, None
+    mix_target, mix_lambda = mix
+    check_row_vector("mix_target", mix_target, rows, torch.int64, contiguous=True)
+    check_row_vector("mix_lambda", mix_lambda, rows, acc_dtype, contiguous=False)
+    return mix_target, mix_lambda, mix_lambda.stride(0) if rows > 1 else 0
+
+
+def _stats_args(stats, rows: int, acc_dtype: torch.dtype):
+    """``(lse_out, argmax_out)`` kernel arguments (``None``s when ``stats`` is None)."""
+    if stats is None:
+        return None, None
+    lse_out, argmax_out = stats
+    check_row_vector("lse_out", lse_out, rows, acc_dtype, contiguous=True)
+    check_row_vector("argmax_out", argmax_out, rows, torch.int64, contiguous=True)
+    return lse_out, argmax_out
+
+
 def forward(
     logits: Tensor,
     target: Tensor,
@@ -227,10 +344,24 @@ def forward(
     params: RowParams,
     grad_logits: Tensor | None = None,
     grad_guess: Tensor | None = None,
+    *,
+    mix: tuple[Tensor, Tensor] | None = None,
+    stats: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """Per-row ``(loss, saved lse)`` (the contract of :mod:`lsr_fused.backends`), of the logits
+    read as ``c tanh(x / c)`` where ``params.softcap = c > 0``.
+
+    ``mix = (mix_target, mix_lambda)``: ``(rows,)`` int64 contiguous and ``(rows,)`` accumulation
+    dtype, any stride: the target ``lam q(y) + (1 - lam) q(mix_target)``. ``stats = (lse_out,
+    argmax_out)``: ``(rows,)`` accumulation dtype and int64, contiguous, filled for every row with
+    the absolute log-sum-exp and ``torch.argmax`` of the (capped) logits, in the same pass.
+    """
     batch, inner, num_classes = logits.shape
     rows = batch * inner
     acc_dtype = accumulation_dtype(logits.dtype)
+    softcap = softcap_value(params.softcap)
+    mix_target, mix_lambda, mix_lambda_stride = _mix_args(mix, rows, acc_dtype)
+    lse_out, argmax_out = _stats_args(stats, rows, acc_dtype)
     loss = torch.empty(rows, dtype=acc_dtype, device=logits.device)
     lse = torch.empty(rows, dtype=acc_dtype, device=logits.device)
     if rows == 0:
@@ -239,7 +370,9 @@ def forward(
     grad_arg = grad_logits if write_grad else logits
     check_gradient_layout(logits, grad_arg)
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
-    block, num_warps = launch_config(logits, stats_block_limit(logits, has_weight))
+    block, num_warps = launch_config(
+        logits, stats_block_limit(logits, has_weight, softcap > 0, stats is not None)
+    )
     # The gradient loop keeps to the backward's narrower block: half the registers of a
     # statistics-wide one (values, weights and results per element), so the occupancy floor holds.
     grad_block = min(block, launch_config(logits, GRADIENT_BLOCK_LIMIT)[0])
@@ -249,8 +382,10 @@ def forward(
         grad_guess if write_grad else lse,
         inner, *logits.stride(), grad_arg.stride(0), grad_arg.stride(1), num_classes,
         params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
+        mix_target, mix_lambda, mix_lambda_stride, lse_out, argmax_out, softcap,
         HAS_WEIGHT=has_weight, WRITE_GRAD=write_grad, BLOCK=block, GRAD_BLOCK=grad_block,
         ALIGN=row_alignment(logits, grad_arg), ACC=triton_accumulation(logits.dtype),
+        SOFTCAP=softcap > 0, MIXED=mix is not None, STATS=stats is not None,
         num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     # fmt: on
@@ -267,9 +402,17 @@ def backward(
     params: RowParams,
     grad_logits: Tensor,
     grad_guess: Tensor | None = None,
+    *,
+    mix: tuple[Tensor, Tensor] | None = None,
 ) -> None:
+    """Write the gradient of ``sum(grad_loss * loss)`` into ``grad_logits`` (the contract of
+    :mod:`lsr_fused.backends`; softcap and ``mix`` as in :func:`forward`, which gave ``lse``)."""
     batch, inner, num_classes = logits.shape
     rows = batch * inner
+    softcap = softcap_value(params.softcap)
+    mix_target, mix_lambda, mix_lambda_stride = _mix_args(
+        mix, rows, accumulation_dtype(logits.dtype)
+    )
     if rows == 0:
         return
     check_gradient_layout(logits, grad_logits)
@@ -282,8 +425,10 @@ def backward(
         grad_logits, grad_guess if skip_guessed else lse,
         inner, *logits.stride(), grad_logits.stride(0), grad_logits.stride(1), num_classes,
         params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
+        mix_target, mix_lambda, mix_lambda_stride, softcap,
         HAS_WEIGHT=has_weight, SKIP_GUESSED=skip_guessed, BLOCK=block,
         ALIGN=row_alignment(logits, grad_logits), ACC=triton_accumulation(logits.dtype),
+        SOFTCAP=softcap > 0, MIXED=mix is not None,
         num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     # fmt: on

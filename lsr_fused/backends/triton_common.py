@@ -20,6 +20,9 @@ float64 masses on a GPU exactly as in the interpreter.
 
 from __future__ import annotations
 
+from fractions import Fraction
+from math import comb, factorial
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +32,32 @@ from .._params import accumulation_dtype
 
 # exp(x) = exp2(x * log2(e)): ex2 is the hardware's exponential.
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+def _tanh_series(terms: int) -> tuple[float, ...]:
+    """The first Taylor coefficients of ``tanh(u) / u`` in powers of ``u**2``:
+    ``2**(2n) (2**(2n) - 1) B_2n / (2n)!`` for ``n = 1, 2, ...`` (B: the Bernoulli numbers)."""
+    bernoulli = [Fraction(1)]
+    for m in range(1, 2 * terms + 1):
+        bernoulli.append(-sum(comb(m + 1, k) * bernoulli[k] for k in range(m)) / (m + 1))
+    return tuple(
+        float(2 ** (2 * n) * (2 ** (2 * n) - 1) * bernoulli[2 * n] / factorial(2 * n))
+        for n in range(1, terms + 1)
+    )
+
+
+# Below |u| = 1/4 the soft cap's tanh(u) comes from its Taylor series: there 1 - exp(-2|u|), the
+# exponential form's numerator, has lost about log2(1 / (2|u|)) bits (2 ulp at 1/4). At 1/4 the
+# first omitted term is 8e-9 (float32, 5 terms) and 2e-18 (float64, 11 terms) of tanh(u).
+TANH_SERIES_BELOW: tl.constexpr = tl.constexpr(0.25)
+TANH_TERMS_FP32: tl.constexpr = tl.constexpr(5)
+TANH_TERMS_FP64: tl.constexpr = tl.constexpr(11)
+TANH_SERIES_FP32: tl.constexpr = tl.constexpr(_tanh_series(5))
+TANH_SERIES_FP64: tl.constexpr = tl.constexpr(_tanh_series(11))
+# Keys of the first-maximum search (first_max_update): "no candidate" (above any class index),
+# and the offset that puts a NaN lane's column below every other key (int32 both).
+NO_COLUMN: tl.constexpr = tl.constexpr(2**31 - 1)
+NAN_KEY: tl.constexpr = tl.constexpr(-(2**31))
 
 
 @triton.jit
@@ -63,9 +92,54 @@ def finite_or_zero(value):
 
 
 @triton.jit
-def reference_logit(row_ptr, ACC: tl.constexpr):
-    """The row's reference ``r``: its first logit in the accumulation dtype if finite, else 0."""
-    return finite_or_zero(tl.load(row_ptr).to(ACC))
+def _horner(coefficients, TERMS: tl.constexpr, u2):
+    """``sum_k coefficients[k] u2**k`` over the first ``TERMS`` coefficients."""
+    value = tl.zeros_like(u2) + coefficients[TERMS - 1]
+    for k in tl.static_range(TERMS - 2, -1, -1):
+        value = value * u2 + coefficients[k]
+    return value
+
+
+@triton.jit
+def soft_cap(x, cap):
+    """``(z, dz/dx) = (cap tanh(u), 1 - tanh(u)**2)``, ``u = x / cap``, for ``x`` in the
+    accumulation dtype: +-inf gives +-cap with slope 0, NaN stays NaN.
+
+    With ``e = exp(-2|u|)`` in ``[0, 1]`` (no overflow at any ``x``):
+    ``tanh|u| = (1 - e) / (1 + e)`` and ``1 - tanh(u)**2 = (1 - tanh|u|)(1 + tanh|u|) =
+    4 e / (1 + e)**2``, products and quotients of positive terms, exact to a few ulp, except
+    ``1 - e``, which cancels as ``|u| -> 0``: there the odd Taylor series ``u (1 + c1 u**2 + ...)``
+    takes over. (The slope is what the chain rule multiplies the gradient by:
+    ``d/dx [c tanh(x / c)] = 1 - tanh(x / c)**2 = 1 - (z / c)**2``.)
+    """
+    inv_cap = 1.0 / cap
+    u = x * inv_cap
+    e = tl.exp2(tl.abs(x) * (inv_cap * (-2.0 * LOG2E)))
+    reciprocal = 1.0 / (1.0 + e)
+    magnitude = (1.0 - e) * reciprocal
+    u2 = u * u
+    if u2.dtype == tl.float64:
+        series = _horner(TANH_SERIES_FP64, TANH_TERMS_FP64, u2)
+    else:
+        series = _horner(TANH_SERIES_FP32, TANH_TERMS_FP32, u2)
+    signed = tl.where(u < 0.0, -magnitude, magnitude)
+    tanh = tl.where(tl.abs(u) < TANH_SERIES_BELOW, u * series, signed)
+    return cap * tanh, 4.0 * e * reciprocal * reciprocal
+
+
+@triton.jit
+def capped(x, cap, SOFTCAP: tl.constexpr):
+    """A logit as every formula reads it: ``cap tanh(x / cap)`` under ``SOFTCAP``, else ``x``."""
+    if SOFTCAP:
+        x, _ = soft_cap(x, cap)
+    return x
+
+
+@triton.jit
+def reference_logit(row_ptr, cap, SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """The row's reference ``r``: its first (capped) logit in the accumulation dtype if finite,
+    else 0."""
+    return finite_or_zero(capped(tl.load(row_ptr).to(ACC), cap, SOFTCAP))
 
 
 @triton.jit
@@ -81,6 +155,40 @@ def load_block(row_ptr, start, stride_class, num_classes, other, BLOCK: tl.const
         in_row = tl.max_constancy(in_row, ALIGN)
     x = tl.load(row_ptr + cols.to(tl.int64) * stride_class, mask=in_row, other=other)
     return cols, in_row, x
+
+
+@triton.jit
+def load_capped_block(row_ptr, start, stride_class, num_classes, other, cap, BLOCK: tl.constexpr,
+                      ALIGN: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
+    """:func:`load_block` in the accumulation dtype, soft-capped under ``SOFTCAP`` (masked lanes
+    still ``other``): ``(cols, in_row, z, dz/dx)``, the slope 1 without the cap."""
+    cols, in_row, x = load_block(row_ptr, start, stride_class, num_classes, other, BLOCK, ALIGN)
+    x = x.to(ACC)
+    slope = 1.0
+    if SOFTCAP:
+        x, slope = soft_cap(x, cap)
+        x = tl.where(in_row, x, other)
+    return cols, in_row, x, slope
+
+
+@triton.jit
+def first_max_update(best, best_col, cols, x, block_max):
+    """The running ``(value, column)`` of the row's first maximum after one more block ``x``
+    (``block_max = tl.max(x)``, which skips NaN lanes), as ``torch.argmax``: a NaN counts as above
+    everything and the first NaN wins; ties go to the lowest column.
+
+    One integer min per block finds both candidates: a NaN lane's key is its column plus
+    ``NAN_KEY`` (negative, so below every max lane's), a lane equal to the max keeps its column,
+    others get ``NO_COLUMN``. Masked lanes hold -inf and are never taken: a NaN-free block enters
+    only if its max is above the best so far (-inf at the start: an all -inf row reports 0), and
+    nothing enters once the best is NaN."""
+    key = tl.where(x != x, cols + NAN_KEY, tl.where(x == block_max, cols, NO_COLUMN))
+    block_key = tl.min(key, 0)
+    block_nan = block_key < 0
+    take = (best == best) & (block_nan | (block_max > best))
+    block_best = tl.where(block_nan, float("nan"), block_max)
+    block_col = tl.where(block_nan, block_key - NAN_KEY, block_key)
+    return tl.where(take, block_best, best), tl.where(take, block_col, best_col)
 
 
 @triton.jit
@@ -110,7 +218,7 @@ def online_row_stats(
             row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
         )
         x = x.to(ACC)
-        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x)
+        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x, tl.max(x, 0))
         weighted_logit_sum += _weighted_block_sum(
             cols, in_row, x, reference, weight_ptr, HAS_WEIGHT, ACC
         )
@@ -118,9 +226,10 @@ def online_row_stats(
 
 
 @triton.jit
-def _online_update(running_max, running_sum_exp, x):
-    """The running ``(max, sum of exp(x - max))`` after one more block ``x``."""
-    new_max = tl.maximum(running_max, tl.max(x, 0))
+def _online_update(running_max, running_sum_exp, x, block_max):
+    """The running ``(max, sum of exp(x - max))`` after one more block ``x`` whose max is
+    ``block_max`` (``tl.max(x)``, shared with the argmax search)."""
+    new_max = tl.maximum(running_max, block_max)
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
     running_sum_exp = running_sum_exp * tl.exp2((running_max - shift) * LOG2E) + tl.sum(
         tl.exp2((x - shift) * LOG2E), 0
@@ -141,14 +250,18 @@ def _weighted_block_sum(cols, in_row, x, reference, weight_ptr, HAS_WEIGHT: tl.c
 
 
 @triton.jit
-def online_max_sum_exp(row_ptr, stride_class, num_classes, BLOCK: tl.constexpr,
-                       ALIGN: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """:func:`online_row_stats` without the weighted sum: ``(max, sum of exp(x - max))``."""
+def online_max_sum_exp(row_ptr, stride_class, num_classes, cap, BLOCK: tl.constexpr,
+                       ALIGN: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
+    """:func:`online_row_stats` without the weighted sum: ``(max, sum of exp(x - max))`` of the
+    (capped) logits."""
     running_max = tl.full([], float("-inf"), ACC)
     running_sum_exp = tl.zeros([], ACC)
     for start in range(0, num_classes, BLOCK):
-        _, _, x = load_block(row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN)
-        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x.to(ACC))
+        _, _, x, _ = load_capped_block(
+            row_ptr, start, stride_class, num_classes, float("-inf"), cap, BLOCK, ALIGN, ACC,
+            SOFTCAP,
+        )  # fmt: skip
+        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x, tl.max(x, 0))
     return running_max, running_sum_exp
 
 
@@ -158,14 +271,18 @@ def online_row_stats_at_max(
     stride_class,
     num_classes,
     weight_ptr,
+    cap,
     HAS_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,
     ACC: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    STATS: tl.constexpr,
 ):
     """:func:`online_row_stats` with the weighted sum relative to the running max:
-    ``(max, sum of exp(x - max), sum of w * (x - max), sum of w)``, the shift 0 while the max is
-    -inf.
+    ``(max, sum of exp(x - max), sum of w * (x - max), sum of w, first argmax)``, the shift 0
+    while the max is -inf; the logits soft-capped under ``SOFTCAP``; the argmax (int32, see
+    :func:`first_max_update`) only under ``STATS``, else 0.
 
     For a reference chosen only once the max is known: each block is summed relative to the max so
     far and the running sum moved to a new max by ``(old - new) * (weights seen)``, a product
@@ -175,13 +292,18 @@ def online_row_stats_at_max(
     running_sum_exp = tl.zeros([], ACC)
     weighted_logit_sum = tl.zeros([], ACC)
     weight_seen = tl.zeros([], ACC)
+    best = tl.full([], float("-inf"), ACC)
+    best_col = tl.zeros([], tl.int32)
     for start in range(0, num_classes, BLOCK):
-        cols, in_row, x = load_block(
-            row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
-        )
-        x = x.to(ACC)
+        cols, in_row, x, _ = load_capped_block(
+            row_ptr, start, stride_class, num_classes, float("-inf"), cap, BLOCK, ALIGN, ACC,
+            SOFTCAP,
+        )  # fmt: skip
         old_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
-        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x)
+        block_max = tl.max(x, 0)
+        if STATS:
+            best, best_col = first_max_update(best, best_col, cols, x, block_max)
+        running_max, running_sum_exp = _online_update(running_max, running_sum_exp, x, block_max)
         shift = tl.where(running_max == float("-inf"), 0.0, running_max)
         # Both shifts are finite (or the row has a +inf logit, hence NaN): 0 weight seen moves 0.
         if HAS_WEIGHT:
@@ -194,7 +316,7 @@ def online_row_stats_at_max(
         )
     if not HAS_WEIGHT:
         weight_seen += num_classes
-    return running_max, running_sum_exp, weighted_logit_sum, weight_seen
+    return running_max, running_sum_exp, weighted_logit_sum, weight_seen, best_col
 
 
 @triton.jit
@@ -216,14 +338,21 @@ def gradient_row(
     other_scale,
     target_col,
     target_scale,
+    mix_col,
+    mix_scale,
+    cap,
     weight_ptr,
     HAS_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,
     ACC: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     """Write ``softmax_i * softmax_scale - other_scale * w_i - target_scale * [i == target_col]``
-    over one row, ``softmax_i = exp((x_i - r) - lse_r)``.
+    (``- mix_scale * [i == mix_col]`` as well under ``MIXED``) over one row,
+    ``softmax_i = exp((z_i - r) - lse_r)``, times ``dz_i / dx_i = 1 - (z_i / cap)**2`` under
+    ``SOFTCAP`` (``z = cap tanh(x / cap)``: the chain rule through the cap), else ``z = x``.
 
     The per-row scalars already carry the upstream gradient ``g``: with the math of
     :mod:`lsr_fused.backends`, ``softmax_scale = g (S + 2 z lse)``, ``other_scale = g b`` and
@@ -235,13 +364,19 @@ def gradient_row(
     # must have read the row's reference and target logits before any thread stores.
     tl.debug_barrier()
     for start in range(0, num_classes, BLOCK):
-        cols, in_row, x = load_block(row_ptr, start, stride_class, num_classes, 0.0, BLOCK, ALIGN)
-        grad = tl.exp2(((x.to(ACC) - reference) - shifted_lse) * LOG2E) * softmax_scale
+        cols, in_row, z, slope = load_capped_block(
+            row_ptr, start, stride_class, num_classes, 0.0, cap, BLOCK, ALIGN, ACC, SOFTCAP
+        )
+        grad = tl.exp2(((z - reference) - shifted_lse) * LOG2E) * softmax_scale
         if HAS_WEIGHT:
             grad -= other_scale * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
         else:
             grad -= other_scale
         grad -= tl.where(cols == target_col, target_scale, 0.0)
+        if MIXED:
+            grad -= tl.where(cols == mix_col, mix_scale, 0.0)
+        if SOFTCAP:
+            grad *= slope
         tl.store(grad_row_ptr + cols.to(tl.int64) * stride_class,
                  grad.to(grad_row_ptr.dtype.element_ty), mask=in_row)  # fmt: skip
 
@@ -282,10 +417,13 @@ def launch_config(logits: Tensor, max_block: int) -> tuple[int, int]:
     return block, max(1, min(8, block // 256))
 
 
-def stats_block_limit(logits: Tensor, weighted: bool) -> int:
-    """Widest block of the one-pass statistics loops: 16 KB of logits per iteration, half that
-    with class weights (their float32 values take the registers and bytes in flight instead)."""
-    return (8192 if weighted else 16384) // logits.element_size()
+def stats_block_limit(logits: Tensor, weighted: bool, softcap: bool = False,
+                      stats: bool = False) -> int:  # fmt: skip
+    """Widest block of the one-pass statistics loops: 16 KB of logits per iteration, halved for
+    each of class weights (their float32 values take the registers and bytes in flight instead),
+    the soft cap (its temporaries per element) and the argmax search (its int32 keys), so that
+    the registers per thread stay within the occupancy floor."""
+    return (16384 >> (int(weighted) + int(softcap) + int(stats))) // logits.element_size()
 
 
 def check_gradient_layout(logits: Tensor, grad_logits: Tensor) -> None:
@@ -307,3 +445,23 @@ GRADIENT_BLOCK_LIMIT = 4096
 
 # Widest block for a class stride other than 1, and for float64.
 NARROW_BLOCK_LIMIT = 1024
+
+
+def check_row_vector(
+    name: str, tensor: Tensor, rows: int, dtype: torch.dtype, *, contiguous: bool
+) -> None:
+    """A per-row argument must be ``(rows,)`` of ``dtype`` (contiguous where asked)."""
+    if tuple(tensor.shape) != (rows,) or tensor.dtype != dtype:
+        raise ValueError(
+            f"{name} must be a ({rows},) {dtype} tensor, got {tuple(tensor.shape)} {tensor.dtype}"
+        )
+    if contiguous and rows > 1 and tensor.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous")
+
+
+def softcap_value(softcap: float) -> float:
+    """``softcap`` checked: ``c > 0`` caps the logits, ``0.0`` is off; a negative, infinite or NaN
+    value raises (NaN would otherwise read as off)."""
+    if not (softcap == 0.0 or 0.0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be 0 (off) or a finite positive number, got {softcap}")
+    return float(softcap)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -32,29 +33,38 @@ from .triton_common import (
     FP_FUSION,
     GRADIENT_BLOCK_LIMIT,
     LOG2E,
+    capped,
     check_gradient_layout,
+    check_row_vector,
+    first_max_update,
     gradient_row,
     launch_config,
-    load_block,
+    load_capped_block,
     row_alignment,
     row_start,
+    runtime_scalar,
+    softcap_value,
     stats_block_limit,
     triton_accumulation,
 )
 
-# Rows of shard_stats' output and of shard_grad's coefficients.
+# Rows of shard_stats' output and of shard_grad's coefficients (without, with a mixed target).
 STATS_ROWS = 6
 COEF_ROWS = 5
+MIXED_STATS_ROWS = 8
+MIXED_COEF_ROWS = 6
 
 # Read inside the kernels, hence a constexpr.
 _MAX_GAP: tl.constexpr = tl.constexpr(FIRST_LOGIT_MAX_GAP)
 
 
 @triton.jit
-def _shard_row_stats(row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT: tl.constexpr,
-                     BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """``(m_k, s_k, sum_c w_c (x_c - r_k), r_k)`` of one row in one read, ``r_k`` by the rule of
-    the module docstring.
+def _shard_row_stats(row_ptr, stride_class, num_classes, weight_ptr, cap,
+                     HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+                     ACC: tl.constexpr, SOFTCAP: tl.constexpr, STATS: tl.constexpr):  # fmt: skip
+    """``(m_k, s_k, sum_c w_c (x_c - r_k), r_k, first argmax)`` of one row in one read, ``r_k`` by
+    the rule of the module docstring, every logit soft-capped under ``SOFTCAP``; the argmax (the
+    shard-local column, int32, see ``first_max_update``) only under ``STATS``, else 0.
 
     The weighted sum is taken relative to the running max ``shift`` and moved to each new max by
     ``(old - new) * (weight seen so far)``, the online softmax's rescale written for a sum; at the
@@ -63,17 +73,22 @@ def _shard_row_stats(row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT:
     large offset they share cancels, and a first logit far below the rest (-1e9) never enters any
     but its own term. One loop without branches keeps the kernel within the compile test's limits.
     """
-    first = tl.load(row_ptr).to(ACC)
+    first = capped(tl.load(row_ptr).to(ACC), cap, SOFTCAP)
     running_max = tl.full([], float("-inf"), ACC)
     running_sum_exp = tl.zeros([], ACC)
     weighted_sum = tl.zeros([], ACC)  # sum w (x - shift)
     weight_seen = tl.zeros([], ACC)
+    best = tl.full([], float("-inf"), ACC)
+    best_col = tl.zeros([], tl.int32)
     for start in range(0, num_classes, BLOCK):
-        cols, in_row, x = load_block(
-            row_ptr, start, stride_class, num_classes, float("-inf"), BLOCK, ALIGN
-        )
-        x = x.to(ACC)
-        new_max = tl.maximum(running_max, tl.max(x, 0))
+        cols, in_row, x, _ = load_capped_block(
+            row_ptr, start, stride_class, num_classes, float("-inf"), cap, BLOCK, ALIGN, ACC,
+            SOFTCAP,
+        )  # fmt: skip
+        block_max = tl.max(x, 0)
+        if STATS:
+            best, best_col = first_max_update(best, best_col, cols, x, block_max)
+        new_max = tl.maximum(running_max, block_max)
         old_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         centred = x - shift
@@ -97,7 +112,24 @@ def _shard_row_stats(row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT:
     reference = tl.where(use_first, first, fallback)
     # The move is 0 * W_k where r_k = m_k, and 0 - 0 for an all -inf row (never inf - inf).
     weighted_sum += (final_shift - reference) * weight_seen
-    return running_max, running_sum_exp, weighted_sum, reference
+    return running_max, running_sum_exp, weighted_sum, reference, best_col
+
+
+@triton.jit
+def _shard_target(row_ptr, local_target_ptr, row, stride_class, reference, weight_ptr, cap,
+                  HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
+    """``(z_y - r_k, w_y)`` where the target (a local column, or -1) is on this shard, else
+    ``(0, 0)`` (``w_y`` 1 without weights)."""
+    local_target = tl.load(local_target_ptr + row)
+    here = local_target >= 0
+    safe_target = tl.where(here, local_target, 0)
+    target_logit = tl.load(row_ptr + safe_target * stride_class, mask=here, other=0.0).to(ACC)
+    target_logit = capped(target_logit, cap, SOFTCAP)
+    if HAS_WEIGHT:
+        target_weight = tl.load(weight_ptr + safe_target, mask=here, other=0.0).to(ACC)
+    else:
+        target_weight = tl.where(here, 1.0, 0.0).to(ACC)
+    return tl.where(here, target_logit - reference, 0.0), target_weight
 
 
 # fmt: off
@@ -105,24 +137,24 @@ def _shard_row_stats(row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT:
 def _stats_kernel(
     logits_ptr, local_target_ptr, weight_ptr, out_ptr, num_rows,
     inner, stride_outer, stride_inner, stride_class, num_classes,
+    local_mix_target_ptr, argmax_out_ptr, softcap: tl.float64,
     HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
+    SOFTCAP: tl.constexpr, MIXED: tl.constexpr, STATS: tl.constexpr,
 ):
     row = tl.program_id(0)
+    cap = runtime_scalar(softcap, ACC)
     row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
-    running_max, running_sum_exp, weighted_sum, reference = _shard_row_stats(
-        row_ptr, stride_class, num_classes, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC
+    running_max, running_sum_exp, weighted_sum, reference, argmax = _shard_row_stats(
+        row_ptr, stride_class, num_classes, weight_ptr, cap, HAS_WEIGHT, BLOCK, ALIGN, ACC,
+        SOFTCAP, STATS,
+    )
+    target_logit, target_weight = _shard_target(
+        row_ptr, local_target_ptr, row, stride_class, reference, weight_ptr, cap, HAS_WEIGHT, ACC,
+        SOFTCAP,
     )
 
-    local_target = tl.load(local_target_ptr + row)
-    here = local_target >= 0
-    safe_target = tl.where(here, local_target, 0)
-    target_logit = tl.load(row_ptr + safe_target * stride_class, mask=here, other=0.0).to(ACC)
-    if HAS_WEIGHT:
-        target_weight = tl.load(weight_ptr + safe_target, mask=here, other=0.0).to(ACC)
-    else:
-        target_weight = tl.where(here, 1.0, 0.0).to(ACC)
-
-    # out is (6, num_rows); stepping the pointer keeps every offset in 64-bit address arithmetic.
+    # out is (6, num_rows) ((8, num_rows) mixed); stepping the pointer keeps every offset in
+    # 64-bit address arithmetic.
     out = out_ptr + row.to(tl.int64)
     tl.store(out, running_max)
     out += num_rows
@@ -130,19 +162,31 @@ def _stats_kernel(
     out += num_rows
     tl.store(out, weighted_sum)
     out += num_rows
-    tl.store(out, tl.where(here, target_logit - reference, 0.0))
+    tl.store(out, target_logit)
     out += num_rows
     tl.store(out, target_weight)
     out += num_rows
     tl.store(out, reference)
+    if MIXED:
+        mix_logit, mix_weight = _shard_target(
+            row_ptr, local_mix_target_ptr, row, stride_class, reference, weight_ptr, cap,
+            HAS_WEIGHT, ACC, SOFTCAP,
+        )
+        out += num_rows
+        tl.store(out, mix_logit)
+        out += num_rows
+        tl.store(out, mix_weight)
+    if STATS:
+        tl.store(argmax_out_ptr + row, argmax.to(tl.int64))
 
 
 @triton.jit
 def _grad_kernel(
     logits_ptr, grad_ptr, local_target_ptr, weight_ptr, coef_ptr, num_rows,
     inner, stride_outer, stride_inner, stride_class, grad_stride_outer, grad_stride_inner,
-    num_classes, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
-    ACC: tl.constexpr,
+    num_classes, local_mix_target_ptr, softcap: tl.float64, HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
@@ -158,41 +202,82 @@ def _grad_kernel(
     reference = tl.load(coef).to(ACC)
     # -1 (the target is on another rank) matches no column.
     target_col = tl.load(local_target_ptr + row).to(tl.int32)
+    mix_col, mix_scale = target_col, 0.0
+    if MIXED:
+        coef += num_rows
+        mix_scale = tl.load(coef).to(ACC)
+        mix_col = tl.load(local_mix_target_ptr + row).to(tl.int32)
     grad_row_ptr = grad_ptr + row_start(row, inner, grad_stride_outer, grad_stride_inner, ALIGN)
     gradient_row(
         row_ptr, grad_row_ptr, stride_class, num_classes, reference, shifted_lse, softmax_scale,
-        other_scale, target_col, target_scale, weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC,
+        other_scale, target_col, target_scale, mix_col, mix_scale, runtime_scalar(softcap, ACC),
+        weight_ptr, HAS_WEIGHT, BLOCK, ALIGN, ACC, SOFTCAP, MIXED,
     )
 # fmt: on
 
 
+def _local_mix_arg(local_mix_target: Optional[Tensor], num_rows: int) -> Optional[Tensor]:
+    if local_mix_target is not None:
+        check_row_vector("local_mix_target", local_mix_target, num_rows, torch.int64,
+                         contiguous=True)  # fmt: skip
+    return local_mix_target
+
+
+def _check_table(name: str, table: Tensor, rows: int, num_rows: int, mixed: bool) -> None:
+    if tuple(table.shape) != (rows, num_rows) or not table.is_contiguous():
+        extra = " (local_mix_target given)" if mixed else ""
+        raise ValueError(
+            f"{name} must be a contiguous ({rows}, {num_rows}) tensor{extra}, got shape "
+            f"{tuple(table.shape)}"
+        )
+
+
 def shard_stats(
-    logits: Tensor, local_target: Tensor, weight: Optional[Tensor], out: Tensor
+    logits: Tensor,
+    local_target: Tensor,
+    weight: Optional[Tensor],
+    out: Tensor,
+    *,
+    softcap: float = 0.0,
+    local_mix_target: Optional[Tensor] = None,
+    argmax_out: Optional[Tensor] = None,
 ) -> None:
     """Fill ``out`` ``(6, rows)`` (accumulation dtype, contiguous) with the per-row shard
     statistics ``(m_k, s_k, sum_c w_c (x_c - r_k), x_y - r_k, w_y, r_k)``; ``local_target``
     ``(rows,)`` int64 holds ``y - offset`` or -1 (not here). An empty shard gives
-    ``(-inf, 0, 0, 0, 0, 0)``."""
+    ``(-inf, 0, 0, 0, 0, 0)``.
+
+    ``softcap = c > 0``: every logit is read as ``c tanh(x / c)``. ``local_mix_target`` (``(rows,)``
+    int64, contiguous, a local column or -1): ``out`` is ``(8, rows)``, rows 6 and 7 the
+    ``x_y2 - r_k`` and ``w_y2`` of the mixed target (0 where it is not here). ``argmax_out``
+    (``(rows,)`` int64, contiguous): the shard-local ``torch.argmax`` of each row (0 when empty).
+    """
     batch, inner, num_classes = logits.shape
     num_rows = batch * inner
-    if tuple(out.shape) != (STATS_ROWS, num_rows) or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a contiguous ({STATS_ROWS}, {num_rows}) tensor, got shape "
-            f"{tuple(out.shape)}"
-        )
+    mixed = local_mix_target is not None
+    _check_table("out", out, MIXED_STATS_ROWS if mixed else STATS_ROWS, num_rows, mixed)
+    local_mix_target = _local_mix_arg(local_mix_target, num_rows)
+    if argmax_out is not None:
+        check_row_vector("argmax_out", argmax_out, num_rows, torch.int64, contiguous=True)
+    softcap = softcap_value(softcap)
     if num_rows == 0:
         return
     if num_classes == 0:  # an empty shard: nothing to read, and no pointer worth passing
         out.zero_()
         out[0].fill_(float("-inf"))
+        if argmax_out is not None:
+            argmax_out.zero_()
         return
-    block, num_warps = launch_config(logits, stats_block_limit(logits, weight is not None))
+    block, num_warps = launch_config(
+        logits, stats_block_limit(logits, weight is not None, softcap > 0, argmax_out is not None)
+    )
     # fmt: off
     _stats_kernel[(num_rows,)](
         logits, local_target, logits if weight is None else weight,  # never read without weight
-        out, num_rows, inner, *logits.stride(), num_classes,
+        out, num_rows, inner, *logits.stride(), num_classes, local_mix_target, argmax_out, softcap,
         HAS_WEIGHT=weight is not None, BLOCK=block, ALIGN=row_alignment(logits),
-        ACC=triton_accumulation(logits.dtype), num_warps=num_warps, enable_fp_fusion=FP_FUSION,
+        ACC=triton_accumulation(logits.dtype), SOFTCAP=softcap > 0, MIXED=mixed,
+        STATS=argmax_out is not None, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     # fmt: on
 
@@ -203,18 +288,25 @@ def shard_grad(
     weight: Optional[Tensor],
     coefs: Tensor,
     grad_logits: Tensor,
+    *,
+    softcap: float = 0.0,
+    local_mix_target: Optional[Tensor] = None,
 ) -> None:
     """Write this shard's gradient into ``grad_logits`` (the logits' shape and class stride; may
     be ``logits``) from the per-row ``coefs`` ``(5, rows)`` = ``(lse_k, A, B, T, r_k)``
     (accumulation dtype, contiguous): ``r_k`` is this shard's reference as :func:`shard_stats`
-    returned it and ``lse_k`` the global lse minus ``r_k``."""
+    returned it and ``lse_k`` the global lse minus ``r_k``.
+
+    ``local_mix_target`` given: ``coefs`` is ``(6, rows)``, row 5 the ``T2`` of
+    ``- T2 [i == local_mix_target]``. ``softcap = c > 0``: ``z = c tanh(x / c)`` replaces ``x``
+    (``exp(z_i - r_k - lse_k)``) and the whole gradient is multiplied by ``1 - (z_i / c)**2``.
+    """
     batch, inner, num_classes = logits.shape
     num_rows = batch * inner
-    if tuple(coefs.shape) != (COEF_ROWS, num_rows) or not coefs.is_contiguous():
-        raise ValueError(
-            f"coefs must be a contiguous ({COEF_ROWS}, {num_rows}) tensor, got shape "
-            f"{tuple(coefs.shape)}"
-        )
+    mixed = local_mix_target is not None
+    _check_table("coefs", coefs, MIXED_COEF_ROWS if mixed else COEF_ROWS, num_rows, mixed)
+    local_mix_target = _local_mix_arg(local_mix_target, num_rows)
+    softcap = softcap_value(softcap)
     if num_rows == 0 or num_classes == 0:
         return
     check_gradient_layout(logits, grad_logits)
@@ -223,7 +315,9 @@ def shard_grad(
     _grad_kernel[(num_rows,)](
         logits, grad_logits, local_target, logits if weight is None else weight, coefs, num_rows,
         inner, *logits.stride(), grad_logits.stride(0), grad_logits.stride(1), num_classes,
+        local_mix_target, softcap,
         HAS_WEIGHT=weight is not None, BLOCK=block, ALIGN=row_alignment(logits, grad_logits),
-        ACC=triton_accumulation(logits.dtype), num_warps=num_warps, enable_fp_fusion=FP_FUSION,
+        ACC=triton_accumulation(logits.dtype), SOFTCAP=softcap > 0, MIXED=mixed,
+        num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
     # fmt: on
