@@ -68,6 +68,21 @@ struct RowArgs {
   // them already). Read on the device, never on the host, for CUDA.
   const void* grad_guess = nullptr;
 
+  // Options of issue 22 (CPU kernels only; off by default). softcap c > 0: every logit x is read
+  // as c * tanh(x / c).
+  double softcap = 0.0;
+  // Mixed targets: y2, (B * S,) int64 contiguous, and lam, accumulation type with a row stride
+  // (0 allowed); nullptr: off. Read only for rows that are not ignored.
+  const int64_t* mix_target = nullptr;
+  const void* mix_lambda = nullptr;
+  int64_t mix_lambda_stride = 0;
+  // Forward statistics outputs, nullptr: off. Per row: the absolute log-sum-exp (accumulation
+  // type) and the first argmax (int64) of the (capped) logits, each with a row stride.
+  void* stats_lse = nullptr;
+  int64_t stats_lse_stride = 1;
+  int64_t* stats_argmax = nullptr;
+  int64_t stats_argmax_stride = 1;
+
   LSR_HOST_DEVICE int64_t rows() const { return batch * inner; }
 };
 

@@ -185,9 +185,16 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
                                                double target_extra, double other_mass,
                                                double z_loss, int64_t ignore_index,
                                                const std::optional<at::Tensor>& grad_logits,
-                                               const std::optional<at::Tensor>& grad_guess) {
+                                               const std::optional<at::Tensor>& grad_guess,
+                                               double softcap,
+                                               const std::optional<at::Tensor>& mix_target,
+                                               const std::optional<at::Tensor>& mix_lambda,
+                                               const std::optional<at::Tensor>& stats_lse,
+                                               const std::optional<at::Tensor>& stats_argmax) {
   ForwardCall call = prepare_forward(logits, target, weight, weight_total, target_extra,
                                      other_mass, z_loss, ignore_index, grad_logits, grad_guess);
+  call.mix = prepare_options(softcap, mix_target, mix_lambda, logits, call.args);
+  prepare_stats(stats_lse, stats_argmax, logits, call.args);
   RowArgs& args = call.args;
   const int64_t rows = args.rows();
   if (rows == 0) return {call.loss, call.lse};
@@ -206,10 +213,13 @@ void backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const a
                   const std::optional<at::Tensor>& weight,
                   const std::optional<at::Tensor>& weight_total, const at::Tensor& lse,
                   double target_extra, double other_mass, double z_loss, int64_t ignore_index,
-                  const at::Tensor& grad_logits, const std::optional<at::Tensor>& grad_guess) {
+                  const at::Tensor& grad_logits, const std::optional<at::Tensor>& grad_guess,
+                  double softcap, const std::optional<at::Tensor>& mix_target,
+                  const std::optional<at::Tensor>& mix_lambda) {
   BackwardCall call = prepare_backward(grad_loss, logits, target, weight, weight_total, lse,
                                        target_extra, other_mass, z_loss, ignore_index, grad_logits,
                                        grad_guess);
+  call.mix = prepare_options(softcap, mix_target, mix_lambda, logits, call.args);
   RowArgs& args = call.args;
   const int64_t rows = args.rows();
   if (rows == 0) return;
@@ -230,7 +240,11 @@ std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& logits, const 
                                                 const std::optional<at::Tensor>& weight_total,
                                                 double, double, double, int64_t,
                                                 const std::optional<at::Tensor>& grad_logits,
-                                                const std::optional<at::Tensor>& grad_guess) {
+                                                const std::optional<at::Tensor>& grad_guess,
+                                                double, const std::optional<at::Tensor>&,
+                                                const std::optional<at::Tensor>&,
+                                                const std::optional<at::Tensor>&,
+                                                const std::optional<at::Tensor>&) {
   TORCH_CHECK(logits.dim() == 3, "lsr_fused: logits must be (B, S, C), got ", logits.sizes());
   (void)target;
   (void)weight;
@@ -247,7 +261,8 @@ std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& logits, const 
 void backward_meta(const at::Tensor&, const at::Tensor& logits, const at::Tensor&,
                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                    const at::Tensor&, double, double, double, int64_t,
-                   const at::Tensor& grad_logits, const std::optional<at::Tensor>&) {
+                   const at::Tensor& grad_logits, const std::optional<at::Tensor>&, double,
+                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
   TORCH_CHECK(grad_logits.sym_sizes() == logits.sym_sizes(),
               "lsr_fused: grad_logits must have the logits' shape");
 }
@@ -273,11 +288,14 @@ TORCH_LIBRARY(lsr_fused_C, m) {
   m.def(
       "forward(Tensor logits, Tensor target, Tensor? weight, Tensor? weight_total, "
       "float target_extra, float other_mass, float z_loss, int ignore_index, "
-      "Tensor(a!)? grad_logits=None, Tensor? grad_guess=None) -> (Tensor, Tensor)");
+      "Tensor(a!)? grad_logits=None, Tensor? grad_guess=None, float softcap=0.0, "
+      "Tensor? mix_target=None, Tensor? mix_lambda=None, Tensor(b!)? stats_lse=None, "
+      "Tensor(c!)? stats_argmax=None) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
       "Tensor? weight_total, Tensor lse, float target_extra, float other_mass, float z_loss, "
-      "int ignore_index, Tensor(a!) grad_logits, Tensor? grad_guess=None) -> ()");
+      "int ignore_index, Tensor(a!) grad_logits, Tensor? grad_guess=None, float softcap=0.0, "
+      "Tensor? mix_target=None, Tensor? mix_lambda=None) -> ()");
   m.def("cpu_capability() -> str", &lsr_fused::cpu_capability);
   m.def("set_cpu_capability(str name) -> str", &lsr_fused::set_cpu_capability);
   // The CPU gradient pool (csrc/grad_pool.h): empty_grad is empty_like(logits) whose memory, for

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "lsr_args.h"
@@ -153,6 +154,75 @@ inline bool check_forward_grad_args(const std::optional<at::Tensor>& grad_logits
   return has_grad;
 }
 
+// The mixed-target tensors of a call (undefined when off), kept alive until the kernels are done.
+struct MixInputs {
+  at::Tensor target;
+  at::Tensor lambda;
+};
+
+// softcap and the mixed targets (forward and backward alike): checked and packed into args.
+inline MixInputs prepare_options(double softcap, const std::optional<at::Tensor>& mix_target,
+                                 const std::optional<at::Tensor>& mix_lambda,
+                                 const at::Tensor& logits, RowArgs& args) {
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0,
+                    "lsr_fused: softcap must be finite and >= 0 (0 = off), got ", softcap);
+  args.softcap = softcap;
+  MixInputs mix;
+  const bool has_target = mix_target.has_value() && mix_target->defined();
+  const bool has_lambda = mix_lambda.has_value() && mix_lambda->defined();
+  TORCH_CHECK_VALUE(has_target == has_lambda,
+                    "lsr_fused: mix_target and mix_lambda go together, got only ",
+                    has_target ? "mix_target" : "mix_lambda");
+  if (!has_target) return mix;
+  const int64_t rows = args.rows();
+  check_same_device(*mix_target, logits, "mix_target");
+  TORCH_CHECK_VALUE(mix_target->scalar_type() == at::kLong,
+                    "lsr_fused: mix_target must be int64, got ", mix_target->scalar_type());
+  TORCH_CHECK_VALUE(mix_target->numel() == rows, "lsr_fused: mix_target has ",
+                    mix_target->numel(), " elements but logits have ", rows, " rows");
+  if (rows == 0) return mix;
+  mix.target = mix_target->reshape({-1}).contiguous();
+  args.mix_target = mix.target.const_data_ptr<int64_t>();
+  mix.lambda = row_vector(*mix_lambda, rows, accumulation_type(logits), logits, "mix_lambda",
+                          args.mix_lambda_stride);
+  args.mix_lambda = mix.lambda.const_data_ptr();
+  return mix;
+}
+
+// One (rows,) statistics output: the exact dtype (the kernels write it in place), any stride.
+inline void check_stats_output(const at::Tensor& out, at::ScalarType dtype, int64_t rows,
+                               const at::Tensor& logits, const char* name) {
+  check_same_device(out, logits, name);
+  TORCH_CHECK_VALUE(out.scalar_type() == dtype, "lsr_fused: ", name, " must be ", dtype,
+                    ", got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.dim() == 1 && out.size(0) == rows, "lsr_fused: ", name,
+                    " must have shape (", rows, ",), got ", out.sizes());
+  TORCH_CHECK_VALUE(rows <= 1 || out.stride(0) != 0, "lsr_fused: ", name,
+                    " must not be a broadcast (stride 0) view: every row writes its own value");
+}
+
+// The forward statistics outputs (both or neither): checked and packed into args. Returns whether
+// they are written.
+inline bool prepare_stats(const std::optional<at::Tensor>& stats_lse,
+                          const std::optional<at::Tensor>& stats_argmax, const at::Tensor& logits,
+                          RowArgs& args) {
+  const bool has_lse = stats_lse.has_value() && stats_lse->defined();
+  const bool has_argmax = stats_argmax.has_value() && stats_argmax->defined();
+  TORCH_CHECK_VALUE(has_lse == has_argmax,
+                    "lsr_fused: stats_lse and stats_argmax go together, got only ",
+                    has_lse ? "stats_lse" : "stats_argmax");
+  if (!has_lse) return false;
+  const int64_t rows = args.rows();
+  check_stats_output(*stats_lse, accumulation_type(logits), rows, logits, "stats_lse");
+  check_stats_output(*stats_argmax, at::kLong, rows, logits, "stats_argmax");
+  if (rows == 0) return true;
+  args.stats_lse = stats_lse->mutable_data_ptr();
+  args.stats_lse_stride = stats_lse->stride(0);
+  args.stats_argmax = stats_argmax->mutable_data_ptr<int64_t>();
+  args.stats_argmax_stride = stats_argmax->stride(0);
+  return true;
+}
+
 // One forward call, packed: RowArgs plus every tensor its pointers refer to (outputs included),
 // which must stay alive until the kernels are done. Shared by the CPU and CUDA ops.
 struct ForwardCall {
@@ -161,6 +231,7 @@ struct ForwardCall {
   at::Tensor guess;  // undefined unless the gradient is written in forward
   at::Tensor loss;
   at::Tensor lse;
+  MixInputs mix;
   bool write_grad = false;
 };
 
@@ -194,6 +265,7 @@ struct BackwardCall {
   at::Tensor guess;      // undefined unless rows matching the guess are skipped
   at::Tensor grad_loss;  // accumulation-type copies when the inputs had another dtype
   at::Tensor lse;
+  MixInputs mix;
 };
 
 inline BackwardCall prepare_backward(const at::Tensor& grad_loss, const at::Tensor& logits,

@@ -20,6 +20,16 @@
 // g = *grad_guess while the row is still cached (one read of the logits from memory instead of
 // two, and for contiguous rows one exp per element instead of two: forward_grad_rows_pipelined);
 // the backward, given the same grad_guess, then skips the rows whose g equals it.
+//
+// Options of issue 22, each off by default with its code path unchanged:
+// - softcap c > 0 (template switch kCap): every logit x is read as z = c tanh(x / c) (Softcap)
+//   before any other use; x above stands for z, and the gradient gets the chain factor
+//   dz/dx = 1 - (z / c)^2.
+// - mixed targets (per-row scalars, no switch): lam of the mass (a - b) goes to y1, 1 - lam to y2
+//   (RowTargets): S = b W + (a - b) (lam w_y1 + (1 - lam) w_y2), a second target logit in the loss
+//   and a second target element in the gradient.
+// - statistics (template switch kStats): r + lse_r and torch.argmax of z per row, the argmax
+//   tracked per vector lane in the pass that finds the row max (ArgmaxLanes).
 #pragma once
 
 #ifndef LSR_CPU_NS
@@ -209,6 +219,217 @@ inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp(); }
 #endif
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
 
+// ---------------------------------------------------------------------------------------------
+// Softcap: every logit x is read as z = c tanh(x / c) when c > 0 (lsr_fused/backends/__init__.py).
+
+// tanh(u) = u + u s (k1 + k2 s + k3 s^2 + k4 s^3 + k5 s^4), s = u^2, for |u| < kSmall: a relative
+// minimax fit made for this file (max error 1.3 ulp in float32, evaluation included).
+struct TanhConstants {
+  static constexpr float kSmall = 0.625f;
+  static constexpr float kP1 = -3.3333283925e-01f;
+  static constexpr float kP2 = 1.3331491282e-01f;
+  static constexpr float kP3 = -5.3743497534e-02f;
+  static constexpr float kP4 = 2.0650585269e-02f;
+  static constexpr float kP5 = -5.7170425671e-03f;
+};
+
+// Lane by lane: `above` where u >= limit or u is NaN, `below` where u < limit.
+inline Vectorized<float> select_below(const Vectorized<float>& u, float limit,
+                                      const Vectorized<float>& below,
+                                      const Vectorized<float>& above) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 k = _mm512_cmp_ps_mask(u, _mm512_set1_ps(limit), _CMP_LT_OQ);
+  return Vectorized<float>(_mm512_mask_blend_ps(k, above, below));
+#else
+  return Vectorized<float>::blendv(above, below, u < Vectorized<float>(limit));
+#endif
+}
+
+// Whether every lane of u is below limit (never for a NaN lane).
+inline bool all_below(const Vectorized<float>& u, float limit) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(u, _mm512_set1_ps(limit), _CMP_LT_OQ) == 0xFFFF;
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_movemask_ps(_mm256_cmp_ps(u, _mm256_set1_ps(limit), _CMP_LT_OQ)) == 0xFF;
+#else
+  alignas(64) float lanes[Vectorized<float>::size()];
+  u.store(lanes);
+  for (int64_t i = 0; i < Vectorized<float>::size(); ++i) {
+    if (!(lanes[i] < limit)) return false;
+  }
+  return true;
+#endif
+}
+
+// 1 / d for d in [1, 2], lane by lane: the hardware estimate refined by Newton steps (about 1 ulp;
+// a vector division costs several times more).
+inline Vectorized<float> vrecip(const Vectorized<float>& d) {
+  using V = Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  const V q(_mm512_rcp14_ps(d));  // 14 bits; one step doubles them
+  return at::vec::fmadd(q, at::vec::fnmadd(d, q, V(1.0f)), q);
+#elif defined(CPU_CAPABILITY_AVX2)
+  V q(_mm256_rcp_ps(d));  // 12 bits: two steps
+  q = at::vec::fmadd(q, at::vec::fnmadd(d, q, V(1.0f)), q);
+  return at::vec::fmadd(q, at::vec::fnmadd(d, q, V(1.0f)), q);
+#else
+  return V(1.0f) / d;
+#endif
+}
+
+// tanh(u) lane by lane, and its derivative 1 - tanh(u)^2 in `slope` (NaN stays NaN; +-inf gives
+// +-1 and slope 0). Float: the odd polynomial above for |u| < kSmall (alone when every lane is
+// there, the common case for a softcap well above the logits); beyond, t = (1 - E) / (1 + E)
+// with E = exp(-2|u|) in [0, 0.29] (never overflows; E = 0 at infinity; t >= 0.55 there, so
+// nothing cancels: ~2 ulp) and slope = 4 E / (1 + E)^2, which keeps its relative accuracy where t
+// rounds to 1.
+inline Vectorized<float> vtanh(const Vectorized<float>& u, Vectorized<float>& slope) {
+  using V = Vectorized<float>;
+  using K = TanhConstants;
+  constexpr float kSmallSquared = K::kSmall * K::kSmall;  // exact
+  const V s = u * u;
+  V p = at::vec::fmadd(V(K::kP5), s, V(K::kP4));
+  p = at::vec::fmadd(p, s, V(K::kP3));
+  p = at::vec::fmadd(p, s, V(K::kP2));
+  p = at::vec::fmadd(p, s, V(K::kP1));
+  const V t_small = at::vec::fmadd(u * s, p, u);
+  const V slope_small = at::vec::fnmadd(t_small, t_small, V(1.0f));
+  if (all_below(s, kSmallSquared)) {
+    slope = slope_small;
+    return t_small;
+  }
+  const V sign = u & V(-0.0f);
+  const V e = vexp(u.abs() * V(-2.0f));
+  const V q = vrecip(V(1.0f) + e);
+  const V t_large = ((V(1.0f) - e) * q) | sign;
+  slope = select_below(s, kSmallSquared, slope_small, V(4.0f) * e * (q * q));
+  return select_below(s, kSmallSquared, t_small, t_large);
+}
+
+// Double: at::vec's tanh (Sleef where vectorized); 1 - t^2 as (1 - t)(1 + t) (1 - t is exact
+// near t = 1).
+inline Vectorized<double> vtanh(const Vectorized<double>& u, Vectorized<double>& slope) {
+  using V = Vectorized<double>;
+  const V t = u.tanh();
+  slope = (V(1.0) - t) * (V(1.0) + t);
+  return t;
+}
+
+// How every logit is read: z = c tanh(x / c) with kCap (c = softcap > 0), else z = x. The chain
+// rule of the gradient is d/dx = d/dz * dz/dx with dz/dx = 1 - (z / c)^2 = 1 - tanh(x / c)^2.
+template <typename A, bool kCap>
+struct Softcap {
+  using V = Vectorized<A>;
+  A c = A(0);
+  A inv_c = A(0);
+
+  explicit Softcap(double softcap) {
+    if constexpr (kCap) {
+      c = static_cast<A>(softcap);
+      inv_c = static_cast<A>(1.0 / softcap);
+    }
+  }
+
+  // z, and dz/dx in `slope` (left untouched without kCap).
+  inline V apply(const V& x, V& slope) const {
+    if constexpr (kCap) {
+      return V(c) * vtanh(x * V(inv_c), slope);
+    } else {
+      (void)slope;
+      return x;
+    }
+  }
+
+  inline V apply(const V& x) const {
+    V slope;
+    return apply(x, slope);
+  }
+
+  // One value, by the lane function itself, so that scalar and vector reads of a logit agree bit
+  // for bit (forward and backward recompute the same r). dz/dx in *slope when given (1 without
+  // kCap).
+  inline A apply(A x, A* slope = nullptr) const {
+    if constexpr (kCap) {
+      alignas(64) A z[V::size()];
+      alignas(64) A dz[V::size()];
+      V s;
+      apply(V(x), s).store(z);
+      s.store(dz);
+      if (slope != nullptr) *slope = dz[0];
+      return z[0];
+    } else {
+      if (slope != nullptr) *slope = A(1);
+      return x;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Argmax (the statistics option): torch.argmax of z, the first maximum.
+
+// best = x and at = chunk in the lanes where x > best (an ordered compare: NaN never enters).
+template <typename A>
+inline void keep_greater(Vectorized<A>& best, Vectorized<A>& at, const Vectorized<A>& x,
+                         const Vectorized<A>& chunk) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    const __mmask16 gt = _mm512_cmp_ps_mask(x, best, _CMP_GT_OQ);
+    best = Vectorized<A>(_mm512_mask_mov_ps(best, gt, x));
+    at = Vectorized<A>(_mm512_mask_mov_ps(at, gt, chunk));
+  } else {
+    const __mmask8 gt = _mm512_cmp_pd_mask(x, best, _CMP_GT_OQ);
+    best = Vectorized<A>(_mm512_mask_mov_pd(best, gt, x));
+    at = Vectorized<A>(_mm512_mask_mov_pd(at, gt, chunk));
+  }
+#else
+  const Vectorized<A> gt = x > best;
+  best = Vectorized<A>::blendv(best, x, gt);
+  at = Vectorized<A>::blendv(at, chunk, gt);
+#endif
+}
+
+// The first maximum of a row, lane by lane over its chunks of two vectors: each lane keeps its
+// best value and the chunk where it first occurred (only a strictly greater value replaces it, so
+// a tie keeps the earlier chunk); resolve() then takes the lowest index holding the maximum.
+// NaN is never taken here: a row with a NaN (or with only -inf) has non-finite statistics and is
+// resolved by first_argmax_scan instead. Chunk numbers are held as A values (exact below 2^24).
+template <typename A>
+struct ArgmaxLanes {
+  using V = Vectorized<A>;
+  static constexpr int64_t kV = V::size();
+  V best0{-std::numeric_limits<A>::infinity()};
+  V best1{-std::numeric_limits<A>::infinity()};
+  V at0{A(0)};
+  V at1{A(0)};
+
+  inline void add(const V& a, const V& b, int64_t chunk) {
+    const V c(static_cast<A>(chunk));
+    keep_greater(best0, at0, a, c);
+    keep_greater(best1, at1, b, c);
+  }
+
+  // The lowest index of the maximum of the lanes and of a scalar tail (tail_best first seen at
+  // tail_index, which lies after every chunk; -inf for no tail).
+  int64_t resolve(A tail_best, int64_t tail_index) const {
+    alignas(64) A best[2 * kV];
+    alignas(64) A at[2 * kV];
+    best0.store(best);
+    best1.store(best + kV);
+    at0.store(at);
+    at1.store(at + kV);
+    A m = -std::numeric_limits<A>::infinity();
+    int64_t index = 0;
+    for (int64_t j = 0; j < 2 * kV; ++j) {
+      const int64_t i = static_cast<int64_t>(at[j]) * (2 * kV) + j;
+      if (best[j] > m || (best[j] == m && i < index)) {
+        m = best[j];
+        index = i;
+      }
+    }
+    return tail_best > m ? tail_index : index;
+  }
+};
+
 // Software prefetch this far ahead of the loads: the per-chunk work is long enough that the
 // hardware prefetcher alone leaves the forward well below the memory bandwidth (measured: ~1.6x
 // faster forward at 2048 x 32000 float32 on a 2-core AVX-512 VM). Prefetches never fault, so
@@ -265,20 +486,24 @@ inline typename AccOf<T>::type to_acc(T x) {
   return static_cast<typename AccOf<T>::type>(x);
 }
 
-// The row's first logit where finite, else 0: the reference the forward sums are taken against
-// (and r itself in the common case, see choose_shift).
-template <typename T>
-inline typename AccOf<T>::type row_reference(const T* row, int64_t C) {
+template <typename T, bool kCap>
+using CapOf = Softcap<typename AccOf<T>::type, kCap>;
+
+// The row's first z where finite, else 0: the reference the forward sums are taken against (and r
+// itself in the common case, see choose_shift).
+template <typename T, bool kCap>
+inline typename AccOf<T>::type row_reference(const T* row, int64_t C, const CapOf<T, kCap>& cap) {
   using A = typename AccOf<T>::type;
   if (C == 0) return A(0);
-  const A first = to_acc(row[0]);
+  const A first = cap.apply(to_acc(row[0]));
   return std::isfinite(first) ? first : A(0);
 }
 
-// The first logit in double (-inf for a row without classes).
-template <typename T>
-inline double first_logit(const T* row, int64_t C) {
-  return C > 0 ? static_cast<double>(to_acc(row[0])) : -std::numeric_limits<double>::infinity();
+// The first z in double (-inf for a row without classes).
+template <typename T, bool kCap>
+inline double first_logit(const T* row, int64_t C, const CapOf<T, kCap>& cap) {
+  return C > 0 ? static_cast<double>(cap.apply(to_acc(row[0])))
+               : -std::numeric_limits<double>::infinity();
 }
 
 // FIRST_LOGIT_MAX_GAP of lsr_fused/backends/__init__.py.
@@ -306,9 +531,10 @@ inline Shift choose_shift(double first, double row_max, double log_sum) {
   return Shift{row_max, log_sum, -1.0 - log_sum, true};
 }
 
-// The row max (NaN-free rows), for a row whose reference is its max.
-template <typename T>
-inline typename AccOf<T>::type row_max_value(const T* row, int64_t C, int64_t sc) {
+// The row max of z (NaN-free rows), for a row whose reference is its max.
+template <typename T, bool kCap>
+inline typename AccOf<T>::type row_max_value(const T* row, int64_t C, int64_t sc,
+                                             const CapOf<T, kCap>& cap) {
   using A = typename AccOf<T>::type;
   using V = Vectorized<A>;
   constexpr int64_t kChunk = Io<T>::kChunk;
@@ -318,26 +544,49 @@ inline typename AccOf<T>::type row_max_value(const T* row, int64_t C, int64_t sc
     for (; i + kChunk <= C; i += kChunk) {
       V a, b;
       Io<T>::load(row + i, a, b);
-      m0 = at::vec::clamp_min(m0, a);
-      m1 = at::vec::clamp_min(m1, b);
+      m0 = at::vec::clamp_min(m0, cap.apply(a));
+      m1 = at::vec::clamp_min(m1, cap.apply(b));
     }
   }
   A m = hmax_nan<A>(at::vec::clamp_min(m0, m1));
-  for (; i < C; ++i) m = std::max(m, to_acc(row[i * sc]));
+  for (; i < C; ++i) m = std::max(m, cap.apply(to_acc(row[i * sc])));
   return m;
 }
 
-// sum_c w_c (x_c - ref) in double (w nullptr: unweighted), for a row whose reference is its max
+// sum_c w_c (z_c - ref) in double (w nullptr: unweighted), for a row whose reference is its max
 // (the fused sums were taken against its first logit).
-template <typename T>
+template <typename T, bool kCap>
 inline double shifted_sum(const T* row, int64_t C, int64_t sc, const typename AccOf<T>::type* w,
-                          double ref) {
+                          double ref, const CapOf<T, kCap>& cap) {
   double total = 0.0;
   for (int64_t i = 0; i < C; ++i) {
-    const double d = static_cast<double>(to_acc(row[i * sc])) - ref;
+    const double d = static_cast<double>(cap.apply(to_acc(row[i * sc]))) - ref;
     total += w != nullptr ? d * static_cast<double>(w[i]) : d;
   }
   return total;
+}
+
+// torch.argmax of a row's z by a scalar scan: the first NaN, else the first maximum (0 for an all
+// -inf row); z there in `value`. For the rows whose statistics are not finite.
+template <typename T, bool kCap>
+inline int64_t first_argmax_scan(const T* row, int64_t C, int64_t sc, const CapOf<T, kCap>& cap,
+                                 typename AccOf<T>::type& value) {
+  using A = typename AccOf<T>::type;
+  A best = -std::numeric_limits<A>::infinity();
+  int64_t index = 0;
+  for (int64_t i = 0; i < C; ++i) {
+    const A z = cap.apply(to_acc(row[i * sc]));
+    if (std::isnan(z)) {
+      value = z;
+      return i;
+    }
+    if (z > best) {
+      best = z;
+      index = i;
+    }
+  }
+  value = best;
+  return index;
 }
 
 // Online softmax statistics of one row, kept per vector lane in a single pass over the logits:
@@ -392,11 +641,36 @@ struct LaneStats {
   }
 };
 
+// The last n < kChunk elements of a row piece, read as z into a chunk padded with -inf (neutral
+// for max, exp and argmax); with kCap and `slope`, dz/dx of the chunk there.
+template <typename T, bool kCap>
+inline void load_tail(const T* p, int64_t n, const CapOf<T, kCap>& cap,
+                      typename AccOf<T>::type* chunk, typename AccOf<T>::type* slope = nullptr) {
+  using A = typename AccOf<T>::type;
+  using V = Vectorized<A>;
+  constexpr int64_t kChunk = Io<T>::kChunk;
+  constexpr int64_t kV = V::size();
+  for (int64_t j = 0; j < kChunk; ++j) chunk[j] = j < n ? to_acc(p[j]) : A(0);
+  if constexpr (kCap) {
+    V sa, sb;
+    cap.apply(V::loadu(chunk), sa).store(chunk);
+    cap.apply(V::loadu(chunk + kV), sb).store(chunk + kV);
+    if (slope != nullptr) {
+      sa.store(slope);
+      sb.store(slope + kV);
+    }
+  }
+  for (int64_t j = n; j < kChunk; ++j) chunk[j] = -std::numeric_limits<A>::infinity();
+}
+
 // Consumes len contiguous elements of type T (len is a multiple of the chunk except for the last
-// piece of a row). kSum: 0 = no logit sum (other_mass == 0), 1 = plain sum, 2 = weighted sum.
-template <typename T, int kSum>
+// piece of a row) whose first chunk is chunk number first_chunk of the row. kSum: 0 = no logit sum
+// (other_mass == 0), 1 = plain sum, 2 = weighted sum. kStats: track the argmax in am.
+template <typename T, int kSum, bool kCap, bool kStats>
 inline void consume(const T* p, int64_t len, const typename AccOf<T>::type* w,
-                    LaneStats<typename AccOf<T>::type>& st) {
+                    int64_t first_chunk, const CapOf<T, kCap>& cap,
+                    LaneStats<typename AccOf<T>::type>& st,
+                    ArgmaxLanes<typename AccOf<T>::type>& am) {
   using A = typename AccOf<T>::type;
   using V = Vectorized<A>;
   constexpr int64_t kChunk = Io<T>::kChunk;
@@ -408,7 +682,12 @@ inline void consume(const T* p, int64_t len, const typename AccOf<T>::type* w,
     V a, b;
     prefetch_chunk<T>(p + i);
     Io<T>::load(p + i, a, b);
+    if constexpr (kCap) {
+      a = cap.apply(a);
+      b = cap.apply(b);
+    }
     st.add_chunk(a, b);
+    if constexpr (kStats) am.add(a, b, first_chunk + i / kChunk);
     if constexpr (kSum == 1) {
       vs0 = vs0 + (a - refv);
       vs1 = vs1 + (b - refv);
@@ -420,16 +699,17 @@ inline void consume(const T* p, int64_t len, const typename AccOf<T>::type* w,
   double bsum = 0.0;
   if constexpr (kSum != 0) bsum = hsum<A>(vs0 + vs1);
   if (i < len) {
-    // Tail: pad a chunk with -inf (neutral for max and exp); sum the tail separately.
+    // Tail: one padded chunk; its sum is taken separately.
     alignas(64) A tmp[kChunk];
-    for (int64_t j = 0; j < kChunk; ++j) tmp[j] = -std::numeric_limits<A>::infinity();
+    load_tail<T, kCap>(p + i, len - i, cap, tmp);
     for (int64_t j = i; j < len; ++j) {
-      const A x = to_acc(p[j]);
-      tmp[j - i] = x;
+      const A x = tmp[j - i];
       if constexpr (kSum == 1) bsum += static_cast<double>(x - st.ref);
       if constexpr (kSum == 2) bsum += static_cast<double>(x - st.ref) * static_cast<double>(w[j]);
     }
-    st.add_chunk(V::loadu(tmp), V::loadu(tmp + kV));
+    const V a = V::loadu(tmp), b = V::loadu(tmp + kV);
+    st.add_chunk(a, b);
+    if constexpr (kStats) am.add(a, b, first_chunk + i / kChunk);
   }
   if constexpr (kSum != 0) st.sumx += bsum;
   st.flush();
@@ -439,10 +719,13 @@ struct RowInfo {
   int64_t in_offset;
   int64_t out_offset;
   int64_t target;
+  int64_t mix_target;  // y2 of the mixed targets; -1 without them and for an ignored row
+  double mix_lambda;   // lam; 1 without mixed targets
   bool ignored;
-  bool invalid;
+  bool invalid;  // a target (or y2) outside [0, C) in a row that is not ignored
 };
 
+template <typename A>
 inline RowInfo row_info(const RowArgs& a, int64_t r, bool with_grad) {
   RowInfo info;
   const int64_t inner = a.inner;
@@ -453,23 +736,126 @@ inline RowInfo row_info(const RowArgs& a, int64_t r, bool with_grad) {
   info.target = a.target[r];
   info.ignored = info.target == a.ignore_index;
   info.invalid = !info.ignored && (info.target < 0 || info.target >= a.num_classes);
+  info.mix_target = -1;
+  info.mix_lambda = 1.0;
+  if (a.mix_target != nullptr && !info.ignored) {  // an ignored row's y2 and lam may be garbage
+    info.mix_target = a.mix_target[r];
+    info.mix_lambda =
+        static_cast<double>(static_cast<const A*>(a.mix_lambda)[r * a.mix_lambda_stride]);
+    info.invalid = info.invalid || info.mix_target < 0 || info.mix_target >= a.num_classes;
+  }
   return info;
 }
 
-// grad = coef * exp((x - ref) - lse) - bw * w  over len contiguous elements (in and out may alias
-// unless kStream, which writes with non-temporal stores once out is aligned).
-template <typename T, bool kWeighted, bool kStream>
+// A valid row's target mass q_i w_i = (b + (a - b) [lam [i == y1] + (1 - lam) [i == y2]]) w_i
+// beyond the smoothing: spikes at y1 and y2 of (a - b) share1 and (a - b) share2, share1 = lam w_y1
+// and share2 = (1 - lam) w_y2 (without mixed targets: y2 = -1, share1 = w_y, share2 = 0).
+struct RowTargets {
+  int64_t y1;
+  int64_t y2;
+  double share1;
+  double share2;
+  // Whether each target term enters the loss: not for lam = 0 (1), so that a masked z there
+  // gives 0 and not 0 * inf = NaN (as the whole target term is skipped for a - b = 0).
+  bool in_loss1;
+  bool in_loss2;
+
+  double weight() const { return share1 + share2; }  // lam w_y1 + (1 - lam) w_y2
+};
+
+template <typename A>
+inline RowTargets row_targets(const RowInfo& info, const A* w) {
+  const int64_t y1 = info.target;
+  const double w1 = w != nullptr ? static_cast<double>(w[y1]) : 1.0;
+  if (info.mix_target < 0) return RowTargets{y1, -1, w1, 0.0, true, false};
+  const int64_t y2 = info.mix_target;
+  const double w2 = w != nullptr ? static_cast<double>(w[y2]) : 1.0;
+  const double lam = info.mix_lambda;
+  return RowTargets{y1, y2, lam * w1, (1.0 - lam) * w2, lam != 0.0, lam != 1.0};
+}
+
+// The gradient values of a row's target elements, stored after the vector loop (which wrote
+// those elements without the target spikes). y1 == y2 is one element carrying both shares.
+struct TargetFixes {
+  int64_t index[2] = {-1, -1};
+  double value[2] = {0.0, 0.0};
+
+  template <typename T, typename A>
+  inline void store(T* out, int64_t stride) const {
+    for (int k = 0; k < 2; ++k) {
+      if (index[k] >= 0) out[index[k] * stride] = static_cast<T>(static_cast<A>(value[k]));
+    }
+  }
+};
+
+// value_at(i, share): the gradient at element i when it carries target share `share`.
+template <typename ValueAt>
+inline TargetFixes target_fixes(const RowTargets& t, ValueAt value_at) {
+  TargetFixes f;
+  const bool same = t.y2 == t.y1;
+  f.index[0] = t.y1;
+  f.value[0] = value_at(t.y1, same ? t.share1 + t.share2 : t.share1);
+  if (t.y2 >= 0 && !same) {
+    f.index[1] = t.y2;
+    f.value[1] = value_at(t.y2, t.share2);
+  }
+  return f;
+}
+
+// grad = (coef exp((z - ref) - lse) - bw w) dz/dx with z = cap(x), over len contiguous elements
+// (in and out may alias unless kStream, which writes with non-temporal stores once out is
+// aligned). Without kCap, dz/dx = 1 and z = x.
+template <typename T, bool kWeighted, bool kStream, bool kCap>
 inline void grad_block(const T* in, T* out, int64_t len, typename AccOf<T>::type ref,
                        typename AccOf<T>::type lse, typename AccOf<T>::type coef,
-                       typename AccOf<T>::type bw, const typename AccOf<T>::type* w) {
+                       typename AccOf<T>::type bw, const typename AccOf<T>::type* w,
+                       const CapOf<T, kCap>& cap) {
   using A = typename AccOf<T>::type;
   using V = Vectorized<A>;
   constexpr int64_t kChunk = Io<T>::kChunk;
   constexpr int64_t kV = V::size();
-  auto scalar = [&](int64_t i) {
-    const A e = static_cast<A>(std::exp((to_acc(in[i]) - ref) - lse));
-    const A wi = kWeighted ? w[i] : A(1);
-    out[i] = static_cast<T>(e * coef - bw * wi);
+  const V refv(ref), lsev(lse), coefv(coef), bwv(bw);
+  // One chunk: the logits a, b (weights at wp when kWeighted) to their gradient ga, gb.
+  auto chunk = [&](const V& a, const V& b, const A* wp, V& ga, V& gb) {
+    V sa, sb;
+    const V za = cap.apply(a, sa), zb = cap.apply(b, sb);
+    if constexpr (kWeighted) {
+      ga = at::vec::fmsub(vexp((za - refv) - lsev), coefv, bwv * V::loadu(wp));
+      gb = at::vec::fmsub(vexp((zb - refv) - lsev), coefv, bwv * V::loadu(wp + kV));
+    } else {
+      ga = at::vec::fmsub(vexp((za - refv) - lsev), coefv, bwv);
+      gb = at::vec::fmsub(vexp((zb - refv) - lsev), coefv, bwv);
+    }
+    if constexpr (kCap) {
+      ga = ga * sa;
+      gb = gb * sb;
+    }
+  };
+  // Elements [from, to) outside the vector loop: one by one, or with kCap as padded chunks (the
+  // lane function, as everywhere else z is read).
+  auto rest = [&](int64_t from, int64_t to) {
+    if constexpr (!kCap) {
+      for (int64_t i = from; i < to; ++i) {
+        const A e = static_cast<A>(std::exp((to_acc(in[i]) - ref) - lse));
+        const A wi = kWeighted ? w[i] : A(1);
+        out[i] = static_cast<T>(e * coef - bw * wi);
+      }
+    } else {
+      for (int64_t i = from; i < to; i += kChunk) {
+        const int64_t n = std::min(kChunk, to - i);
+        alignas(64) A x[kChunk];
+        alignas(64) A wt[kChunk];
+        for (int64_t j = 0; j < kChunk; ++j) {
+          x[j] = j < n ? to_acc(in[i + j]) : A(0);
+          wt[j] = kWeighted && j < n ? w[i + j] : A(0);
+        }
+        V ga, gb;
+        chunk(V::loadu(x), V::loadu(x + kV), wt, ga, gb);
+        ga.store(x);
+        gb.store(x + kV);
+        for (int64_t j = 0; j < n; ++j) out[i + j] = static_cast<T>(x[j]);
+      }
+    }
   };
   int64_t i = 0;
   if constexpr (kStream) {
@@ -478,28 +864,22 @@ inline void grad_block(const T* in, T* out, int64_t len, typename AccOf<T>::type
     const int64_t head = misalign == 0 || misalign % static_cast<int64_t>(sizeof(T)) != 0
                              ? (misalign == 0 ? 0 : len)
                              : std::min(len, (kStreamAlign - misalign) / static_cast<int64_t>(sizeof(T)));
-    for (; i < head; ++i) scalar(i);
+    rest(0, head);
+    i = head;
   }
-  const V refv(ref), lsev(lse), coefv(coef), bwv(bw);
   for (; i + kChunk <= len; i += kChunk) {
     V a, b;
     prefetch_chunk<T>(in + i);
     Io<T>::load(in + i, a, b);
     V ga, gb;
-    if constexpr (kWeighted) {
-      ga = at::vec::fmsub(vexp((a - refv) - lsev), coefv, bwv * V::loadu(w + i));
-      gb = at::vec::fmsub(vexp((b - refv) - lsev), coefv, bwv * V::loadu(w + i + kV));
-    } else {
-      ga = at::vec::fmsub(vexp((a - refv) - lsev), coefv, bwv);
-      gb = at::vec::fmsub(vexp((b - refv) - lsev), coefv, bwv);
-    }
+    chunk(a, b, kWeighted ? w + i : nullptr, ga, gb);
     if constexpr (kStream) {
       stream_chunk<T>(out + i, ga, gb);
     } else {
       Io<T>::store(out + i, ga, gb);
     }
   }
-  for (; i < len; ++i) scalar(i);
+  rest(i, len);
 }
 
 template <typename T>
@@ -512,14 +892,65 @@ inline void fill_row(T* out, int64_t C, int64_t sc, double value) {
   for (int64_t i = 0; i < C; ++i) out[i * sc] = v;
 }
 
+// The gradient of a row with non-finite statistics (all -inf, +inf or NaN z), literally by the
+// formula: g (exp((z_i - r) - lse) (S + 2 zl (r + lse)) - b w_i - (a - b) share_i) dz_i/dx_i.
+template <typename T, bool kCap>
+void degenerate_grad_row(const RowArgs& a, const RowTargets& t, const T* row, T* out, double g,
+                         double ref, double lse, double total_mass, const CapOf<T, kCap>& cap) {
+  using A = typename AccOf<T>::type;
+  const A* w = static_cast<const A*>(a.weight);
+  const double scale = total_mass + 2.0 * a.z_loss * (ref + lse);
+  for (int64_t i = 0; i < a.num_classes; ++i) {
+    A slope;
+    const double z = static_cast<double>(cap.apply(to_acc(row[i * a.stride_c]), &slope));
+    double gi = std::exp((z - ref) - lse) * scale;
+    if (a.other_mass != 0.0) {
+      gi -= a.other_mass * (w != nullptr ? static_cast<double>(w[i]) : 1.0);
+    }
+    if (i == t.y1) gi -= a.target_extra * t.share1;
+    if (i == t.y2) gi -= a.target_extra * t.share2;
+    if constexpr (kCap) gi *= static_cast<double>(slope);
+    out[i * a.grad_stride_c] = static_cast<T>(static_cast<A>(gi * g));
+  }
+}
+
+// grad_block over a whole row in any layout (strided rows through the kBlock scratch buf).
+template <typename T, bool kWeighted, bool kCap>
+inline void grad_row_blocks(const RowArgs& a, const T* row, T* out, typename AccOf<T>::type ref,
+                            typename AccOf<T>::type lse, typename AccOf<T>::type coef,
+                            typename AccOf<T>::type bw, const CapOf<T, kCap>& cap,
+                            typename AccOf<T>::type* buf) {
+  using A = typename AccOf<T>::type;
+  const A* w = static_cast<const A*>(a.weight);
+  const int64_t C = a.num_classes;
+  const int64_t sc = a.stride_c;
+  const int64_t gsc = a.grad_stride_c;
+  for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
+    const int64_t len = std::min(kBlock, C - i0);
+    const A* wb = kWeighted ? w + i0 : nullptr;
+    if (sc == 1 && gsc == 1 && a.stream_grad) {
+      grad_block<T, kWeighted, true, kCap>(row + i0, out + i0, len, ref, lse, coef, bw, wb, cap);
+    } else if (sc == 1 && gsc == 1) {
+      grad_block<T, kWeighted, false, kCap>(row + i0, out + i0, len, ref, lse, coef, bw, wb, cap);
+    } else {
+      for (int64_t j = 0; j < len; ++j) buf[j] = to_acc(row[(i0 + j) * sc]);
+      grad_block<A, kWeighted, false, kCap>(buf, buf, len, ref, lse, coef, bw, wb, cap);
+      for (int64_t j = 0; j < len; ++j) out[(i0 + j) * gsc] = static_cast<T>(buf[j]);
+    }
+  }
+  // Order the streamed row before the plain stores of the target elements.
+  if (sc == 1 && gsc == 1 && a.stream_grad) stream_fence();
+}
+
 // Writes the gradient of one row for the upstream value g: zeros for an ignored row, NaN for an
-// invalid target, else g * (softmax * (S + 2 z (r + lse)) - b * w - (a - b) * w_y * [i == y]) with
-// softmax = exp((x - r) - lse), r and lse decoded from forward's saved value (choose_shift). out
-// may alias row (r and x_y are read before anything is written). buf: kBlock scratch for strided
-// rows.
-template <typename T, bool kWeighted>
+// invalid target, else g dz/dx (softmax (S + 2 zl (r + lse)) - b w - (a - b) [lam w_y1 [i == y1] +
+// (1 - lam) w_y2 [i == y2]]) with softmax = exp((z - r) - lse), r and lse decoded from forward's
+// saved value (choose_shift). out may alias row (r and the target logits are read before anything
+// is written). buf: kBlock scratch for strided rows.
+template <typename T, bool kWeighted, bool kCap>
 inline void write_grad_row(const RowArgs& a, const RowInfo& info, const T* row, T* out, double g,
-                           double saved, double total_w, typename AccOf<T>::type* buf) {
+                           double saved, double total_w, const CapOf<T, kCap>& cap,
+                           typename AccOf<T>::type* buf) {
   using A = typename AccOf<T>::type;
   const A* w = static_cast<const A*>(a.weight);
   const int64_t C = a.num_classes;
@@ -533,28 +964,15 @@ inline void write_grad_row(const RowArgs& a, const RowInfo& info, const T* row, 
     fill_row(out, C, gsc, std::numeric_limits<double>::quiet_NaN());
     return;
   }
-  const int64_t y = info.target;
-  const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
-  const double total_mass = a.other_mass * total_w + a.target_extra * w_y;
-  // Read r and x_y before the row is overwritten (grad may alias logits).
+  const RowTargets targets = row_targets(info, w);
+  const double total_mass = a.other_mass * total_w + a.target_extra * targets.weight();
+  // Read r and the target logits before the row is overwritten (grad may alias logits).
   const bool from_max = std::isfinite(saved) && saved < 0.0;
-  const A ref = from_max ? row_max_value(row, C, sc) : row_reference(row, C);
+  const A ref = from_max ? row_max_value(row, C, sc, cap) : row_reference(row, C, cap);
   const double ref_d = static_cast<double>(ref);
   const double lse = from_max ? -1.0 - saved : saved;
-  const double x_y = static_cast<double>(to_acc(row[y * sc]));
-
   if (!std::isfinite(lse)) {
-    // Degenerate row (all -inf, +inf or NaN logits): follow the reference formula literally.
-    const double scale = total_mass + 2.0 * a.z_loss * (ref_d + lse);
-    for (int64_t i = 0; i < C; ++i) {
-      const double x = static_cast<double>(to_acc(row[i * sc]));
-      double gi = std::exp((x - ref_d) - lse) * scale;
-      if (a.other_mass != 0.0) {
-        gi -= a.other_mass * (w != nullptr ? static_cast<double>(w[i]) : 1.0);
-      }
-      if (i == y) gi -= a.target_extra * w_y;
-      out[i * gsc] = static_cast<T>(static_cast<A>(gi * g));
-    }
+    degenerate_grad_row<T, kCap>(a, targets, row, out, g, ref_d, lse, total_mass, cap);
     return;
   }
 
@@ -562,32 +980,17 @@ inline void write_grad_row(const RowArgs& a, const RowInfo& info, const T* row, 
   if (a.z_loss != 0.0) scale += 2.0 * a.z_loss * (ref_d + lse);
   const double coef = g * scale;
   const double bw = g * a.other_mass;
-  const double grad_y = coef * std::exp((x_y - ref_d) - lse) - bw * w_y - g * a.target_extra * w_y;
-  const A lse_a = static_cast<A>(lse), coef_a = static_cast<A>(coef), bw_a = static_cast<A>(bw);
-
-  if (sc == 1 && gsc == 1 && a.stream_grad) {
-    for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
-      const int64_t len = std::min(kBlock, C - i0);
-      grad_block<T, kWeighted, true>(row + i0, out + i0, len, ref, lse_a, coef_a, bw_a,
-                                     kWeighted ? w + i0 : nullptr);
-    }
-    stream_fence();  // order the streamed row before the plain store of the target element
-  } else if (sc == 1 && gsc == 1) {
-    for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
-      const int64_t len = std::min(kBlock, C - i0);
-      grad_block<T, kWeighted, false>(row + i0, out + i0, len, ref, lse_a, coef_a, bw_a,
-                                      kWeighted ? w + i0 : nullptr);
-    }
-  } else {
-    for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
-      const int64_t len = std::min(kBlock, C - i0);
-      for (int64_t j = 0; j < len; ++j) buf[j] = to_acc(row[(i0 + j) * sc]);
-      grad_block<A, kWeighted, false>(buf, buf, len, ref, lse_a, coef_a, bw_a,
-                                      kWeighted ? w + i0 : nullptr);
-      for (int64_t j = 0; j < len; ++j) out[(i0 + j) * gsc] = static_cast<T>(buf[j]);
-    }
-  }
-  out[y * gsc] = static_cast<T>(static_cast<A>(grad_y));
+  const TargetFixes fixes = target_fixes(targets, [&](int64_t i, double share) {
+    A slope;
+    const double z = static_cast<double>(cap.apply(to_acc(row[i * sc]), &slope));
+    const double w_i = w != nullptr ? static_cast<double>(w[i]) : 1.0;
+    double value = coef * std::exp((z - ref_d) - lse) - bw * w_i - g * a.target_extra * share;
+    if constexpr (kCap) value *= static_cast<double>(slope);
+    return value;
+  });
+  grad_row_blocks<T, kWeighted, kCap>(a, row, out, ref, static_cast<A>(lse), static_cast<A>(coef),
+                                      static_cast<A>(bw), cap, buf);
+  fixes.store<T, A>(out, gsc);
 }
 
 template <typename T>
@@ -597,7 +1000,7 @@ inline double total_weight(const RowArgs& a) {
                                    : static_cast<double>(a.num_classes);
 }
 
-template <typename T, bool kWeighted>
+template <typename T, bool kWeighted, bool kCap>
 void backward_rows_impl(const RowArgs& a, int64_t row_begin, int64_t row_end) {
   using A = typename AccOf<T>::type;
   const T* logits = static_cast<const T*>(a.logits);
@@ -607,87 +1010,143 @@ void backward_rows_impl(const RowArgs& a, int64_t row_begin, int64_t row_end) {
   // With a guess, the forward pass already wrote every row for upstream == *guess.
   const A* guess = static_cast<const A*>(a.grad_guess);
   const double total_w = total_weight<T>(a);
+  const CapOf<T, kCap> cap(a.softcap);
   alignas(64) A buf[kBlock];
 
   for (int64_t r = row_begin; r < row_end; ++r) {
     const A g = grad_loss[r * a.grad_loss_stride];
     if (guess != nullptr && g == *guess) continue;  // touch neither the logits nor the gradient
-    const RowInfo info = row_info(a, r, true);
-    write_grad_row<T, kWeighted>(a, info, logits + info.in_offset, grad + info.out_offset,
-                                 static_cast<double>(g),
-                                 static_cast<double>(lse_in[r * a.lse_stride]), total_w, buf);
+    const RowInfo info = row_info<A>(a, r, true);
+    write_grad_row<T, kWeighted, kCap>(a, info, logits + info.in_offset, grad + info.out_offset,
+                                       static_cast<double>(g),
+                                       static_cast<double>(lse_in[r * a.lse_stride]), total_w,
+                                       cap, buf);
+  }
+}
+
+template <typename T, bool kCap>
+void backward_rows_capped(const RowArgs& a, int64_t row_begin, int64_t row_end) {
+  if (a.weight != nullptr && a.other_mass != 0.0) {
+    backward_rows_impl<T, true, kCap>(a, row_begin, row_end);
+  } else {
+    backward_rows_impl<T, false, kCap>(a, row_begin, row_end);
   }
 }
 
 template <typename T>
 void backward_rows(const RowArgs& a, int64_t row_begin, int64_t row_end) {
-  if (a.weight != nullptr && a.other_mass != 0.0) {
-    backward_rows_impl<T, true>(a, row_begin, row_end);
+  if (a.softcap > 0.0) {
+    backward_rows_capped<T, true>(a, row_begin, row_end);
   } else {
-    backward_rows_impl<T, false>(a, row_begin, row_end);
+    backward_rows_capped<T, false>(a, row_begin, row_end);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-// The max, log(sum exp(x - max)) and (weighted) sum of x - ref of one row by the single online
-// pass (any layout).
-template <typename T, int kSum>
-inline void online_row_stats(const T* row, int64_t C, int64_t sc, const typename AccOf<T>::type* w,
-                             typename AccOf<T>::type ref, typename AccOf<T>::type* buf,
-                             double& row_max, double& log_sum, double& sumx) {
+// One row's online statistics: max and log(sum exp(z - max)) (LaneStats::finish), the (weighted)
+// sum of z - ref and, with kStats, the first maximum's index (valid when the statistics are finite).
+struct RowStats {
+  double row_max;
+  double log_sum;
+  double sumx;
+  int64_t argmax;
+};
+
+// RowStats of one row by the single online pass (any layout).
+template <typename T, int kSum, bool kCap, bool kStats>
+inline RowStats online_row_stats(const T* row, int64_t C, int64_t sc,
+                                 const typename AccOf<T>::type* w, typename AccOf<T>::type ref,
+                                 const CapOf<T, kCap>& cap, typename AccOf<T>::type* buf) {
   using A = typename AccOf<T>::type;
+  constexpr int64_t kChunk = Io<T>::kChunk;
   LaneStats<A> st;
+  ArgmaxLanes<A> am;
   st.ref = ref;
-  if (sc == 1) {
-    for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
-      const int64_t len = std::min(kBlock, C - i0);
-      consume<T, kSum>(row + i0, len, w != nullptr ? w + i0 : nullptr, st);
-    }
-  } else {
-    for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
-      const int64_t len = std::min(kBlock, C - i0);
+  for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
+    const int64_t len = std::min(kBlock, C - i0);
+    const A* wb = w != nullptr ? w + i0 : nullptr;
+    if (sc == 1) {
+      consume<T, kSum, kCap, kStats>(row + i0, len, wb, i0 / kChunk, cap, st, am);
+    } else {
+      // Gathered raw, so that z is computed by the vector code as for contiguous rows.
       for (int64_t j = 0; j < len; ++j) buf[j] = to_acc(row[(i0 + j) * sc]);
-      consume<A, kSum>(buf, len, w != nullptr ? w + i0 : nullptr, st);
+      consume<A, kSum, kCap, kStats>(buf, len, wb, i0 / kChunk, cap, st, am);
     }
   }
-  st.finish(row_max, log_sum);
-  sumx = st.sumx;
+  RowStats out;
+  st.finish(out.row_max, out.log_sum);
+  out.sumx = st.sumx;
+  out.argmax = kStats ? am.resolve(-std::numeric_limits<A>::infinity(), 0) : 0;
+  return out;
 }
 
-// loss = S * lse - b * sumx - (a - b) * w_y * (x_y - r) + z * (r + lse)^2 with lse and sumx
-// relative to r (0 ignored, NaN invalid).
-template <typename T>
+// loss = S lse - b sumx - (a - b) [lam w_y1 (z_y1 - r) + (1 - lam) w_y2 (z_y2 - r)]
+//        + zl (r + lse)^2, S = b W + (a - b) (lam w_y1 + (1 - lam) w_y2), with lse and sumx
+// relative to r (0 ignored, NaN invalid). Without mixed targets lam = 1.
+template <typename T, bool kCap>
 inline double row_loss(const RowArgs& a, const RowInfo& info, const T* row, double ref, double lse,
-                       double sumx, double total_w) {
+                       double sumx, double total_w, const CapOf<T, kCap>& cap) {
   using A = typename AccOf<T>::type;
   if (info.ignored) return 0.0;
   if (info.invalid) return std::numeric_limits<double>::quiet_NaN();
-  const A* w = static_cast<const A*>(a.weight);
-  const int64_t y = info.target;
-  const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
-  const double total_mass = a.other_mass * total_w + a.target_extra * w_y;
+  const RowTargets t = row_targets(info, static_cast<const A*>(a.weight));
+  const double total_mass = a.other_mass * total_w + a.target_extra * t.weight();
+  auto z_at = [&](int64_t i) {
+    return static_cast<double>(cap.apply(to_acc(row[i * a.stride_c])));
+  };
   double loss = total_mass * lse;
   // The torch backend skips these terms when their coefficient is 0 (0 * -inf would be NaN).
   if (a.other_mass != 0.0) loss -= a.other_mass * sumx;
   if (a.target_extra != 0.0) {
-    loss -= a.target_extra * w_y * (static_cast<double>(to_acc(row[y * a.stride_c])) - ref);
+    if (t.in_loss1) loss -= a.target_extra * t.share1 * (z_at(t.y1) - ref);
+    if (t.in_loss2) loss -= a.target_extra * t.share2 * (z_at(t.y2) - ref);
   }
   if (a.z_loss != 0.0) loss += a.z_loss * (ref + lse) * (ref + lse);
   return loss;
 }
 
-template <typename T, int kSum>
+// The statistics of row r: lse = r + lse_r, and the first maximum of z (lanes_argmax, from the
+// vector pass, where the row's statistics are finite; else a scan, which also finds the first
+// NaN). A row whose maximum is +inf (and has no NaN) gets lse +inf, as torch.logsumexp; its sums
+// give NaN.
+template <typename T, bool kCap>
+inline void store_stats(const RowArgs& a, int64_t r, const T* row, const Shift& shift,
+                        const CapOf<T, kCap>& cap, int64_t lanes_argmax) {
+  using A = typename AccOf<T>::type;
+  double lse = shift.ref + shift.lse;
+  int64_t argmax = lanes_argmax;
+  if (!std::isfinite(shift.lse)) {
+    A best;
+    argmax = first_argmax_scan<T, kCap>(row, a.num_classes, a.stride_c, cap, best);
+    if (best == std::numeric_limits<A>::infinity()) lse = std::numeric_limits<double>::infinity();
+  }
+  static_cast<A*>(a.stats_lse)[r * a.stats_lse_stride] = static_cast<A>(lse);
+  a.stats_argmax[r * a.stats_argmax_stride] = argmax;
+}
+
+// Writes row r's forward outputs: its loss, the saved lse and (kStats) its statistics.
+template <typename T, bool kCap, bool kStats>
+inline void store_row_outputs(const RowArgs& a, int64_t r, const RowInfo& info, const T* row,
+                              const Shift& shift, double sumx, double total_w,
+                              const CapOf<T, kCap>& cap, int64_t lanes_argmax) {
+  using A = typename AccOf<T>::type;
+  static_cast<A*>(a.loss)[r] =
+      static_cast<A>(row_loss<T, kCap>(a, info, row, shift.ref, shift.lse, sumx, total_w, cap));
+  static_cast<A*>(a.lse_out)[r] = static_cast<A>(shift.saved);
+  if constexpr (kStats) store_stats<T, kCap>(a, r, row, shift, cap, lanes_argmax);
+}
+
+template <typename T, int kSum, bool kCap, bool kStats>
 void forward_rows_impl(const RowArgs& a, int64_t row_begin, int64_t row_end) {
   using A = typename AccOf<T>::type;
   const T* logits = static_cast<const T*>(a.logits);
   const A* w = static_cast<const A*>(a.weight);
   const int64_t C = a.num_classes;
   const int64_t sc = a.stride_c;
-  A* loss_out = static_cast<A*>(a.loss);
-  A* lse_out = static_cast<A*>(a.lse_out);
   const double total_w = total_weight<T>(a);
+  const CapOf<T, kCap> cap(a.softcap);
   // Training step (a.grad set) in a layout the pipelined path below does not take: each row's
   // gradient for the upstream value *guess right after the row's statistics.
   T* grad = static_cast<T*>(a.grad);
@@ -696,19 +1155,18 @@ void forward_rows_impl(const RowArgs& a, int64_t row_begin, int64_t row_end) {
   alignas(64) A buf[kBlock];
 
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const RowInfo info = row_info(a, r, grad != nullptr);
+    const RowInfo info = row_info<A>(a, r, grad != nullptr);
     const T* row = logits + info.in_offset;
-    const A ref = row_reference(row, C);
-    double row_max, log_sum, sumx;
-    online_row_stats<T, kSum>(row, C, sc, w, ref, buf, row_max, log_sum, sumx);
-    const Shift shift = choose_shift(first_logit(row, C), row_max, log_sum);
-    if (kSum != 0 && shift.from_max) sumx = shifted_sum(row, C, sc, w, shift.ref);
-    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, shift.ref, shift.lse, sumx, total_w));
-    lse_out[r] = static_cast<A>(shift.saved);
+    const A ref = row_reference(row, C, cap);
+    RowStats st = online_row_stats<T, kSum, kCap, kStats>(row, C, sc, w, ref, cap, buf);
+    const Shift shift = choose_shift(first_logit(row, C, cap), st.row_max, st.log_sum);
+    if (kSum != 0 && shift.from_max) st.sumx = shifted_sum(row, C, sc, w, shift.ref, cap);
+    store_row_outputs<T, kCap, kStats>(a, r, info, row, shift, st.sumx, total_w, cap, st.argmax);
     if (grad != nullptr) {
       // kSum == 2 exactly when the gradient has a weighted smoothing term (weight and b != 0).
-      write_grad_row<T, kSum == 2>(a, info, row, grad + info.out_offset, guess,
-                                   static_cast<double>(static_cast<A>(shift.saved)), total_w, buf);
+      write_grad_row<T, kSum == 2, kCap>(a, info, row, grad + info.out_offset, guess,
+                                         static_cast<double>(static_cast<A>(shift.saved)),
+                                         total_w, cap, buf);
     }
   }
 }
@@ -719,43 +1177,56 @@ void forward_rows_impl(const RowArgs& a, int64_t row_begin, int64_t row_end) {
 // The kernels are compute-bound on the CPU (mostly exp), so writing the gradient in the forward
 // pays off only if it also drops the second exp per element and overlaps the gradient's stores
 // with computation. For contiguous rows whose exp values fit a per-thread buffer, each row r goes
-//   pass 1: read the row (prefetched into L2 during the previous row) for its max and logit sum;
-//   pass 2: e_i = exp(x_i - max) into a buffer, summed; in the same loop, chunk by chunk, the
+//   pass 1: read the row (prefetched into L2 during the previous row) for its max and logit sum
+//           (with softcap, z and dz/dx are computed here once and buffered for pass 2);
+//   pass 2: e_i = exp(z_i - max) into a buffer, summed; in the same loop, chunk by chunk, the
 //           gradient of row r - 1 is written from its buffer, g * (e_i * (S + 2 z lse) / sum
-//           - b w_i), and row r + 1 is prefetched into L2;
+//           - b w_i) [* dz_i/dx_i], and row r + 1 is prefetched into L2;
 // so that reads, writes and exps proceed together. The last row's gradient is written alone.
 // Rows with non-finite statistics (NaN, +inf, all -inf) take the online path instead.
 
 constexpr int64_t kExpBufferMaxBytes = int64_t{512} << 10;
 
-// Elements between the two scratch rows of exp_buffers (a multiple of 64 bytes).
+// Elements between the scratch rows of exp_buffers (a multiple of 64 bytes).
 inline int64_t exp_buffer_stride(int64_t n) { return (n + 63) / 64 * 64; }
 
-// Two per-thread, 64-byte aligned scratch rows of n accumulation values, exp_buffer_stride(n)
+// `count` per-thread, 64-byte aligned scratch rows of n accumulation values, exp_buffer_stride(n)
 // elements apart (the storage is kept for later calls).
 template <typename A>
-A* exp_buffers(int64_t n) {
+A* exp_buffers(int64_t n, int64_t count) {
   thread_local std::vector<A> storage;
-  const int64_t needed = 2 * exp_buffer_stride(n) + 64;
+  const int64_t needed = count * exp_buffer_stride(n) + 64;
   if (static_cast<int64_t>(storage.size()) < needed) storage.resize(needed);
   const uintptr_t addr = reinterpret_cast<uintptr_t>(storage.data());
   return reinterpret_cast<A*>((addr + 63) & ~uintptr_t{63});
 }
 
-// Pass 1: the row maximum (NaN lanes may be ignored here; they make the pass-2 sum NaN) and the
-// (weighted) sum of x - ref. The maximum starts at the lowest finite value: an all -inf row sums
-// to 0.
-template <typename T, int kSum>
-inline void row_max_and_sum(const T* p, int64_t C, const typename AccOf<T>::type* w,
-                            typename AccOf<T>::type ref, typename AccOf<T>::type& row_max,
-                            double& sumx) {
+// What pass 1 finds: the row maximum of z, the (weighted) sum of z - ref and (kStats) the first
+// maximum's index (valid when the row's statistics turn out finite).
+template <typename A>
+struct PassOne {
+  A row_max;
+  double sumx;
+  int64_t argmax;
+};
+
+// Pass 1 (NaN lanes may be ignored here; they make the pass-2 sum NaN). The maximum starts at the
+// lowest finite value: an all -inf row sums to 0. With kCap, z and dz/dx of every element go to
+// z_out and slope_out.
+template <typename T, int kSum, bool kCap, bool kStats>
+inline PassOne<typename AccOf<T>::type> row_max_and_sum(
+    const T* p, int64_t C, const typename AccOf<T>::type* w, typename AccOf<T>::type ref,
+    const CapOf<T, kCap>& cap, typename AccOf<T>::type* z_out, typename AccOf<T>::type* slope_out) {
   using A = typename AccOf<T>::type;
   using V = Vectorized<A>;
   constexpr int64_t kChunk = Io<T>::kChunk;
   constexpr int64_t kV = V::size();
   const V refv(ref);
   V m0(std::numeric_limits<A>::lowest()), m1(std::numeric_limits<A>::lowest());
+  ArgmaxLanes<A> am;
   A tail_max = std::numeric_limits<A>::lowest();
+  A tail_best = -std::numeric_limits<A>::infinity();
+  int64_t tail_index = 0;
   double total = 0.0;
   for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
     const int64_t len = std::min(kBlock, C - i0);
@@ -765,6 +1236,14 @@ inline void row_max_and_sum(const T* p, int64_t C, const typename AccOf<T>::type
     for (; i + kChunk <= len; i += kChunk) {
       V a, b;
       Io<T>::load(q + i, a, b);
+      if constexpr (kCap) {
+        V sa, sb;
+        a = cap.apply(a, sa);
+        b = cap.apply(b, sb);
+        Io<A>::store(z_out + i0 + i, a, b);
+        Io<A>::store(slope_out + i0 + i, sa, sb);
+      }
+      if constexpr (kStats) am.add(a, b, (i0 + i) / kChunk);
       m0 = at::vec::clamp_min(m0, a);
       m1 = at::vec::clamp_min(m1, b);
       if constexpr (kSum == 1) {
@@ -776,35 +1255,56 @@ inline void row_max_and_sum(const T* p, int64_t C, const typename AccOf<T>::type
       }
     }
     if constexpr (kSum != 0) total += hsum<A>(vs0 + vs1);
-    for (; i < len; ++i) {
-      const A x = to_acc(q[i]);
+    if (i == len) continue;
+    // The row's last n < kChunk elements (only the last block has them).
+    alignas(64) A zt[kChunk];
+    alignas(64) A dz[kChunk];
+    const int64_t n = len - i;
+    load_tail<T, kCap>(q + i, n, cap, zt, dz);
+    if constexpr (kCap) {
+      std::copy(zt, zt + n, z_out + i0 + i);
+      std::copy(dz, dz + n, slope_out + i0 + i);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const A x = zt[j];
       if (!(x <= tail_max)) tail_max = x;  // NaN included
+      if constexpr (kStats) {
+        if (x > tail_best) {
+          tail_best = x;
+          tail_index = i0 + i + j;
+        }
+      }
       if constexpr (kSum == 1) total += static_cast<double>(x - ref);
-      if constexpr (kSum == 2) total += static_cast<double>(x - ref) * static_cast<double>(w[i0 + i]);
+      if constexpr (kSum == 2) total += static_cast<double>(x - ref) * static_cast<double>(w[i0 + i + j]);
     }
   }
   const A vmax = hmax_nan<A>(at::vec::clamp_min(m0, m1));
-  row_max = std::isnan(tail_max) || !(vmax >= tail_max) ? tail_max : vmax;
-  sumx = total;
+  PassOne<A> out;
+  out.row_max = std::isnan(tail_max) || !(vmax >= tail_max) ? tail_max : vmax;
+  out.sumx = total;
+  out.argmax = kStats ? am.resolve(tail_best, tail_index) : 0;
+  return out;
 }
 
 // The gradient of a row waiting to be written from its exp buffer.
 template <typename T>
 struct PendingRow {
   using A = typename AccOf<T>::type;
-  const A* e = nullptr;  // nullptr: nothing pending
+  const A* e = nullptr;      // nullptr: nothing pending
+  const A* slope = nullptr;  // dz/dx of each element (softcap only)
   T* out = nullptr;
-  int64_t y = 0;
   A coef = A(0);  // g * (S + 2 z lse) / sum
   A bw = A(0);    // g * b
-  A grad_y = A(0);
+  TargetFixes fixes;
 };
 
 // Pass 2 of one row (e = exp(row - row_max), returns sum(e); row may be nullptr for none) fused
 // with the gradient write of `pending` (if any) and the L2 prefetch of `next` (if not nullptr).
-// out of the pending row gets non-temporal stores when kStream (once aligned).
-template <typename T, bool kWeighted, bool kStream>
-double exp_row_and_write_pending(const T* row, typename AccOf<T>::type row_max,
+// With kCap, row is pass 1's buffer of z (e may be that same buffer: each chunk is read before it
+// is written) and the pending gradient gets its dz/dx factor. out of the pending row gets
+// non-temporal stores when kStream (once aligned).
+template <typename TIn, typename T, bool kWeighted, bool kStream, bool kCap>
+double exp_row_and_write_pending(const TIn* row, typename AccOf<T>::type row_max,
                                  typename AccOf<T>::type* e, const PendingRow<T>& pending,
                                  const T* next, int64_t C, const typename AccOf<T>::type* w) {
   using A = typename AccOf<T>::type;
@@ -812,6 +1312,7 @@ double exp_row_and_write_pending(const T* row, typename AccOf<T>::type row_max,
   constexpr int64_t kChunk = Io<T>::kChunk;
   constexpr int64_t kV = V::size();
   constexpr int64_t kFlushChunks = kBlock / kChunk;  // two-level sums, as in the online pass
+  static_assert(Io<TIn>::kChunk == kChunk, "pass 2 reads and writes chunks of one size");
   const bool do_exp = row != nullptr;
   const bool do_grad = pending.e != nullptr;
   const V mv(row_max), coefv(pending.coef), bwv(pending.bw);
@@ -824,7 +1325,9 @@ double exp_row_and_write_pending(const T* row, typename AccOf<T>::type row_max,
     }
     if (do_grad) {
       const A wi = kWeighted ? w[i] : A(1);
-      pending.out[i] = static_cast<T>(pending.e[i] * pending.coef - pending.bw * wi);
+      A gi = pending.e[i] * pending.coef - pending.bw * wi;
+      if constexpr (kCap) gi *= pending.slope[i];
+      pending.out[i] = static_cast<T>(gi);
     }
   };
   int64_t i = 0;
@@ -844,7 +1347,7 @@ double exp_row_and_write_pending(const T* row, typename AccOf<T>::type row_max,
     if (next != nullptr) prefetch_chunk_l2<T>(next + i);
     if (do_exp) {
       V a, b;
-      Io<T>::load(row + i, a, b);
+      Io<TIn>::load(row + i, a, b);
       const V ea = vexp(a - mv);
       const V eb = vexp(b - mv);
       ea.store(e + i);
@@ -869,6 +1372,10 @@ double exp_row_and_write_pending(const T* row, typename AccOf<T>::type row_max,
         ga = at::vec::fmsub(ea, coefv, bwv);
         gb = at::vec::fmsub(eb, coefv, bwv);
       }
+      if constexpr (kCap) {
+        ga = ga * V::loadu(pending.slope + i);
+        gb = gb * V::loadu(pending.slope + i + kV);
+      }
       if constexpr (kStream) {
         stream_chunk<T>(pending.out + i, ga, gb);
       } else {
@@ -879,106 +1386,147 @@ double exp_row_and_write_pending(const T* row, typename AccOf<T>::type row_max,
   if (do_exp) total += hsum<A>(s0 + s1);
   for (; i < C; ++i) scalar(i);
   if (do_grad) {
-    if (kStream) stream_fence();  // order the streamed row before the plain store below
-    pending.out[pending.y] = static_cast<T>(pending.grad_y);
+    if (kStream) stream_fence();  // order the streamed row before the plain stores below
+    pending.fixes.template store<T, A>(pending.out, 1);
   }
   return total;
 }
 
-template <typename T, int kSum>
+// The pending gradient of a valid row from its buffers (e = exp(z - max) summing to exp_sum;
+// slope = dz/dx or nullptr): g dz/dx (e_i / exp_sum (S + 2 zl (r + lse)) - b w_i - (a - b)
+// share_i) with the target shares of row_targets.
+template <typename T, bool kCap>
+inline PendingRow<T> pending_row(const RowArgs& a, const RowInfo& info, const Shift& shift,
+                                 double g, double exp_sum, double total_w,
+                                 const typename AccOf<T>::type* e,
+                                 const typename AccOf<T>::type* slope, T* out) {
+  using A = typename AccOf<T>::type;
+  const A* w = static_cast<const A*>(a.weight);
+  const RowTargets t = row_targets(info, w);
+  double scale = a.other_mass * total_w + a.target_extra * t.weight();
+  if (a.z_loss != 0.0) scale += 2.0 * a.z_loss * (shift.ref + shift.lse);
+  const double coef = g * scale / exp_sum;  // softmax_i = e_i / exp_sum
+  const double bw = g * a.other_mass;
+  PendingRow<T> pending;
+  pending.e = e;
+  pending.slope = slope;
+  pending.out = out;
+  pending.coef = static_cast<A>(coef);
+  pending.bw = static_cast<A>(bw);
+  pending.fixes = target_fixes(t, [&](int64_t i, double share) {
+    const double w_i = w != nullptr ? static_cast<double>(w[i]) : 1.0;
+    double value = coef * static_cast<double>(e[i]) - bw * w_i - g * a.target_extra * share;
+    if constexpr (kCap) value *= static_cast<double>(slope[i]);
+    return value;
+  });
+  return pending;
+}
+
+template <typename T, int kSum, bool kCap, bool kStats>
 void forward_grad_rows_pipelined(const RowArgs& a, int64_t row_begin, int64_t row_end) {
   using A = typename AccOf<T>::type;
+  // Pass 2 reads the logits, or with softcap pass 1's buffer of z.
+  using TIn = std::conditional_t<kCap, A, T>;
   // kSum == 2 exactly when the gradient has a weighted smoothing term (weight and b != 0).
   constexpr bool kWeighted = kSum == 2;
   const T* logits = static_cast<const T*>(a.logits);
   T* grad = static_cast<T*>(a.grad);
   const A* w = static_cast<const A*>(a.weight);
   const int64_t C = a.num_classes;
-  A* loss_out = static_cast<A*>(a.loss);
-  A* lse_out = static_cast<A*>(a.lse_out);
   const double total_w = total_weight<T>(a);
   const double g = static_cast<double>(*static_cast<const A*>(a.grad_guess));
-  A* const buffers = exp_buffers<A>(C);
+  const CapOf<T, kCap> cap(a.softcap);
+  // Two rows of exps (z before pass 2 with softcap), then two rows of dz/dx (softcap only).
+  A* const buffers = exp_buffers<A>(C, kCap ? 4 : 2);
   const int64_t buffer_stride = exp_buffer_stride(C);
-  int which = 0;  // the buffer that the next row's exps go to
+  int which = 0;  // the buffers that the next row goes to
   PendingRow<T> pending;
   alignas(64) A buf[kBlock];
 
-  auto pass2 = [&](const T* row, A row_max, A* e, const T* next) -> double {
+  auto pass2 = [&](const TIn* row, A row_max, A* e, const T* next) -> double {
     const double sum =
         a.stream_grad
-            ? exp_row_and_write_pending<T, kWeighted, true>(row, row_max, e, pending, next, C, w)
-            : exp_row_and_write_pending<T, kWeighted, false>(row, row_max, e, pending, next, C, w);
+            ? exp_row_and_write_pending<TIn, T, kWeighted, true, kCap>(row, row_max, e, pending,
+                                                                       next, C, w)
+            : exp_row_and_write_pending<TIn, T, kWeighted, false, kCap>(row, row_max, e, pending,
+                                                                        next, C, w);
     pending = PendingRow<T>();
     return sum;
   };
 
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const RowInfo info = row_info(a, r, true);
+    const RowInfo info = row_info<A>(a, r, true);
     const T* row = logits + info.in_offset;
     T* out = grad + info.out_offset;
-    const T* next = r + 1 < row_end ? logits + row_info(a, r + 1, false).in_offset : nullptr;
-    const A ref = row_reference(row, C);
-    A row_max;
-    double sumx;
-    row_max_and_sum<T, kSum>(row, C, w, ref, row_max, sumx);
-    double exp_sum = 0.0;
+    const T* next = r + 1 < row_end ? logits + row_info<A>(a, r + 1, false).in_offset : nullptr;
+    const A ref = row_reference(row, C, cap);
     A* e = buffers + which * buffer_stride;
-    if (std::isfinite(row_max)) exp_sum = pass2(row, row_max, e, next);
+    A* slope = kCap ? buffers + (2 + which) * buffer_stride : nullptr;
+    const PassOne<A> p1 = row_max_and_sum<T, kSum, kCap, kStats>(row, C, w, ref, cap, e, slope);
+    const TIn* source;
+    if constexpr (kCap) {
+      source = e;
+    } else {
+      source = row;
+    }
+    double exp_sum = 0.0;
+    if (std::isfinite(p1.row_max)) exp_sum = pass2(source, p1.row_max, e, next);
     // NaN logits give a NaN sum, an all -inf row a zero sum: the online path handles those.
     if (!(std::isfinite(exp_sum) && exp_sum > 0.0)) {
       // (The pending row keeps its buffer until it is written; writing it now keeps row order.)
       if (pending.e != nullptr) pass2(nullptr, A(0), nullptr, nullptr);
-      double max_d, log_sum;
-      online_row_stats<T, kSum>(row, C, 1, w, ref, buf, max_d, log_sum, sumx);
-      const Shift shift = choose_shift(first_logit(row, C), max_d, log_sum);
-      loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, shift.ref, shift.lse, sumx, total_w));
-      lse_out[r] = static_cast<A>(shift.saved);
-      write_grad_row<T, kWeighted>(a, info, row, out, g,
-                                   static_cast<double>(static_cast<A>(shift.saved)), total_w, buf);
+      const RowStats st = online_row_stats<T, kSum, kCap, kStats>(row, C, 1, w, ref, cap, buf);
+      const Shift shift = choose_shift(first_logit(row, C, cap), st.row_max, st.log_sum);
+      store_row_outputs<T, kCap, kStats>(a, r, info, row, shift, st.sumx, total_w, cap,
+                                         st.argmax);
+      write_grad_row<T, kWeighted, kCap>(a, info, row, out, g,
+                                         static_cast<double>(static_cast<A>(shift.saved)),
+                                         total_w, cap, buf);
       continue;
     }
     const Shift shift =
-        choose_shift(first_logit(row, C), static_cast<double>(row_max), std::log(exp_sum));
-    if (kSum != 0 && shift.from_max) sumx = shifted_sum(row, C, 1, w, shift.ref);
-    loss_out[r] = static_cast<A>(row_loss<T>(a, info, row, shift.ref, shift.lse, sumx, total_w));
-    lse_out[r] = static_cast<A>(shift.saved);
+        choose_shift(first_logit(row, C, cap), static_cast<double>(p1.row_max), std::log(exp_sum));
+    double sumx = p1.sumx;
+    if (kSum != 0 && shift.from_max) sumx = shifted_sum(row, C, 1, w, shift.ref, cap);
+    store_row_outputs<T, kCap, kStats>(a, r, info, row, shift, sumx, total_w, cap, p1.argmax);
     if (info.ignored || info.invalid) {
       fill_row(out, C, 1, info.ignored ? 0.0 : std::numeric_limits<double>::quiet_NaN());
       continue;
     }
-    const int64_t y = info.target;
-    const double w_y = w != nullptr ? static_cast<double>(w[y]) : 1.0;
-    double scale = a.other_mass * total_w + a.target_extra * w_y;
-    if (a.z_loss != 0.0) scale += 2.0 * a.z_loss * (shift.ref + shift.lse);
-    const double coef = g * scale / exp_sum;  // softmax_i = e_i / exp_sum
-    const double bw = g * a.other_mass;
-    pending.e = e;
-    pending.out = out;
-    pending.y = y;
-    pending.coef = static_cast<A>(coef);
-    pending.bw = static_cast<A>(bw);
-    pending.grad_y = static_cast<A>(coef * static_cast<double>(e[y]) - bw * w_y -
-                                    g * a.target_extra * w_y);
+    pending = pending_row<T, kCap>(a, info, shift, g, exp_sum, total_w, e, slope, out);
     which ^= 1;
   }
   if (pending.e != nullptr) pass2(nullptr, A(0), nullptr, nullptr);
 }
 
-template <typename T>
-void forward_rows(const RowArgs& a, int64_t row_begin, int64_t row_end) {
+template <typename T, bool kCap, bool kStats>
+void forward_rows_with(const RowArgs& a, int64_t row_begin, int64_t row_end) {
   const bool pipelined = a.grad != nullptr && a.stride_c == 1 && a.grad_stride_c == 1 &&
                          a.num_classes * static_cast<int64_t>(sizeof(typename AccOf<T>::type)) <=
                              kExpBufferMaxBytes;
   if (a.other_mass == 0.0) {
-    pipelined ? forward_grad_rows_pipelined<T, 0>(a, row_begin, row_end)
-              : forward_rows_impl<T, 0>(a, row_begin, row_end);
+    pipelined ? forward_grad_rows_pipelined<T, 0, kCap, kStats>(a, row_begin, row_end)
+              : forward_rows_impl<T, 0, kCap, kStats>(a, row_begin, row_end);
   } else if (a.weight == nullptr) {
-    pipelined ? forward_grad_rows_pipelined<T, 1>(a, row_begin, row_end)
-              : forward_rows_impl<T, 1>(a, row_begin, row_end);
+    pipelined ? forward_grad_rows_pipelined<T, 1, kCap, kStats>(a, row_begin, row_end)
+              : forward_rows_impl<T, 1, kCap, kStats>(a, row_begin, row_end);
   } else {
-    pipelined ? forward_grad_rows_pipelined<T, 2>(a, row_begin, row_end)
-              : forward_rows_impl<T, 2>(a, row_begin, row_end);
+    pipelined ? forward_grad_rows_pipelined<T, 2, kCap, kStats>(a, row_begin, row_end)
+              : forward_rows_impl<T, 2, kCap, kStats>(a, row_begin, row_end);
+  }
+}
+
+// Softcap and statistics are template switches (their element loops differ); mixed targets are
+// per-row scalars and need none.
+template <typename T>
+void forward_rows(const RowArgs& a, int64_t row_begin, int64_t row_end) {
+  const bool stats = a.stats_lse != nullptr;
+  if (a.softcap > 0.0) {
+    stats ? forward_rows_with<T, true, true>(a, row_begin, row_end)
+          : forward_rows_with<T, true, false>(a, row_begin, row_end);
+  } else {
+    stats ? forward_rows_with<T, false, true>(a, row_begin, row_end)
+          : forward_rows_with<T, false, false>(a, row_begin, row_end);
   }
 }
 

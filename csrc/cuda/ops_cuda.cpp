@@ -22,13 +22,37 @@ void check_launch(int error, const char* what) {
               cuda::error_string(error));
 }
 
+// The CUDA kernels implement none of issue 22's options (lsr_fused/backends/cpp_backend.py
+// declines them before calling; this is the op-level guard).
+void check_no_options(double softcap, const std::optional<at::Tensor>& mix_target,
+                      const std::optional<at::Tensor>& mix_lambda) {
+  TORCH_CHECK_NOT_IMPLEMENTED(softcap == 0.0,
+                              "lsr_fused: softcap is not supported by the CUDA C++ kernels; use "
+                              "backend='triton' or 'torch'");
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !(mix_target.has_value() && mix_target->defined()) &&
+          !(mix_lambda.has_value() && mix_lambda->defined()),
+      "lsr_fused: mix is not supported by the CUDA C++ kernels; use backend='triton' or 'torch'");
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight,
                                                 const std::optional<at::Tensor>& weight_total,
                                                 double target_extra, double other_mass,
                                                 double z_loss, int64_t ignore_index,
                                                 const std::optional<at::Tensor>& grad_logits,
-                                                const std::optional<at::Tensor>& grad_guess) {
+                                                const std::optional<at::Tensor>& grad_guess,
+                                                double softcap,
+                                                const std::optional<at::Tensor>& mix_target,
+                                                const std::optional<at::Tensor>& mix_lambda,
+                                                const std::optional<at::Tensor>& stats_lse,
+                                                const std::optional<at::Tensor>& stats_argmax) {
+  check_no_options(softcap, mix_target, mix_lambda);
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !(stats_lse.has_value() && stats_lse->defined()) &&
+          !(stats_argmax.has_value() && stats_argmax->defined()),
+      "lsr_fused: stats is not supported by the CUDA C++ kernels; use backend='triton' or "
+      "'torch'");
   // The gradient-in-forward path is CPU-only (cpp_backend.WRITES_GRAD_IN_FORWARD): on CUDA the
   // Triton backend writes it, and the C++ kernels compute the gradient in backward.
   TORCH_CHECK_NOT_IMPLEMENTED(
@@ -49,7 +73,10 @@ void backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const 
                    const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& weight_total, const at::Tensor& lse,
                    double target_extra, double other_mass, double z_loss, int64_t ignore_index,
-                   const at::Tensor& grad_logits, const std::optional<at::Tensor>& grad_guess) {
+                   const at::Tensor& grad_logits, const std::optional<at::Tensor>& grad_guess,
+                   double softcap, const std::optional<at::Tensor>& mix_target,
+                   const std::optional<at::Tensor>& mix_lambda) {
+  check_no_options(softcap, mix_target, mix_lambda);
   const c10::cuda::CUDAGuard guard(logits.device());
   BackwardCall call = prepare_backward(grad_loss, logits, target, weight, weight_total, lse,
                                        target_extra, other_mass, z_loss, ignore_index, grad_logits,

@@ -315,6 +315,21 @@ def gradient_pool_stats() -> dict[str, int]:
     return dict(zip(_POOL_STATS, torch.ops.lsr_fused_C.grad_pool_stats(), strict=True))
 
 
+def _decline_on_cuda(logits: Tensor, params: RowParams, mix: object, stats: object) -> None:
+    """The CUDA C++ kernels implement none of issue 22's options: name the first one given."""
+    if logits.device.type != "cuda":
+        return
+    for name, given in (
+        ("softcap", params.softcap > 0),
+        ("mix", mix is not None),
+        ("stats", stats is not None),
+    ):
+        if given:
+            raise NotImplementedError(
+                f"{name} is not supported by the CUDA C++ kernels; use backend='triton' or 'torch'"
+            )
+
+
 def forward(
     logits: Tensor,
     target: Tensor,
@@ -323,8 +338,25 @@ def forward(
     params: RowParams,
     grad_logits: Tensor | None = None,
     grad_guess: Tensor | None = None,
+    *,
+    mix: tuple[Tensor, Tensor] | None = None,
+    stats: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """Per-row loss and saved lse of ``(B, S, C)`` logits (the contract of
+    :mod:`lsr_fused.backends`); with ``grad_logits`` and ``grad_guess`` also the gradient for
+    upstream ``grad_guess`` (CPU only).
+
+    ``params.softcap > 0`` reads every logit as ``softcap * tanh(x / softcap)``. ``mix`` =
+    ``(mix_target, mix_lambda)``: ``(B * S,)`` int64 ``y2`` and ``(B * S,)`` accumulation-dtype
+    ``lam`` (any stride, 0 included): the target mass ``a - b`` is split ``lam`` to ``target`` and
+    ``1 - lam`` to ``y2``. ``stats`` = ``(lse_out, argmax_out)``: ``(B * S,)`` accumulation-dtype
+    and int64 outputs, written for every row: the absolute log-sum-exp and ``torch.argmax`` of the
+    (capped) logits. On CUDA these options raise ``NotImplementedError``.
+    """
     _require()
+    _decline_on_cuda(logits, params, mix, stats)
+    mix_target, mix_lambda = (None, None) if mix is None else mix
+    stats_lse, stats_argmax = (None, None) if stats is None else stats
     loss, lse = torch.ops.lsr_fused_C.forward(
         logits,
         target,
@@ -336,6 +368,11 @@ def forward(
         int(params.ignore_index),
         grad_logits,
         grad_guess,
+        float(params.softcap),
+        mix_target,
+        mix_lambda,
+        stats_lse,
+        stats_argmax,
     )
     return loss, lse
 
@@ -350,8 +387,16 @@ def backward(
     params: RowParams,
     grad_logits: Tensor,
     grad_guess: Tensor | None = None,
+    *,
+    mix: tuple[Tensor, Tensor] | None = None,
 ) -> None:
+    """Writes the gradient of :func:`forward`'s per-row loss for upstream ``grad_loss`` into
+    ``grad_logits`` (which may be ``logits``); ``params.softcap`` and ``mix`` as in
+    :func:`forward`. With ``grad_guess``, rows whose ``grad_loss`` equals it are left as the
+    forward wrote them."""
     _require()
+    _decline_on_cuda(logits, params, mix, None)
+    mix_target, mix_lambda = (None, None) if mix is None else mix
     torch.ops.lsr_fused_C.backward(
         grad_loss,
         logits,
@@ -365,4 +410,7 @@ def backward(
         int(params.ignore_index),
         grad_logits,
         grad_guess,
+        float(params.softcap),
+        mix_target,
+        mix_lambda,
     )
