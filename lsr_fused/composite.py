@@ -17,6 +17,9 @@ terms cancel exactly since ``S = b W + (a - b) w_y``), so that logits sharing a 
 full precision::
 
     loss = S (lse - m) - b sum_c w_c (x_c - m) - (a - b) w_y (x_y - m) + z lse^2
+
+With a softcap ``c`` every ``x`` above is ``c tanh(x / c)`` (differentiated through ``tanh``); with
+mixed targets the target term is split between ``y`` (share ``lam``) and ``y2`` (``1 - lam``).
 """
 
 from __future__ import annotations
