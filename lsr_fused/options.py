@@ -13,6 +13,8 @@ import functools
 import math
 from typing import Optional
 
+import torch
+
 from ._params import RowParams, smoothing_masses
 from .errors import ArgumentTypeError, ArgumentValueError
 
@@ -116,6 +118,8 @@ def _cached_options(*fields) -> LossOptions:
 def loss_options(*fields) -> LossOptions:
     """``LossOptions(*fields)``, made once per distinct set of values (a functional call's options
     are checked the first time they are seen, a dictionary lookup afterwards)."""
+    if torch.compiler.is_compiling():
+        return LossOptions(*fields)  # traced once per graph; the compiler does not see caches
     try:
         return _cached_options(*fields)
     except TypeError as error:
