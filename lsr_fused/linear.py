@@ -108,10 +108,16 @@ class _Layout:
 
     def __init__(self, *groups):
         self.groups = groups
-        self.sizes = tuple(len(g._fields) if isinstance(g, type) else 1 for g in groups)
+        # Where each group's values sit in the flat arguments: a slice, or one position.
+        self.places, at = [], 0
+        for group in groups:
+            size = len(group._fields) if isinstance(group, type) else 1
+            self.places.append((group, slice(at, at + size)) if size > 1 else (None, at))
+            at += size
+        self.size = at
 
     def __len__(self) -> int:
-        return sum(self.sizes)
+        return self.size
 
     def schema(self, returns: str) -> str:
         arguments = []
@@ -122,12 +128,11 @@ class _Layout:
 
     def unpack(self, flat) -> list:
         """The op's flat arguments (or autograd's ``inputs``), one value per group."""
-        values, at = [], 0
-        for group, size in zip(self.groups, self.sizes, strict=True):
-            part = flat[at : at + size]
-            values.append(group._make(part) if isinstance(group, type) else part[0])
-            at += size
-        return values
+        # tuple.__new__ is NamedTuple._make without its Python frame (this runs on every call).
+        return [
+            flat[at] if group is None else tuple.__new__(group, flat[at])
+            for group, at in self.places
+        ]
 
     def input_grads(self, grads) -> tuple:
         """Autograd's outputs: ``grads`` for hidden, weight and bias (they lead every
@@ -168,30 +173,36 @@ class _Problem(ChunkLoop):
         self.params, self.backend = scalars.params, scalars.backend
         self.kernels = ops.backend_module(scalars.backend)
         self.grad_guess = grad_guess
+        device_type = head.hidden.device.type
+        self.grad_in_forward = grad_guess is not None and ops.writes_grad_in_forward(
+            scalars.backend, device_type
+        )
 
     def chunks(self):
         # Through this module's name, which the tests watch for chunk work.
         return _chunks(self.rows, self.chunk)
 
     def row_outputs(self) -> _RowOut:
+        acc = self.acc_dtype
         return _RowOut(
-            *(self.hidden.new_empty(self.rows, dtype=self.acc_dtype) for _ in _RowOut._fields)
+            self.hidden.new_empty(self.rows, dtype=acc), self.hidden.new_empty(self.rows, dtype=acc)
         )
 
-    def forward_rows(self, logits: Tensor, rows: _Rows) -> _RowOut:
-        """The chunk's per-row (loss, lse); with ``grad_guess``, its gradient over ``logits``."""
+    def forward_rows(self, logits: Tensor, rows: _Rows) -> tuple[Tensor, Tensor]:
+        """The chunk's per-row (loss, lse) (:class:`_RowOut`'s fields); with ``grad_guess``, its
+        gradient over ``logits``."""
         view = policy.row_view(logits)
         args = (view, rows.target, self.class_weight, self.class_weight_total, self.params)
         if self.grad_guess is None:
-            return _RowOut(*self.kernels.forward(*args))
-        if ops.writes_grad_in_forward(self.backend, logits.device.type):
+            return self.kernels.forward(*args)
+        if self.grad_in_forward:
             # The kernels read each row's statistics (and the target logit) before writing the
             # row's gradient, so the gradient may overwrite the logits.
-            return _RowOut(*self.kernels.forward(*args, view, self.grad_guess))
-        out = _RowOut(*self.kernels.forward(*args))
+            return self.kernels.forward(*args, view, self.grad_guess)
+        loss, lse = self.kernels.forward(*args)
         upstream = self.grad_guess.expand(logits.shape[0])
-        self.backward_rows(logits, rows._replace(upstream=upstream, lse=out.lse))
-        return out
+        self.backward_rows(logits, rows._replace(upstream=upstream, lse=lse))
+        return loss, lse
 
     def backward_rows(self, logits: Tensor, rows: _Rows) -> tuple:
         """The chunk's gradient for per-row ``rows.upstream``, written over ``logits``."""
@@ -309,7 +320,7 @@ def _backward_forward(ctx, grad_loss, grad_lse):
     head = _Head._make(tensors)
     if grad_loss is None:
         return _FORWARD.input_grads(())
-    needs = Needs._make(bool(n) for n in ctx.needs_input_grad[: len(Needs._fields)])
+    needs = Needs(*map(bool, ctx.needs_input_grad[: len(Needs._fields)]))  # they lead the inputs
     if torch.is_grad_enabled():
         return _FORWARD.input_grads(_composite_gradients(head, ctx.scalars, needs, grad_loss))
     grads = torch.ops.lsr_fused.linear_backward(
@@ -327,7 +338,8 @@ def _setup_forward_with_grad(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
     # Kept off save_for_backward on purpose: backward scales them in place. They are handed out
     # once (detached: a gradient carries no autograd history).
-    ctx.grads = Grads._make(grad.detach() for grad in output[2:])
+    _, _, grad_hidden, grad_weight, grad_bias = output
+    ctx.grads = Grads(grad_hidden.detach(), grad_weight.detach(), grad_bias.detach())
 
 
 def _backward_forward_with_grad(ctx, grad_loss, grad_lse, *unused):

@@ -114,12 +114,14 @@ def chunk_bounds(rows: int, chunk: int):
 def chunk_of(rows: Rows, start: int, stop: int) -> Rows:
     """``rows``, a NamedTuple of per-row tensors (or of such NamedTuples; None for one a pass does
     not have), cut to rows ``[start, stop)``."""
-    return rows._make(
-        None if field is None
-        else chunk_of(field, start, stop) if isinstance(field, tuple)
-        else field[start:stop]
+    part = slice(start, stop)
+    cut = [
+        field[part] if isinstance(field, Tensor)
+        else None if field is None
+        else chunk_of(field, start, stop)
         for field in rows
-    )  # fmt: skip
+    ]  # fmt: skip
+    return tuple.__new__(type(rows), cut)  # NamedTuple._make without its Python frame
 
 
 def logits_into(buffer: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -162,31 +164,41 @@ def gradient_buffers(
     weight's and bias' accumulators (``fill``ed; float32 for half weights, float64 for float64);
     ``(0,)`` where not needed. ``fill=torch.empty`` gives the shapes and dtypes only."""
     need_hidden, need_weight, need_bias = needs
-    acc = dict(dtype=accumulation_dtype(weight.dtype), device=weight.device)
+    acc, device = accumulation_dtype(weight.dtype), weight.device
     # A fresh stand-in each: the ops' outputs must not alias one another.
     return Grads(
         hidden.new_empty(hidden.shape, dtype=hidden_dtype or hidden.dtype)
         if need_hidden
         else hidden.new_empty(0),
-        fill(weight.shape, **acc) if need_weight else hidden.new_empty(0),
-        fill(weight.shape[0], **acc) if need_bias else hidden.new_empty(0),
+        fill(weight.shape, dtype=acc, device=device) if need_weight else hidden.new_empty(0),
+        fill(weight.shape[0], dtype=acc, device=device) if need_bias else hidden.new_empty(0),
     )
 
 
 def final_dtypes(grads: Grads, needs: Sequence[bool], hidden: Tensor, weight: Tensor,
                  bias: Optional[Tensor]) -> Grads:  # fmt: skip
-    """Each computed gradient in its input's dtype (the accumulators cast down; a no-op where the
-    dtypes agree); the ``(0,)`` stand-ins stay as they are."""
-    inputs = (hidden, weight, bias)
-    return Grads._make(
-        grad.to(tensor.dtype) if need else grad
-        for grad, need, tensor in zip(grads, needs, inputs, strict=True)
-    )
+    """Each computed gradient in its input's dtype (the accumulators cast down); the ``(0,)``
+    stand-ins stay as they are."""
+    grad_hidden, grad_weight, grad_bias = grads
+    need_hidden, need_weight, need_bias = needs
+    # Compared first: a dtype test costs a fraction of a no-op ``.to`` on every call.
+    return Grads(
+        grad_hidden.to(hidden.dtype) if need_hidden and grad_hidden.dtype != hidden.dtype
+        else grad_hidden,
+        grad_weight.to(weight.dtype) if need_weight and grad_weight.dtype != weight.dtype
+        else grad_weight,
+        grad_bias.to(bias.dtype) if need_bias and grad_bias.dtype != bias.dtype else grad_bias,
+    )  # fmt: skip
 
 
 def grads_or_none(grads: Sequence[Optional[Tensor]], needs: Sequence[bool]) -> tuple:
     """The autograd outputs for hidden, weight and bias: each computed gradient, else None."""
-    return tuple(grad if need else None for grad, need in zip(grads, needs, strict=True))
+    (grad_hidden, grad_weight, grad_bias), (need_hidden, need_weight, need_bias) = grads, needs
+    return (
+        grad_hidden if need_hidden else None,
+        grad_weight if need_weight else None,
+        grad_bias if need_bias else None,
+    )
 
 
 def rescale(grads: Grads, needs: Sequence[bool], upstream: Tensor, grad_guess: Tensor) -> None:
@@ -223,7 +235,11 @@ class ChunkLoop:
     def accumulate(self, grads: Grads, grad_logits: Tensor, start: int, stop: int) -> None:
         """The chunk's share of each gradient, from its logits' gradient ``G``."""
         if grads.hidden.numel():
-            hidden_grad_into(grads.hidden[start:stop], grad_logits, self.weight)
+            out = grads.hidden[start:stop]
+            if out.dtype == grad_logits.dtype:
+                torch.mm(grad_logits, self.weight, out=out)
+            else:
+                hidden_grad_into(out, grad_logits, self.weight)
         if grads.weight.numel():
             accumulate_weight_grad(grads.weight, grad_logits, self.hidden[start:stop])
         if grads.bias.numel():
@@ -237,15 +253,24 @@ class ChunkLoop:
         """One pass over the chunks: ``step(logits, rows cut to the chunk)`` on each chunk's logits,
         its results written into ``outputs`` (returned); with ``grads``, ``step`` must have written
         the logits' gradient over them, and it is accumulated into ``grads``."""
-        with torch.autocast(self.hidden.device.type, enabled=False):
-            buffer = self.hidden.new_empty((self.chunk, self.width))
-            for start, stop in self.chunks():
-                logits = logits_into(buffer, self.hidden[start:stop], self.weight, self.bias)
-                results = step(logits, chunk_of(rows, start, stop))
-                for output, result in zip(outputs, results, strict=True):
-                    output[start:stop] = result
-                if grads is not None:
-                    self.accumulate(grads, logits, start, stop)  # `logits` holds G now
+        device_type = self.hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The matmuls run in the inputs' dtypes. (Only here: entering the context costs
+            # microseconds on every call.)
+            with torch.autocast(device_type, enabled=False):
+                return self._pass(step, rows, outputs, grads)
+        return self._pass(step, rows, outputs, grads)
+
+    def _pass(self, step, rows, outputs: tuple, grads: Optional[Grads]) -> tuple:
+        buffer = self.hidden.new_empty((self.chunk, self.width))
+        for start, stop in self.chunks():
+            logits = logits_into(buffer, self.hidden[start:stop], self.weight, self.bias)
+            whole = start == 0 and stop == self.rows  # the common case: one chunk
+            results = step(logits, rows if whole else chunk_of(rows, start, stop))
+            for output, result in zip(outputs, results, strict=True):
+                output[start:stop] = result
             if grads is not None:
-                self.finish_gradients(grads)
+                self.accumulate(grads, logits, start, stop)  # `logits` holds G now
+        if grads is not None:
+            self.finish_gradients(grads)
         return outputs
