@@ -1,7 +1,9 @@
 """Fused classifier + label-smoothed cross-entropy: the loss of ``hidden @ weight.T + bias`` without
 ever holding the ``(N, C)`` logits.
 
-The rows are processed in chunks. For a chunk of ``n`` rows with hidden states ``h`` ``(n, H)``:
+The rows are processed in chunks by the chunk loop of :mod:`lsr_fused.linear_chunks` (the one the
+sharded head runs too), whose row step here is a backend's row kernels. For a chunk of ``n`` rows
+with hidden states ``h`` ``(n, H)``:
 
 1. ``x = h @ W^T + b`` into one reusable ``(chunk, C)`` buffer (torch matmul: cuBLAS / CPU BLAS);
 2. the row kernel of a backend (:mod:`lsr_fused.backends`) reads ``x`` and writes ``G = d loss /
@@ -32,6 +34,9 @@ traces through them as single nodes):
   grad_bias)`` for upstream ``grad_guess`` (a gradient not asked for is an empty tensor)
 * ``lsr_fused::linear_backward``          -> ``(grad_hidden, grad_weight, grad_bias)`` for per-row
   upstream gradients, recomputing the chunks
+
+Their arguments are groups (:class:`_Head`'s tensors, :class:`_Scalars`, ...) declared once per op
+as a :class:`_Layout`, from which the flat schema and the unpacking derive.
 """
 
 from __future__ import annotations
@@ -111,9 +116,12 @@ class _Layout:
         # Where each group's values sit in the flat arguments: a slice, or one position.
         self.places, at = [], 0
         for group in groups:
-            size = len(group._fields) if isinstance(group, type) else 1
-            self.places.append((group, slice(at, at + size)) if size > 1 else (None, at))
-            at += size
+            if isinstance(group, type):
+                self.places.append((group, slice(at, at + len(group._fields))))
+                at += len(group._fields)
+            else:
+                self.places.append((None, at))
+                at += 1
         self.size = at
 
     def __len__(self) -> int:

@@ -8,8 +8,8 @@ of its contiguous slice ``[offset_k, offset_k + C_k)`` of the ``C = sum_k C_k`` 
 are ordered by rank, exactly as for the vocabulary-parallel loss of :mod:`lsr_fused.distributed`).
 ``hidden`` ``(..., H)`` is the same on every rank and ``target`` holds global class indices.
 
-Per chunk of ``n`` rows (the chunk loop of :mod:`lsr_fused.linear`, the statistics of
-:mod:`lsr_fused.distributed`)::
+Per chunk of ``n`` rows (the chunk loop of :mod:`lsr_fused.linear_chunks`, whose row step here is
+the statistics of :mod:`lsr_fused.distributed`)::
 
     x_k   = h W_k^T + b_k                       (n, C_k) in one reusable buffer, torch matmul
     stats = shard_stats(x_k)                    (6, n): max, sum-exp, sum w (x - r), x_y - r, w_y, r
