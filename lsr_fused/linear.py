@@ -1,7 +1,9 @@
 """Fused classifier + label-smoothed cross-entropy: the loss of ``hidden @ weight.T + bias`` without
 ever holding the ``(N, C)`` logits.
 
-The rows are processed in chunks. For a chunk of ``n`` rows with hidden states ``h`` ``(n, H)``:
+The rows are processed in chunks by the chunk loop of :mod:`lsr_fused.linear_chunks` (the one the
+sharded head runs too), whose row step here is a backend's row kernels. For a chunk of ``n`` rows
+with hidden states ``h`` ``(n, H)``:
 
 1. ``x = h @ W^T + b`` into one reusable ``(chunk, C)`` buffer (torch matmul: cuBLAS / CPU BLAS);
 2. the row kernel of a backend (:mod:`lsr_fused.backends`) reads ``x`` and writes ``G = d loss /
@@ -32,11 +34,15 @@ traces through them as single nodes):
   grad_bias)`` for upstream ``grad_guess`` (a gradient not asked for is an empty tensor)
 * ``lsr_fused::linear_backward``          -> ``(grad_hidden, grad_weight, grad_bias)`` for per-row
   upstream gradients, recomputing the chunks
+
+Their arguments are groups (:class:`_Head`'s tensors, :class:`_Scalars`, ...) declared once per op
+as a :class:`_Layout`, from which the flat schema and the unpacking derive.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import typing
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -48,313 +54,321 @@ from ._params import RowParams, smoothing_masses
 from ._validation import check_targets
 from .errors import ArgumentValueError
 from .functional import label_smoothing_cross_entropy
-from .linear_chunks import accumulate_weight_grad, logits_into
+from .linear_chunks import (
+    ChunkLoop,
+    Grads,
+    Needs,
+    check_head,
+    expected_upstream,
+    final_dtypes,
+    gradient_buffers,
+    grads_or_none,
+    matmul_inputs,
+    needs_of,
+    rescale,
+)
 from .linear_chunks import chunk_bounds as _chunks
 from .policy import default_chunk_size
 
 __all__ = ["LINEAR_DOC", "default_chunk_size", "linear_label_smoothing_cross_entropy"]
 
 # ---------------------------------------------------------------------------------------------
-# The chunk loop shared by the ops.
+# The ops' arguments: groups of flat schema arguments, each a NamedTuple everywhere else.
 
 
-class _Problem:
-    """The arguments of one op call, unpacked once."""
+class _Head(NamedTuple):
+    """The tensors every op reads (``class_weight`` in the accumulation dtype, with its ``(1,)``
+    sum ``class_weight_total``)."""
 
-    def __init__(self, hidden, weight, bias, target, class_weight, class_weight_total, chunk_size,
-                 target_extra, other_mass, z_loss, ignore_index, backend):  # fmt: skip
-        self.hidden, self.weight, self.bias, self.target = hidden, weight, bias, target
-        self.class_weight, self.class_weight_total = class_weight, class_weight_total
-        self.rows, self.num_classes = hidden.shape[0], weight.shape[0]
-        self.chunk = max(1, min(int(chunk_size), max(self.rows, 1)))
-        self.params = RowParams(target_extra, other_mass, z_loss, ignore_index)
-        self.backend = backend
-        self.kernels = ops.backend_module(backend)
-        self.acc_dtype = policy.accumulation_dtype(hidden.dtype)
+    hidden: Tensor  # (N, H)
+    weight: Tensor  # (C, H)
+    bias: Optional[Tensor]  # (C,)
+    target: Tensor  # (N,) int64
+    class_weight: Optional[Tensor]  # (C,)
+    class_weight_total: Optional[Tensor]  # (1,)
 
-    def buffer(self) -> Tensor:
-        return self.hidden.new_empty((self.chunk, self.num_classes))
 
-    def logits(self, buffer: Tensor, start: int, stop: int) -> Tensor:
-        return logits_into(buffer, self.hidden[start:stop], self.weight, self.bias)
+class _Scalars(NamedTuple):
+    """The scalar options every op takes (runtime values: a new value never recompiles)."""
 
-    def row_forward(self, logits: Tensor, start: int, stop: int, grad_guess=None):
-        """Per-row (loss, lse) of a chunk; with ``grad_guess``, also its gradient, in place."""
-        rows = policy.row_view(logits)
-        target = self.target[start:stop]
-        args = (rows, target, self.class_weight, self.class_weight_total, self.params)
-        if grad_guess is None:
+    chunk_size: int  # rows per chunk, at most max(N, 1)
+    target_extra: float
+    other_mass: float
+    z_loss: float
+    ignore_index: int
+    backend: str  # resolved
+
+    @property
+    def params(self) -> RowParams:
+        return RowParams(self.target_extra, self.other_mass, self.z_loss, self.ignore_index)
+
+
+_SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", float: "float",
+                 str: "str", bool: "bool"}  # fmt: skip
+
+
+class _Layout:
+    """The flat arguments of one op, written once: its groups in order, each a NamedTuple class (its
+    fields) or one ``(name, type)`` argument. The schema and the unpacking derive from it."""
+
+    def __init__(self, *groups):
+        self.groups = groups
+        # Where each group's values sit in the flat arguments: a slice, or one position.
+        self.places, at = [], 0
+        for group in groups:
+            if isinstance(group, type):
+                self.places.append((group, slice(at, at + len(group._fields))))
+                at += len(group._fields)
+            else:
+                self.places.append((None, at))
+                at += 1
+        self.size = at
+
+    def __len__(self) -> int:
+        return self.size
+
+    def schema(self, returns: str) -> str:
+        arguments = []
+        for group in self.groups:
+            fields = typing.get_type_hints(group).items() if isinstance(group, type) else [group]
+            arguments += [f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in fields]
+        return f"({', '.join(arguments)}) -> {returns}"
+
+    def unpack(self, flat) -> list:
+        """The op's flat arguments (or autograd's ``inputs``), one value per group."""
+        # tuple.__new__ is NamedTuple._make without its Python frame (this runs on every call).
+        return [
+            flat[at] if group is None else tuple.__new__(group, flat[at])
+            for group, at in self.places
+        ]
+
+    def input_grads(self, grads) -> tuple:
+        """Autograd's outputs: ``grads`` for hidden, weight and bias (they lead every
+        differentiable op's arguments), None for the rest."""
+        return (*grads, *(None,) * (len(self) - len(grads)))
+
+
+_FORWARD = _Layout(_Head, _Scalars)
+_WITH_GRAD = _Layout(_Head, ("grad_guess", Tensor), _Scalars, Needs)
+_BACKWARD = _Layout(("grad_loss", Tensor), _Head, ("lse", Tensor), _Scalars, Needs)
+
+# ---------------------------------------------------------------------------------------------
+# The local row step.
+
+
+class _Rows(NamedTuple):
+    """The per-row inputs of the row step (``(N,)`` each; None where a pass has none)."""
+
+    target: Tensor
+    upstream: Optional[Tensor] = None  # backward: d loss / d loss_r
+    lse: Optional[Tensor] = None  # backward: the forward pass's (saved) log-sum-exp
+
+
+class _RowOut(NamedTuple):
+    """The per-row outputs of the forward row step (``(N,)``, the accumulation dtype)."""
+
+    loss: Tensor
+    lse: Tensor
+
+
+class _Problem(ChunkLoop):
+    """The chunk loop of one op call, with a backend's row kernels as its row step; with
+    ``grad_guess`` (the upstream gradient of every row), forward also writes the gradient."""
+
+    def __init__(self, head: _Head, scalars: _Scalars, grad_guess: Optional[Tensor] = None):
+        super().__init__(head.hidden, head.weight, head.bias, scalars.chunk_size)
+        self.class_weight, self.class_weight_total = head.class_weight, head.class_weight_total
+        self.params, self.backend = scalars.params, scalars.backend
+        self.kernels = ops.backend_module(scalars.backend)
+        self.grad_guess = grad_guess
+        device_type = head.hidden.device.type
+        self.grad_in_forward = grad_guess is not None and ops.writes_grad_in_forward(
+            scalars.backend, device_type
+        )
+
+    def chunks(self):
+        # Through this module's name, which the tests watch for chunk work.
+        return _chunks(self.rows, self.chunk)
+
+    def row_outputs(self) -> _RowOut:
+        acc = self.acc_dtype
+        return _RowOut(
+            self.hidden.new_empty(self.rows, dtype=acc), self.hidden.new_empty(self.rows, dtype=acc)
+        )
+
+    def forward_rows(self, logits: Tensor, rows: _Rows) -> tuple[Tensor, Tensor]:
+        """The chunk's per-row (loss, lse) (:class:`_RowOut`'s fields); with ``grad_guess``, its
+        gradient over ``logits``."""
+        view = policy.row_view(logits)
+        args = (view, rows.target, self.class_weight, self.class_weight_total, self.params)
+        if self.grad_guess is None:
             return self.kernels.forward(*args)
-        if ops.writes_grad_in_forward(self.backend, logits.device.type):
+        if self.grad_in_forward:
             # The kernels read each row's statistics (and the target logit) before writing the
             # row's gradient, so the gradient may overwrite the logits.
-            return self.kernels.forward(*args, rows, grad_guess)
+            return self.kernels.forward(*args, view, self.grad_guess)
         loss, lse = self.kernels.forward(*args)
-        self.row_backward(grad_guess.expand(stop - start), logits, lse, start, stop)
+        upstream = self.grad_guess.expand(logits.shape[0])
+        self.backward_rows(logits, rows._replace(upstream=upstream, lse=lse))
         return loss, lse
 
-    def row_backward(self, upstream: Tensor, logits: Tensor, lse: Tensor, start: int, stop: int):
-        """The chunk's gradient for per-row ``upstream``, written over ``logits``."""
-        rows = policy.row_view(logits)
+    def backward_rows(self, logits: Tensor, rows: _Rows) -> tuple:
+        """The chunk's gradient for per-row ``rows.upstream``, written over ``logits``."""
+        view = policy.row_view(logits)
         self.kernels.backward(
-            upstream, rows, self.target[start:stop], self.class_weight,
-            self.class_weight_total, lse, self.params, rows,
+            rows.upstream, view, rows.target, self.class_weight, self.class_weight_total,
+            rows.lse, self.params, view,
         )  # fmt: skip
-
-    def gradients(self, needs: tuple[bool, bool, bool]):
-        """Gradient outputs: hidden's (its dtype, to be filled), weight's and bias' accumulators
-        (zeros); an empty ``(0,)`` tensor for a gradient not asked for."""
-        return _gradient_outputs(self.hidden, self.weight, needs, torch.zeros)
-
-    def accumulate(self, grads, grad_logits: Tensor, start: int, stop: int) -> None:
-        grad_hidden, grad_weight, grad_bias = grads
-        if grad_hidden.numel():
-            torch.mm(grad_logits, self.weight, out=grad_hidden[start:stop])
-        if grad_weight.numel():
-            accumulate_weight_grad(grad_weight, grad_logits, self.hidden[start:stop])
-        if grad_bias.numel():
-            grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
-
-
-def _gradient_outputs(hidden: Tensor, weight: Tensor, needs, fill=torch.empty):
-    """(grad_hidden, weight accumulator, bias accumulator); ``(0,)`` where not needed. The
-    accumulators are float32 for half weights (float64 for float64)."""
-    need_hidden, need_weight, need_bias = needs
-    acc = policy.accumulation_dtype(weight.dtype)
-    device = weight.device
-    return (
-        hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
-        fill(weight.shape, dtype=acc, device=device) if need_weight else hidden.new_empty(0),
-        fill(weight.shape[0], dtype=acc, device=device) if need_bias else hidden.new_empty(0),
-    )
-
-
-def _device_type(t: Tensor) -> str:
-    return t.device.type
+        return ()
 
 
 # ---------------------------------------------------------------------------------------------
 # Custom ops.
 
 
-# The scalar tail shared by the ops:
-# (chunk_size, target_extra, other_mass, z_loss, ignore_index, backend).
-# fmt: off
-@torch.library.custom_op("lsr_fused::linear_forward", mutates_args=())
-def linear_forward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-    class_weight: Optional[Tensor], class_weight_total: Optional[Tensor], chunk_size: int,
-    target_extra: float, other_mass: float, z_loss: float, ignore_index: int, backend: str,
-) -> tuple[Tensor, Tensor]:
-    """Per-row loss and log-sum-exp of ``hidden @ weight^T + bias``, chunk by chunk."""
-    check_targets(target, weight.shape[0], ignore_index)
-    p = _Problem(hidden, weight, bias, target, class_weight, class_weight_total, chunk_size,
-                 target_extra, other_mass, z_loss, ignore_index, backend)
-    loss = hidden.new_empty(p.rows, dtype=p.acc_dtype)
-    lse = hidden.new_empty(p.rows, dtype=p.acc_dtype)
-    with torch.autocast(_device_type(hidden), enabled=False):
-        buffer = p.buffer()
-        for start, stop in _chunks(p.rows, p.chunk):
-            chunk_loss, chunk_lse = p.row_forward(p.logits(buffer, start, stop), start, stop)
-            loss[start:stop] = chunk_loss
-            lse[start:stop] = chunk_lse
-    return loss, lse
+@torch.library.custom_op(
+    "lsr_fused::linear_forward", mutates_args=(), schema=_FORWARD.schema("(Tensor, Tensor)")
+)
+def linear_forward(*flat) -> tuple[Tensor, Tensor]:
+    """Per-row loss and log-sum-exp of ``hidden @ weight^T + bias``, chunk by chunk (arguments:
+    :data:`_FORWARD`)."""
+    head, scalars = _FORWARD.unpack(flat)
+    check_targets(head.target, head.weight.shape[0], scalars.ignore_index)
+    loop = _Problem(head, scalars)
+    return tuple(loop.run(loop.forward_rows, _Rows(head.target), loop.row_outputs()))
 
 
 @linear_forward.register_fake
-def _(hidden, weight, bias, target, *rest):
-    acc = policy.accumulation_dtype(hidden.dtype)
-    rows = hidden.shape[0]
-    return hidden.new_empty(rows, dtype=acc), hidden.new_empty(rows, dtype=acc)
+def _(*flat):
+    head, _ = _FORWARD.unpack(flat)
+    acc = policy.accumulation_dtype(head.hidden.dtype)
+    rows = head.hidden.shape[0]
+    return head.hidden.new_empty(rows, dtype=acc), head.hidden.new_empty(rows, dtype=acc)
 
 
-@torch.library.custom_op("lsr_fused::linear_forward_with_grad", mutates_args=())
-def linear_forward_with_grad(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-    class_weight: Optional[Tensor], class_weight_total: Optional[Tensor], grad_guess: Tensor,
-    chunk_size: int, target_extra: float, other_mass: float, z_loss: float, ignore_index: int,
-    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+@torch.library.custom_op(
+    "lsr_fused::linear_forward_with_grad",
+    mutates_args=(),
+    schema=_WITH_GRAD.schema("(Tensor, Tensor, Tensor, Tensor, Tensor)"),
+)
+def linear_forward_with_grad(*flat) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sum of the row losses, per-row lse, and the gradients for upstream ``grad_guess`` on every
-    row: hidden's (its dtype), weight's and bias' (float32 accumulators for half weights)."""
-    check_targets(target, weight.shape[0], ignore_index)
-    p = _Problem(hidden, weight, bias, target, class_weight, class_weight_total, chunk_size,
-                 target_extra, other_mass, z_loss, ignore_index, backend)
-    loss = hidden.new_empty(p.rows, dtype=p.acc_dtype)
-    lse = hidden.new_empty(p.rows, dtype=p.acc_dtype)
-    grads = p.gradients((need_hidden, need_weight, need_bias))
-    with torch.autocast(_device_type(hidden), enabled=False):
-        buffer = p.buffer()
-        for start, stop in _chunks(p.rows, p.chunk):
-            logits = p.logits(buffer, start, stop)
-            chunk_loss, chunk_lse = p.row_forward(logits, start, stop, grad_guess)
-            loss[start:stop] = chunk_loss
-            lse[start:stop] = chunk_lse
-            p.accumulate(grads, logits, start, stop)  # `logits` now holds their gradient
+    row: hidden's (its dtype), weight's and bias' (float32 accumulators for half weights); a
+    gradient not asked for is a ``(0,)`` tensor (arguments: :data:`_WITH_GRAD`)."""
+    head, grad_guess, scalars, needs = _WITH_GRAD.unpack(flat)
+    check_targets(head.target, head.weight.shape[0], scalars.ignore_index)
+    loop = _Problem(head, scalars, grad_guess)
+    grads = loop.gradients(needs)
+    loss, lse = loop.run(loop.forward_rows, _Rows(head.target), loop.row_outputs(), grads)
     return (loss.sum(), lse, *grads)
 
 
-
-
 @linear_forward_with_grad.register_fake
-def _(hidden, weight, bias, target, class_weight, class_weight_total, grad_guess, chunk_size,
-      target_extra, other_mass, z_loss, ignore_index, backend, need_hidden, need_weight,
-      need_bias):
-    acc = policy.accumulation_dtype(hidden.dtype)
+def _(*flat):
+    head, _, _, needs = _WITH_GRAD.unpack(flat)
+    acc = policy.accumulation_dtype(head.hidden.dtype)
     return (
-        hidden.new_empty((), dtype=acc),
-        hidden.new_empty(hidden.shape[0], dtype=acc),
-        *_gradient_outputs(hidden, weight, (need_hidden, need_weight, need_bias)),
+        head.hidden.new_empty((), dtype=acc),
+        head.hidden.new_empty(head.hidden.shape[0], dtype=acc),
+        *gradient_buffers(head.hidden, head.weight, needs, fill=torch.empty),
     )
 
 
-@torch.library.custom_op("lsr_fused::linear_backward", mutates_args=())
-def linear_backward(
-    grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-    class_weight: Optional[Tensor], class_weight_total: Optional[Tensor], lse: Tensor,
-    chunk_size: int, target_extra: float, other_mass: float, z_loss: float, ignore_index: int,
-    backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op(
+    "lsr_fused::linear_backward",
+    mutates_args=(),
+    schema=_BACKWARD.schema("(Tensor, Tensor, Tensor)"),
+)
+def linear_backward(*flat) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for per-row upstream ``grad_loss`` ``(N,)``, recomputing each chunk's logits
-    (the saved ``lse`` spares the statistics pass); in the dtypes of hidden, weight and bias."""
-    p = _Problem(hidden, weight, bias, target, class_weight, class_weight_total, chunk_size,
-                 target_extra, other_mass, z_loss, ignore_index, backend)
-    grads = p.gradients((need_hidden, need_weight, need_bias))
-    with torch.autocast(_device_type(hidden), enabled=False):
-        buffer = p.buffer()
-        for start, stop in _chunks(p.rows, p.chunk):
-            logits = p.logits(buffer, start, stop)
-            p.row_backward(grad_loss[start:stop], logits, lse[start:stop], start, stop)
-            p.accumulate(grads, logits, start, stop)
-    return _final_dtypes(grads, weight, bias)
+    (the saved ``lse`` spares the statistics pass); in the dtypes of hidden, weight and bias
+    (arguments: :data:`_BACKWARD`)."""
+    grad_loss, head, lse, scalars, needs = _BACKWARD.unpack(flat)
+    loop = _Problem(head, scalars)
+    grads = loop.gradients(needs)
+    loop.run(loop.backward_rows, _Rows(head.target, grad_loss, lse), (), grads)
+    return tuple(final_dtypes(grads, needs, head.hidden, head.weight, head.bias))
 
 
 @linear_backward.register_fake
-def _(grad_loss, hidden, weight, bias, target, class_weight, class_weight_total, lse, chunk_size,
-      target_extra, other_mass, z_loss, ignore_index, backend, need_hidden, need_weight,
-      need_bias):
-    grads = _gradient_outputs(hidden, weight, (need_hidden, need_weight, need_bias))
-    return _final_dtypes(grads, weight, bias)
-# fmt: on
-
-
-def _final_dtypes(grads, weight: Tensor, bias: Optional[Tensor]):
-    """Cast the weight and bias accumulators to the parameters' dtypes (the ``(0,)`` stand-ins
-    of gradients not asked for stay as they are)."""
-    grad_hidden, grad_weight, grad_bias = grads
-    if grad_weight.dim() == 2:
-        grad_weight = grad_weight.to(weight.dtype)
-    if bias is not None and grad_bias.numel():  # C >= 1 always
-        grad_bias = grad_bias.to(bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+def _(*flat):
+    _, head, _, _, needs = _BACKWARD.unpack(flat)
+    grads = gradient_buffers(head.hidden, head.weight, needs, fill=torch.empty)
+    return tuple(final_dtypes(grads, needs, head.hidden, head.weight, head.bias))
 
 
 # ---------------------------------------------------------------------------------------------
 # Autograd.
 
-_SCALARS = 6  # chunk_size, target_extra, other_mass, z_loss, ignore_index, backend
 
-
-def _needs(ctx) -> tuple[bool, bool, bool]:
-    return tuple(bool(n) for n in ctx.needs_input_grad[:3])  # hidden, weight, bias
-
-
-def _setup_forward(ctx, inputs, output) -> None:
-    hidden, weight, bias, target, class_weight, class_weight_total, *scalars = inputs
-    ctx.save_for_backward(hidden, weight, bias, target, class_weight, class_weight_total, output[1])
-    ctx.scalars = tuple(scalars)
-    ctx.set_materialize_grads(False)
-
-
-def _grads_out(grads, computed, n_inputs: int):
-    """The autograd outputs: each computed gradient, None for the rest."""
-    return (
-        *(grad if done else None for grad, done in zip(grads, computed, strict=True)),
-        *((None,) * (n_inputs - 3)),
-    )
-
-
-def _composite_gradients(ctx, upstream: Tensor, needs, hidden, weight, bias, target, class_weight):
+def _composite_gradients(head: _Head, scalars: _Scalars, needs: Needs, upstream: Tensor):
     """The gradients as a differentiable graph (``create_graph=True``): the chunk loop's
     arithmetic is invisible to autograd, so the head is recomputed from the composite form."""
-    params = RowParams(*ctx.scalars[1:5])
-    inputs = tuple(t for t, need in zip((hidden, weight, bias), needs, strict=True) if need)
+    tensors = (head.hidden, head.weight, head.bias)
+    inputs = tuple(t for t, need in zip(tensors, needs, strict=True) if need)
 
     def losses_of(*wanted):
         given = iter(wanted)
-        tensors = (hidden, weight, bias)
         h, w, b = (next(given) if need else t for t, need in zip(tensors, needs, strict=True))
         logits = torch.nn.functional.linear(h, w, b)
-        return composite.row_losses(logits, target, class_weight, params)
+        return composite.row_losses(logits, head.target, head.class_weight, scalars.params)
 
     grads = iter(composite.input_gradients(losses_of, inputs, upstream))
     return tuple(next(grads) if need else None for need in needs)
 
 
+def _setup_forward(ctx, inputs, output) -> None:
+    head, ctx.scalars = _FORWARD.unpack(inputs)
+    ctx.save_for_backward(*head, output[1])
+    ctx.set_materialize_grads(False)
+
+
 def _backward_forward(ctx, grad_loss, grad_lse):
-    hidden, weight, bias, target, class_weight, class_weight_total, lse = ctx.saved_tensors
+    *tensors, lse = ctx.saved_tensors
+    head = _Head._make(tensors)
     if grad_loss is None:
-        return (None,) * (6 + _SCALARS)
-    needs = _needs(ctx)
+        return _FORWARD.input_grads(())
+    needs = Needs(*map(bool, ctx.needs_input_grad[: len(Needs._fields)]))  # they lead the inputs
     if torch.is_grad_enabled():
-        grads = _composite_gradients(
-            ctx, grad_loss, needs, hidden, weight, bias, target, class_weight
-        )
-        return _grads_out(grads, needs, 6 + _SCALARS)
+        return _FORWARD.input_grads(_composite_gradients(head, ctx.scalars, needs, grad_loss))
     grads = torch.ops.lsr_fused.linear_backward(
-        grad_loss.to(lse.dtype), hidden, weight, bias, target, class_weight, class_weight_total,
-        lse, *ctx.scalars, *needs,
-    )  # fmt: skip
-    return _grads_out(grads, needs, 6 + _SCALARS)
+        grad_loss.to(lse.dtype), *head, lse, *ctx.scalars, *needs
+    )
+    return _FORWARD.input_grads(grads_or_none(grads, needs))
 
 
 linear_forward.register_autograd(_backward_forward, setup_context=_setup_forward)
 
-_WITH_GRAD_INPUTS = 7 + _SCALARS + 3
-
 
 def _setup_forward_with_grad(ctx, inputs, output) -> None:
-    hidden, weight, bias, target, class_weight, class_weight_total, grad_guess = inputs[:7]
-    scalars = inputs[7 : 7 + _SCALARS]
-    ctx.save_for_backward(
-        hidden, weight, bias, target, class_weight, class_weight_total, output[1], grad_guess
-    )
-    ctx.scalars = tuple(scalars)
-    ctx.computed = tuple(bool(n) for n in inputs[7 + _SCALARS :])
+    head, grad_guess, ctx.scalars, ctx.computed = _WITH_GRAD.unpack(inputs)
+    ctx.save_for_backward(*head, output[1], grad_guess)
     ctx.set_materialize_grads(False)
     # Kept off save_for_backward on purpose: backward scales them in place. They are handed out
     # once (detached: a gradient carries no autograd history).
-    ctx.grads = tuple(grad.detach() for grad in output[2:])
+    _, _, grad_hidden, grad_weight, grad_bias = output
+    ctx.grads = Grads(grad_hidden.detach(), grad_weight.detach(), grad_bias.detach())
 
 
 def _backward_forward_with_grad(ctx, grad_loss, grad_lse, *unused):
-    saved = ctx.saved_tensors
-    hidden, weight, bias, target, class_weight, class_weight_total, lse, grad_guess = saved
+    *tensors, lse, grad_guess = ctx.saved_tensors
+    head, needs = _Head._make(tensors), ctx.computed
     if grad_loss is None:
-        return (None,) * _WITH_GRAD_INPUTS
+        return _WITH_GRAD.input_grads(())
+    upstream = grad_loss.to(lse.dtype)
     if torch.is_grad_enabled():
-        upstream = grad_loss.to(lse.dtype).reshape(1).expand(lse.shape[0])
-        grads = _composite_gradients(
-            ctx, upstream, ctx.computed, hidden, weight, bias, target, class_weight
-        )
-        return _grads_out(grads, ctx.computed, _WITH_GRAD_INPUTS)
+        every_row = upstream.reshape(1).expand(lse.shape[0])
+        return _WITH_GRAD.input_grads(_composite_gradients(head, ctx.scalars, needs, every_row))
     grads, ctx.grads = ctx.grads, None
     if grads is None:
         # A second backward (retain_graph): autograd may own the first gradients by now. Redo the
         # forward's gradient pass exactly, so that repeated backward passes agree bitwise.
         grads = torch.ops.lsr_fused.linear_forward_with_grad(
-            hidden, weight, bias, target, class_weight, class_weight_total, grad_guess,
-            *ctx.scalars, *ctx.computed,
-        )[2:]  # fmt: skip
-    # The gradients were computed for upstream `grad_guess`; the real one is `grad_loss`. The
-    # ratio is exactly 1 when they agree (and kept 1 when both are inf: all rows ignored, mean).
-    upstream = grad_loss.to(lse.dtype).reshape(1)
-    scale = torch.where(upstream == grad_guess, 1.0, upstream / grad_guess)
-    for grad, done in zip(grads, ctx.computed, strict=True):
-        if done:
-            grad.mul_(scale)
-    grads = _final_dtypes(grads, weight, bias)
-    return _grads_out(grads, ctx.computed, _WITH_GRAD_INPUTS)
+            *head, grad_guess, *ctx.scalars, *needs
+        )[2:]
+    rescale(grads, needs, upstream, grad_guess)
+    grads = final_dtypes(grads, needs, head.hidden, head.weight, head.bias)
+    return _WITH_GRAD.input_grads(grads_or_none(grads, needs))
 
 
 linear_forward_with_grad.register_autograd(
@@ -436,11 +450,10 @@ def linear_label_smoothing_cross_entropy(
             chunk_size=chunk_size, backend=backend, process_group=process_group,
             reduce_hidden_grad=reduce_hidden_grad,
         )  # fmt: skip
-    policy.check_reduce_hidden_grad(reduce_hidden_grad)
-    policy.check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
-    device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
-    autocast = torch.is_autocast_enabled(device_type)
-    policy.check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast)
+    options = (label_smoothing, ignore_index, reduction, spread, z_loss)
+    autocast = check_head(
+        hidden, weight, bias, target, class_weight, options, chunk_size, backend, reduce_hidden_grad
+    )
     num_classes, features = weight.shape
     if num_classes == 0:
         raise ArgumentValueError("weight must have at least one class (C == 0)")
@@ -457,46 +470,40 @@ def linear_label_smoothing_cross_entropy(
             ignore_index=ignore_index, reduction=reduction, weight=class_weight, spread=spread,
             z_loss=z_loss, backend=backend,
         )  # fmt: skip
-    if autocast:
-        # As F.linear under autocast: the matmuls run in the autocast dtype (the casts are
-        # differentiable, so float32 parameters get float32 gradients), the loss in float32.
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    hidden, weight, bias = matmul_inputs(hidden, weight, bias, autocast)
+    return _fused(hidden, weight, bias, target, class_weight, options, chunk_size, backend)
 
+
+def _fused(hidden, weight, bias, target, class_weight, options, chunk_size, backend) -> Tensor:
+    """The checked call on the ops: per-row losses, or (a ``"sum"``/``"mean"`` training step) their
+    sum with every gradient computed in the same pass; then the reduction."""
+    label_smoothing, ignore_index, reduction, spread, z_loss = options
+    num_classes, features = weight.shape
     flat_hidden = hidden.reshape(-1, features)
     flat_target = policy.flat_targets(target)
     rows = flat_hidden.shape[0]
     if chunk_size is None:
         chunk_size = policy.default_chunk_size(rows, num_classes, hidden.dtype)
-    # Any chunk of at least N rows is one chunk (and then fits the op schema's int64).
-    chunk_size = min(chunk_size, max(rows, 1))
-    target_extra, other_mass = smoothing_masses(float(label_smoothing), num_classes, spread)
     acc_dtype = policy.accumulation_dtype(hidden.dtype)
     class_weight, class_weight_total = policy.class_weights(class_weight, acc_dtype)
-    scalars = (int(chunk_size), target_extra, other_mass, float(z_loss), ignore_index, backend)
+    head = _Head(flat_hidden, weight, bias, flat_target, class_weight, class_weight_total)
+    masses = smoothing_masses(float(label_smoothing), num_classes, spread)
+    # Any chunk of at least N rows is one chunk (and then fits the op schema's int64).
+    chunk_size = min(chunk_size, max(rows, 1))
+    scalars = _Scalars(chunk_size, *masses, float(z_loss), ignore_index, backend)
     denominator = None
     if reduction == "mean":
         denominator = policy.mean_denominator(
             flat_target, class_weight, ignore_index, num_classes, acc_dtype
         )
-    tensors = (flat_hidden, weight, bias, flat_target, class_weight, class_weight_total)
-    needs = (
-        flat_hidden.requires_grad,
-        weight.requires_grad,
-        bias is not None and bias.requires_grad,
-    )
-    training = torch.is_grad_enabled() and any(needs)
-    if training and reduction != "none":
-        # One upstream value for every row, 1 (sum) or 1 / denominator (mean) when the caller runs
-        # loss.backward(): the gradients are computed now for that value and scaled in backward.
-        # Computed as autograd's backward of the division will (ones / denominator).
-        grad_guess = torch.ones(1, dtype=acc_dtype, device=hidden.device)
-        if denominator is not None:
-            grad_guess = grad_guess / denominator
+    needs = needs_of(flat_hidden, weight, bias)
+    if torch.is_grad_enabled() and any(needs) and reduction != "none":
+        # One upstream value for every row (what loss.backward() sends): the gradients are
+        # computed now for that value and scaled in backward by the real one.
+        grad_guess = expected_upstream(acc_dtype, hidden.device, denominator)
         loss_sum = torch.ops.lsr_fused.linear_forward_with_grad(
-            *tensors, grad_guess, *scalars, *needs
+            *head, grad_guess, *scalars, *needs
         )[0]
         return policy.reduce(loss_sum.reshape(1), target.shape, reduction, denominator)
-    loss, _ = torch.ops.lsr_fused.linear_forward(*tensors, *scalars)
+    loss, _ = torch.ops.lsr_fused.linear_forward(*head, *scalars)
     return policy.reduce(loss, target.shape, reduction, denominator)

@@ -8,8 +8,8 @@ of its contiguous slice ``[offset_k, offset_k + C_k)`` of the ``C = sum_k C_k`` 
 are ordered by rank, exactly as for the vocabulary-parallel loss of :mod:`lsr_fused.distributed`).
 ``hidden`` ``(..., H)`` is the same on every rank and ``target`` holds global class indices.
 
-Per chunk of ``n`` rows (the chunk loop of :mod:`lsr_fused.linear`, the statistics of
-:mod:`lsr_fused.distributed`)::
+Per chunk of ``n`` rows (the chunk loop of :mod:`lsr_fused.linear_chunks`, whose row step here is
+the statistics of :mod:`lsr_fused.distributed`)::
 
     x_k   = h W_k^T + b_k                       (n, C_k) in one reusable buffer, torch matmul
     stats = shard_stats(x_k)                    (6, n): max, sum-exp, sum w (x - r), x_y - r, w_y, r
@@ -49,6 +49,7 @@ collectives, the sharded form runs eagerly (``torch.compile`` breaks the graph a
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -68,13 +69,25 @@ from .distributed.agreement import (
     shown_as,
 )
 from .distributed.shard_math import (
+    RowTerms,
     all_reduce_stats,
     grad_coefs,
     local_targets,
     row_terms,
     shard_kernels,
 )
-from .linear_chunks import accumulate_weight_grad, chunk_bounds, logits_into
+from .linear_chunks import (
+    ChunkLoop,
+    Grads,
+    Needs,
+    check_head,
+    expected_upstream,
+    final_dtypes,
+    grads_or_none,
+    matmul_inputs,
+    needs_of,
+    rescale,
+)
 
 __all__ = ["sharded_linear_label_smoothing_cross_entropy"]
 
@@ -105,172 +118,134 @@ class _Setup(NamedTuple):
     ignore_index: int
     chunk: int
     reduce_hidden_grad: bool
-    needs: tuple[bool, bool, bool]  # hidden, weight, bias
+    needs: Needs
 
     @property
     def row_scalars(self):
         return self.num_classes, self.masses, self.z_loss, self.ignore_index
 
 
-def _hidden_grad_into(out: Tensor, grad_logits: Tensor, weight: Tensor) -> None:
-    """``out = grad_logits @ weight`` in ``out``'s dtype (float32 for half inputs when the
-    contributions are summed over ranks)."""
-    if out.dtype == grad_logits.dtype:
-        torch.mm(grad_logits, weight, out=out)
-    elif out.device.type == "cuda":
-        torch.ops.aten.mm.dtype_out(grad_logits, weight, out.dtype, out=out)
-    else:  # the CPU has no mixed-dtype matmul
-        out.copy_(torch.mm(grad_logits, weight))
+class _Inputs(NamedTuple):
+    """What the op reads besides hidden, weight and bias (none of it differentiated)."""
+
+    flat_target: Tensor  # (N,) global class indices
+    local_target: Tensor  # (N,) the class in this shard's slice, -1 where it lives elsewhere
+    class_weight: Optional[Tensor]  # (C_k,) this shard's, in the accumulation dtype
+    total_weight: Optional[Tensor]  # W, the class weights' sum over the group (None: C)
+    grad_guess: Optional[Tensor]  # (1,): compute the gradients in forward for this upstream
 
 
-class _Loop:
-    """The chunk loop of one call, on this rank's classes."""
+class _Rows(NamedTuple):
+    """The per-row inputs of the sharded row step (``(N,)`` each; None where a pass has none)."""
 
-    def __init__(self, hidden, weight, bias, local_target, class_weight, setup: _Setup):
-        self.hidden, self.weight, self.bias = hidden, weight, bias
-        self.local_target, self.class_weight, self.setup = local_target, class_weight, setup
-        self.rows, self.width = hidden.shape[0], weight.shape[0]
+    target: Optional[Tensor]  # forward: global class indices
+    local_target: Tensor
+    upstream: Optional[Tensor] = None  # backward: d loss / d loss_r
+    terms: Optional[RowTerms] = None  # backward: the forward pass's per-row terms
+
+
+class _Loop(ChunkLoop):
+    """The chunk loop of one call on this rank's classes, with the sharded statistics, their
+    all-reduce and the shard gradient as its row step; with ``grad_guess`` (the upstream gradient
+    of every row), forward also writes the gradient."""
+
+    def __init__(self, hidden, weight, bias, inputs: _Inputs, setup: _Setup):
+        # hidden's gradient is summed over ranks in the accumulation dtype.
+        summed = policy.accumulation_dtype(hidden.dtype) if setup.reduce_hidden_grad else None
+        super().__init__(hidden, weight, bias, setup.chunk, hidden_grad_dtype=summed)
+        self.inputs, self.class_weight, self.setup = inputs, inputs.class_weight, setup
         self.stats_fn, self.grad_fn = shard_kernels(setup.backend)
-        self.acc = policy.accumulation_dtype(hidden.dtype)
+        self.stats = None  # the (6, chunk) statistics of a chunk, allocated on first use
 
-    def buffer(self) -> Tensor:
-        return self.hidden.new_empty((min(self.setup.chunk, max(self.rows, 1)), self.width))
-
-    def logits(self, buffer: Tensor, start: int, stop: int) -> Tensor:
-        return logits_into(buffer, self.hidden[start:stop], self.weight, self.bias)
-
-    def gradients(self, needs) -> list[Tensor]:
-        """hidden's gradient (to be filled; the accumulation dtype when summed over ranks),
-        weight's and bias' zeroed accumulators; ``(0,)`` where not needed."""
-        need_hidden, need_weight, need_bias = needs
-        empty = self.hidden.new_empty(0)
-        hidden_dtype = self.acc if self.setup.reduce_hidden_grad else self.hidden.dtype
-        zeros = dict(dtype=policy.accumulation_dtype(self.weight.dtype), device=self.weight.device)
-        return [
-            self.hidden.new_empty(self.hidden.shape, dtype=hidden_dtype) if need_hidden else empty,
-            torch.zeros(self.weight.shape, **zeros) if need_weight else empty,
-            torch.zeros(self.width, **zeros) if need_bias else empty,
-        ]
-
-    def write_grad(self, logits: Tensor, coefs: Tensor, start: int, stop: int) -> None:
-        rows = logits.unsqueeze(1)  # (n, 1, C_k): the row view of a contiguous buffer
-        self.grad_fn(rows, self.local_target[start:stop], self.class_weight, coefs, rows)
-
-    def accumulate(self, grads, grad_logits: Tensor, start: int, stop: int) -> None:
-        grad_hidden, grad_weight, grad_bias = grads
-        if grad_hidden.numel():
-            _hidden_grad_into(grad_hidden[start:stop], grad_logits, self.weight)
-        if grad_weight.numel():
-            accumulate_weight_grad(grad_weight, grad_logits, self.hidden[start:stop])
-        if grad_bias.numel():
-            grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
-
-    def reduce_hidden(self, grads, needs) -> None:
-        """Sum hidden's gradient over the group, when asked (the same decision on every rank)."""
-        if needs[0] and self.setup.reduce_hidden_grad and self.rows:
-            dist.all_reduce(grads[0], op=dist.ReduceOp.SUM, group=self.setup.group)
-
-    def cast(self, grads, needs):
-        """Each gradient in its input's dtype; None for those not asked for."""
-        grad_hidden, grad_weight, grad_bias = grads
-        return (
-            grad_hidden.to(self.hidden.dtype) if needs[0] else None,
-            grad_weight.to(self.weight.dtype) if needs[1] else None,
-            grad_bias.to(self.bias.dtype) if needs[2] else None,
+    def row_outputs(self) -> RowTerms:
+        dtypes = {"ignored": torch.bool, "in_range": torch.bool}
+        return RowTerms._make(
+            self.hidden.new_empty(self.rows, dtype=dtypes.get(name, self.acc_dtype))
+            for name in RowTerms._fields
         )
+
+    @functools.cached_property
+    def weight_sums(self) -> tuple:
+        """``(W_k, W)``: this shard's class-weight sum and the group's (the number of classes
+        without weights)."""
+        if self.class_weight is None:
+            return float(self.width), float(self.setup.num_classes)
+        return self.class_weight.sum(), self.inputs.total_weight
+
+    def forward_rows(self, logits: Tensor, rows: _Rows) -> RowTerms:
+        """The chunk's per-row terms: this shard's statistics, all-reduced over the group; with
+        ``grad_guess``, the chunk's gradient over ``logits``."""
+        n = logits.shape[0]
+        if self.stats is None:
+            self.stats = torch.empty(6 * self.chunk, dtype=self.acc_dtype, device=logits.device)
+        stats = self.stats[: 6 * n].view(6, n)
+        self.stats_fn(logits.unsqueeze(1), rows.local_target, self.class_weight, stats)
+        group = self.setup.group
+        reduced = all_reduce_stats(stats, rows.local_target, self.weight_sums[0], None, group)
+        terms = row_terms(reduced, self.weight_sums[1], rows.target, self.setup.row_scalars)
+        if self.inputs.grad_guess is not None:
+            upstream = self.inputs.grad_guess.expand(n)
+            self.backward_rows(logits, rows._replace(upstream=upstream, terms=terms))
+        return terms
+
+    def backward_rows(self, logits: Tensor, rows: _Rows) -> tuple:
+        """The chunk's gradient for per-row ``rows.upstream``, written over ``logits``."""
+        coefs = grad_coefs(rows.upstream, *rows.terms[1:], self.setup.masses, self.setup.z_loss)
+        view = logits.unsqueeze(1)  # (n, 1, C_k): the row view of a contiguous buffer
+        self.grad_fn(view, rows.local_target, self.class_weight, coefs, view)
+        return ()
+
+    def finish_gradients(self, grads: Grads) -> None:
+        """Sum hidden's gradient over the group, when asked (the same decision on every rank)."""
+        if self.setup.needs[0] and self.setup.reduce_hidden_grad and self.rows:
+            dist.all_reduce(grads.hidden, op=dist.ReduceOp.SUM, group=self.setup.group)
+
+    def outputs(self, grads: Grads) -> tuple:
+        """Autograd's outputs: the gradients in the inputs' dtypes, None for the rest."""
+        grads = final_dtypes(grads, self.setup.needs, self.hidden, self.weight, self.bias)
+        return (*grads_or_none(grads, self.setup.needs), None, None)  # inputs, setup
 
 
 class _ShardedLinear(torch.autograd.Function):
-    """Forward: per-row losses ``(N,)``, or, given ``grad_guess``, their sum with every gradient
-    computed for that upstream value (scaled in backward by the real one)."""
+    """Forward: per-row losses ``(N,)``, or, given ``inputs.grad_guess``, their sum with every
+    gradient computed for that upstream value (scaled in backward by the real one)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, flat_target, local_target, class_weight, total_weight,
-                grad_guess, setup: _Setup):  # fmt: skip
-        loop = _Loop(hidden, weight, bias, local_target, class_weight, setup)
-        rows, acc = loop.rows, loop.acc
-        total = float(setup.num_classes) if total_weight is None else total_weight
-        # W_k, this shard's class-weight sum (its width without weights).
-        shard_weight = float(loop.width) if class_weight is None else class_weight.sum()
-        # loss, lse, lse - r_k, r_k, S, w_y
-        per_row = torch.empty(6, rows, dtype=acc, device=hidden.device)
-        with_grad = grad_guess is not None
+    def forward(ctx, hidden, weight, bias, inputs: _Inputs, setup: _Setup):
+        loop = _Loop(hidden, weight, bias, inputs, setup)
+        with_grad = inputs.grad_guess is not None
         grads = loop.gradients(setup.needs) if with_grad else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            buffer = loop.buffer()
-            stats = torch.empty(6 * buffer.shape[0], dtype=acc, device=hidden.device)
-            for start, stop in chunk_bounds(rows, setup.chunk):
-                n = stop - start
-                logits = loop.logits(buffer, start, stop)
-                chunk_stats = stats[: 6 * n].view(6, n)
-                chunk_target = local_target[start:stop]
-                loop.stats_fn(logits.unsqueeze(1), chunk_target, class_weight, chunk_stats)
-                reduced = all_reduce_stats(
-                    chunk_stats, chunk_target, shard_weight, None, setup.group
-                )
-                terms = row_terms(reduced, total, flat_target[start:stop], setup.row_scalars)
-                per_row[:, start:stop] = torch.stack(
-                    [terms.loss, terms.lse, terms.shard_lse, terms.reference, terms.total_mass,
-                     terms.target_weight]
-                )  # fmt: skip
-                if with_grad:
-                    coefs = grad_coefs(grad_guess.expand(n), *terms[1:], setup.masses, setup.z_loss)
-                    loop.write_grad(logits, coefs, start, stop)
-                    loop.accumulate(grads, logits, start, stop)  # `logits` holds G now
-            if with_grad:
-                loop.reduce_hidden(grads, setup.needs)
-        loss, lse, shard_lse, reference, total_mass, target_weight = per_row
-        ctx.save_for_backward(
-            hidden, weight, bias, flat_target, local_target, class_weight, lse, shard_lse,
-            reference, total_mass, target_weight, grad_guess,
-        )  # fmt: skip
+        rows = _Rows(inputs.flat_target, inputs.local_target)
+        terms = loop.run(loop.forward_rows, rows, loop.row_outputs(), grads)
+        # Backward reads every input but the global targets and every term but the loss.
+        kept_inputs, kept_terms = inputs._replace(flat_target=None), terms._replace(loss=None)
+        ctx.save_for_backward(hidden, weight, bias, *kept_inputs, *kept_terms)
         ctx.setup = setup
         ctx.set_materialize_grads(False)
         # Kept off save_for_backward on purpose: backward scales them in place. They are handed
         # out once; a second backward (retain_graph) recomputes them.
         ctx.grads = grads
-        return loss.sum() if with_grad else loss
+        return terms.loss.sum() if with_grad else terms.loss
 
     @staticmethod
     def backward(ctx, grad_out):
         policy.refuse_double_backward("the vocabulary-parallel fused head (process_group=)")
-        saved = ctx.saved_tensors
-        hidden, weight, bias, flat_target, local_target, class_weight = saved[:6]
-        lse, shard_lse, reference, total_mass, target_weight, grad_guess = saved[6:]
-        setup = ctx.setup
-        nones = (None,) * 6
+        hidden, weight, bias, *rest = ctx.saved_tensors
+        inputs = _Inputs._make(rest[: len(_Inputs._fields)])
+        terms = RowTerms._make(rest[len(_Inputs._fields) :])
         if grad_out is None:
-            return (None, None, None, *nones)
+            return (None, None, None, None, None)
+        setup = ctx.setup
+        loop = _Loop(hidden, weight, bias, inputs._replace(grad_guess=None), setup)
+        upstream = grad_out.to(terms.lse.dtype)
         grads, ctx.grads = ctx.grads, None
         if grads is not None:
-            # Computed for upstream `grad_guess`; the real one is `grad_out`. The ratio is exactly
-            # 1 when they agree (and kept 1 when both are inf: all rows ignored, mean).
-            upstream = grad_out.to(lse.dtype).reshape(1)
-            scale = torch.where(upstream == grad_guess, 1.0, upstream / grad_guess)
-            for grad, need in zip(grads, setup.needs, strict=True):
-                if need:
-                    grad.mul_(scale)
-            loop = _Loop(hidden, weight, bias, local_target, class_weight, setup)
-            return (*loop.cast(grads, setup.needs), *nones)
-        loop = _Loop(hidden, weight, bias, local_target, class_weight, setup)
-        upstream = grad_out.to(lse.dtype).reshape(-1).expand(loop.rows)
-        ignored = flat_target == setup.ignore_index
-        in_range = (flat_target >= 0) & (flat_target < setup.num_classes)
-        needs = setup.needs
-        grads = loop.gradients(needs)
-        with torch.autocast(hidden.device.type, enabled=False):
-            buffer = loop.buffer()
-            for start, stop in chunk_bounds(loop.rows, setup.chunk):
-                logits = loop.logits(buffer, start, stop)
-                part = slice(start, stop)
-                coefs = grad_coefs(
-                    upstream[part], lse[part], shard_lse[part], reference[part], total_mass[part],
-                    target_weight[part], ignored[part], in_range[part], setup.masses, setup.z_loss,
-                )  # fmt: skip
-                loop.write_grad(logits, coefs, start, stop)
-                loop.accumulate(grads, logits, start, stop)
-            loop.reduce_hidden(grads, needs)
-        return (*loop.cast(grads, needs), *nones)
+            rescale(grads, setup.needs, upstream, inputs.grad_guess)
+            return loop.outputs(grads)
+        rows = _Rows(None, inputs.local_target, upstream.reshape(-1).expand(loop.rows), terms)
+        grads = loop.gradients(setup.needs)
+        loop.run(loop.backward_rows, rows, (), grads)
+        return loop.outputs(grads)
 
 
 class _Checked(NamedTuple):
@@ -287,15 +262,15 @@ def _check(hidden, weight, bias, target, class_weight, options, chunk_size, back
            reduce_hidden_grad) -> _Checked:  # fmt: skip
     """Every local check, then :func:`describe`; raises what a check raises."""
     label_smoothing, ignore_index, _, _, z_loss = options
+    # First: the values the exchange could not pack (an int too large for a float would make the
+    # option checks raise OverflowError instead of naming the argument).
     check_exchange_values(label_smoothing, ignore_index, z_loss, chunk_size)
-    policy.check_options(*options, backend)
-    policy.check_reduce_hidden_grad(reduce_hidden_grad)
-    device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
-    autocast = torch.is_autocast_enabled(device_type)
-    policy.check_linear_tensors(hidden, weight, bias, target, class_weight, chunk_size, autocast)
+    autocast = check_head(
+        hidden, weight, bias, target, class_weight, options, chunk_size, backend, reduce_hidden_grad
+    )
     policy.check_sharded_autograd(class_weight, "class_weight")
     resolved = policy.resolve_backend(backend, hidden.device, sharded=True)
-    dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
     flat_target = policy.flat_targets(target)
     shard = ShardInput(weight.shape[0], hidden.dim(), dtype)
     wants_hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
@@ -319,19 +294,19 @@ def _weight_totals(class_weight: Tensor, local_target: Tensor, counted: Tensor, 
     return totals[0], totals[1]
 
 
-def _apply(tensors, setup: _Setup, reduction: str, denominator, target_shape) -> Tensor:
-    """The op on ``tensors`` (as :class:`_ShardedLinear` takes them), then the reduction."""
-    flat_hidden = tensors[0]
+def _apply(hidden, weight, bias, inputs: _Inputs, setup: _Setup, reduction: str, denominator,
+           target_shape) -> Tensor:  # fmt: skip
+    """The op, then the reduction."""
     if torch.is_grad_enabled() and any(setup.needs) and reduction != "none":
         # As in lsr_fused.linear: gradients computed now for the upstream value loss.backward()
         # sends (1 for sum, 1 / denominator for mean), scaled in backward by the real one.
-        acc = policy.accumulation_dtype(flat_hidden.dtype)
-        grad_guess = torch.ones(1, dtype=acc, device=flat_hidden.device)
-        if reduction == "mean":
-            grad_guess = grad_guess / denominator
-        loss_sum = _ShardedLinear.apply(*tensors, grad_guess, setup)
+        acc = policy.accumulation_dtype(hidden.dtype)
+        mean_of = denominator if reduction == "mean" else None
+        grad_guess = expected_upstream(acc, hidden.device, mean_of)
+        inputs = inputs._replace(grad_guess=grad_guess)
+        loss_sum = _ShardedLinear.apply(hidden, weight, bias, inputs, setup)
         return policy.reduce(loss_sum.reshape(1), target_shape, reduction, denominator)
-    loss = _ShardedLinear.apply(*tensors, None, setup)
+    loss = _ShardedLinear.apply(hidden, weight, bias, inputs, setup)
     return policy.reduce(loss, target_shape, reduction, denominator)
 
 
@@ -366,31 +341,44 @@ def sharded_linear_label_smoothing_cross_entropy(
         group, description, local_error, options, device_of=hidden, extra_fields=_EXTRA_FIELDS,
         renames=_RENAMES, caller=_CALLER,
     )  # fmt: skip
-    resolved, flat_target, dtype = checked.backend, checked.flat_target, checked.dtype
-    if checked.autocast:
-        # As F.linear under autocast (see lsr_fused.linear): matmuls in the autocast dtype.
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    flat_hidden = hidden.reshape(-1, weight.shape[1])
+    hidden, weight, bias = matmul_inputs(hidden, weight, bias, checked.autocast)
     if chunk_size is None:
         # The same on every rank: the memory rule for the widest shard.
-        chunk_size = policy.default_chunk_size(flat_hidden.shape[0], max(widths), dtype)
-    acc = policy.accumulation_dtype(dtype)
-    local_target = local_targets(flat_target, offset, weight.shape[0])
+        rows = checked.flat_target.shape[0]
+        chunk_size = policy.default_chunk_size(rows, max(widths), checked.dtype)
+    shard = _Shard(group, num_classes, offset, checked.backend, int(chunk_size))
+    return _sharded(hidden, weight, bias, checked.flat_target, class_weight, options, shard,
+                    reduce_hidden_grad, target.shape)  # fmt: skip
+
+
+class _Shard(NamedTuple):
+    """What the agreement exchange settled: the group, the global class count, this rank's first
+    class, the backend and the rows per chunk (the same on every rank)."""
+
+    group: object
+    num_classes: int
+    offset: int
+    backend: str
+    chunk: int
+
+
+def _sharded(hidden, weight, bias, flat_target, class_weight, options, shard: _Shard,
+             reduce_hidden_grad: bool, target_shape) -> Tensor:  # fmt: skip
+    """The agreed call: this rank's targets and class-weight totals, then the op."""
+    label_smoothing, ignore_index, reduction, spread, z_loss = options
+    flat_hidden = hidden.reshape(-1, weight.shape[1])
+    acc = policy.accumulation_dtype(hidden.dtype)
+    local_target = local_targets(flat_target, shard.offset, weight.shape[0])
     counted = flat_target != ignore_index
     total_weight = denominator = None
     if class_weight is not None:
         class_weight = class_weight.to(acc).contiguous()
-        total_weight, denominator = _weight_totals(class_weight, local_target, counted, group)
+        total_weight, denominator = _weight_totals(class_weight, local_target, counted, shard.group)
     if reduction == "mean" and class_weight is None:
         denominator = counted.sum(dtype=acc)
-    masses = smoothing_masses(float(label_smoothing), num_classes, spread)
-    needs = (
-        flat_hidden.requires_grad,
-        weight.requires_grad,
-        bias is not None and bias.requires_grad,
-    )
-    setup = _Setup(group, resolved, num_classes, masses, float(z_loss), ignore_index,
-                   int(chunk_size), reduce_hidden_grad, needs)  # fmt: skip
-    tensors = (flat_hidden, weight, bias, flat_target, local_target, class_weight, total_weight)
-    return _apply(tensors, setup, reduction, denominator, target.shape)
+    masses = smoothing_masses(float(label_smoothing), shard.num_classes, spread)
+    setup = _Setup(shard.group, shard.backend, shard.num_classes, masses, float(z_loss),
+                   ignore_index, shard.chunk, reduce_hidden_grad,
+                   needs_of(flat_hidden, weight, bias))  # fmt: skip
+    inputs = _Inputs(flat_target, local_target, class_weight, total_weight, None)
+    return _apply(flat_hidden, weight, bias, inputs, setup, reduction, denominator, target_shape)
