@@ -178,6 +178,23 @@ def test_softcap(capability, dtype, option, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softcap_value_is_accurate(capability, dtype, path):
+    """With one class the absolute lse is the capped logit itself: c tanh(x / c) within a few
+    rounding errors of the dtype, on both sides of the kernel's tanh branch point and far out."""
+    cap = 3.0
+    x = torch.cat([torch.linspace(-40.0, 40.0, 4001, dtype=torch.float64),
+                   torch.linspace(-1e-3, 1e-3, 101, dtype=torch.float64)]).to(dtype)  # fmt: skip
+    x = x.reshape(1, -1, 1)
+    target = torch.zeros(x.shape[1], dtype=torch.long)
+    params = row_params(1, 0.0, "all", 0.0, cap)
+    _, _, (lse, _) = _ours(x, target, params, torch.ones(x.shape[1], dtype=_acc(dtype)), path=path)
+    expected = _capped(x.reshape(-1).double(), cap)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(lse.double(), expected, rtol=4 * ulp, atol=1e-30)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softcap_large_and_infinite_logits(capability, dtype, path):
     """Logits far beyond the cap and +-inf: capped to +-c, finite loss, zero gradient at +-inf."""

@@ -222,15 +222,18 @@ inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
 // ---------------------------------------------------------------------------------------------
 // Softcap: every logit x is read as z = c tanh(x / c) when c > 0 (lsr_fused/backends/__init__.py).
 
-// tanh(u) = u + u s (k1 + k2 s + k3 s^2 + k4 s^3 + k5 s^4), s = u^2, for |u| < kSmall: a relative
-// minimax fit made for this file (max error 1.3 ulp in float32, evaluation included).
+// tanh(u) = u + u s (k1 + k2 s + ... + k7 s^6), s = u^2, for |u| < kSmall: a relative minimax fit
+// made for this file (max error 1.5 ulp in float32, evaluation included). The range reaches
+// |x| = c, so that for a softcap above most logits every vector takes the polynomial alone.
 struct TanhConstants {
-  static constexpr float kSmall = 0.625f;
-  static constexpr float kP1 = -3.3333283925e-01f;
-  static constexpr float kP2 = 1.3331491282e-01f;
-  static constexpr float kP3 = -5.3743497534e-02f;
-  static constexpr float kP4 = 2.0650585269e-02f;
-  static constexpr float kP5 = -5.7170425671e-03f;
+  static constexpr float kSmall = 1.0f;
+  static constexpr float kP1 = -3.3333298899e-01f;
+  static constexpr float kP2 = 1.3332411451e-01f;
+  static constexpr float kP3 = -5.3884106951e-02f;
+  static constexpr float kP4 = 2.1499410426e-02f;
+  static constexpr float kP5 = -7.9652264404e-03f;
+  static constexpr float kP6 = 2.3154748114e-03f;
+  static constexpr float kP7 = -3.6252545627e-04f;
 };
 
 // Lane by lane: `above` where u >= limit or u is NaN, `below` where u < limit.
@@ -280,7 +283,7 @@ inline Vectorized<float> vrecip(const Vectorized<float>& d) {
 // tanh(u) lane by lane, and its derivative 1 - tanh(u)^2 in `slope` (NaN stays NaN; +-inf gives
 // +-1 and slope 0). Float: the odd polynomial above for |u| < kSmall (alone when every lane is
 // there, the common case for a softcap well above the logits); beyond, t = (1 - E) / (1 + E)
-// with E = exp(-2|u|) in [0, 0.29] (never overflows; E = 0 at infinity; t >= 0.55 there, so
+// with E = exp(-2|u|) in [0, 0.14] (never overflows; E = 0 at infinity; t >= 0.76 there, so
 // nothing cancels: ~2 ulp) and slope = 4 E / (1 + E)^2, which keeps its relative accuracy where t
 // rounds to 1.
 inline Vectorized<float> vtanh(const Vectorized<float>& u, Vectorized<float>& slope) {
@@ -288,7 +291,9 @@ inline Vectorized<float> vtanh(const Vectorized<float>& u, Vectorized<float>& sl
   using K = TanhConstants;
   constexpr float kSmallSquared = K::kSmall * K::kSmall;  // exact
   const V s = u * u;
-  V p = at::vec::fmadd(V(K::kP5), s, V(K::kP4));
+  V p = at::vec::fmadd(V(K::kP7), s, V(K::kP6));
+  p = at::vec::fmadd(p, s, V(K::kP5));
+  p = at::vec::fmadd(p, s, V(K::kP4));
   p = at::vec::fmadd(p, s, V(K::kP3));
   p = at::vec::fmadd(p, s, V(K::kP2));
   p = at::vec::fmadd(p, s, V(K::kP1));
@@ -802,61 +807,72 @@ inline TargetFixes target_fixes(const RowTargets& t, ValueAt value_at) {
   return f;
 }
 
-// grad = (coef exp((z - ref) - lse) - bw w) dz/dx with z = cap(x), over len contiguous elements
-// (in and out may alias unless kStream, which writes with non-temporal stores once out is
-// aligned). Without kCap, dz/dx = 1 and z = x.
-template <typename T, bool kWeighted, bool kStream, bool kCap>
-inline void grad_block(const T* in, T* out, int64_t len, typename AccOf<T>::type ref,
-                       typename AccOf<T>::type lse, typename AccOf<T>::type coef,
-                       typename AccOf<T>::type bw, const typename AccOf<T>::type* w,
-                       const CapOf<T, kCap>& cap) {
+// The gradient lanes of grad_block: (coef exp((z - ref) - lse) - bw w) dz/dx with z = cap(x)
+// (without kCap, dz/dx = 1 and z = x).
+template <typename A, bool kWeighted, bool kCap>
+struct GradLanes {
+  using V = Vectorized<A>;
+  A ref, lse, coef, bw;
+  Softcap<A, kCap> cap;
+
+  // The logits x (their weights at wp when kWeighted).
+  inline V operator()(const V& x, const A* wp) const {
+    V slope;
+    const V z = cap.apply(x, slope);
+    V g;
+    if constexpr (kWeighted) {
+      g = at::vec::fmsub(vexp((z - V(ref)) - V(lse)), V(coef), V(bw) * V::loadu(wp));
+    } else {
+      g = at::vec::fmsub(vexp((z - V(ref)) - V(lse)), V(coef), V(bw));
+    }
+    if constexpr (kCap) g = g * slope;
+    return g;
+  }
+};
+
+// grad_block's elements [from, to) outside its vector loop: one by one, or with kCap as padded
+// chunks of the lane function (z is computed by it everywhere).
+template <typename T, bool kWeighted, bool kCap>
+inline void grad_rest(const T* in, T* out, int64_t from, int64_t to,
+                      const GradLanes<typename AccOf<T>::type, kWeighted, kCap>& lanes,
+                      const typename AccOf<T>::type* w) {
   using A = typename AccOf<T>::type;
   using V = Vectorized<A>;
   constexpr int64_t kChunk = Io<T>::kChunk;
   constexpr int64_t kV = V::size();
-  const V refv(ref), lsev(lse), coefv(coef), bwv(bw);
-  // One chunk: the logits a, b (weights at wp when kWeighted) to their gradient ga, gb.
-  auto chunk = [&](const V& a, const V& b, const A* wp, V& ga, V& gb) {
-    V sa, sb;
-    const V za = cap.apply(a, sa), zb = cap.apply(b, sb);
-    if constexpr (kWeighted) {
-      ga = at::vec::fmsub(vexp((za - refv) - lsev), coefv, bwv * V::loadu(wp));
-      gb = at::vec::fmsub(vexp((zb - refv) - lsev), coefv, bwv * V::loadu(wp + kV));
-    } else {
-      ga = at::vec::fmsub(vexp((za - refv) - lsev), coefv, bwv);
-      gb = at::vec::fmsub(vexp((zb - refv) - lsev), coefv, bwv);
+  if constexpr (!kCap) {
+    for (int64_t i = from; i < to; ++i) {
+      const A e = static_cast<A>(std::exp((to_acc(in[i]) - lanes.ref) - lanes.lse));
+      const A wi = kWeighted ? w[i] : A(1);
+      out[i] = static_cast<T>(e * lanes.coef - lanes.bw * wi);
     }
-    if constexpr (kCap) {
-      ga = ga * sa;
-      gb = gb * sb;
-    }
-  };
-  // Elements [from, to) outside the vector loop: one by one, or with kCap as padded chunks (the
-  // lane function, as everywhere else z is read).
-  auto rest = [&](int64_t from, int64_t to) {
-    if constexpr (!kCap) {
-      for (int64_t i = from; i < to; ++i) {
-        const A e = static_cast<A>(std::exp((to_acc(in[i]) - ref) - lse));
-        const A wi = kWeighted ? w[i] : A(1);
-        out[i] = static_cast<T>(e * coef - bw * wi);
+  } else {
+    for (int64_t i = from; i < to; i += kChunk) {
+      const int64_t n = std::min(kChunk, to - i);
+      alignas(64) A x[kChunk];
+      alignas(64) A wt[kChunk];
+      for (int64_t j = 0; j < kChunk; ++j) {
+        x[j] = j < n ? to_acc(in[i + j]) : A(0);
+        wt[j] = kWeighted && j < n ? w[i + j] : A(0);
       }
-    } else {
-      for (int64_t i = from; i < to; i += kChunk) {
-        const int64_t n = std::min(kChunk, to - i);
-        alignas(64) A x[kChunk];
-        alignas(64) A wt[kChunk];
-        for (int64_t j = 0; j < kChunk; ++j) {
-          x[j] = j < n ? to_acc(in[i + j]) : A(0);
-          wt[j] = kWeighted && j < n ? w[i + j] : A(0);
-        }
-        V ga, gb;
-        chunk(V::loadu(x), V::loadu(x + kV), wt, ga, gb);
-        ga.store(x);
-        gb.store(x + kV);
-        for (int64_t j = 0; j < n; ++j) out[i + j] = static_cast<T>(x[j]);
-      }
+      const V ga = lanes(V::loadu(x), wt), gb = lanes(V::loadu(x + kV), wt + kV);
+      ga.store(x);
+      gb.store(x + kV);
+      for (int64_t j = 0; j < n; ++j) out[i + j] = static_cast<T>(x[j]);
     }
-  };
+  }
+}
+
+// The gradient lanes over len contiguous elements (in and out may alias unless kStream, which
+// writes with non-temporal stores once out is aligned).
+template <typename T, bool kWeighted, bool kStream, bool kCap>
+inline void grad_block(const T* in, T* out, int64_t len,
+                       const GradLanes<typename AccOf<T>::type, kWeighted, kCap>& lanes,
+                       const typename AccOf<T>::type* w) {
+  using A = typename AccOf<T>::type;
+  using V = Vectorized<A>;
+  constexpr int64_t kChunk = Io<T>::kChunk;
+  constexpr int64_t kV = V::size();
   int64_t i = 0;
   if constexpr (kStream) {
     // Peel elements until out is aligned for the streaming stores (T's size divides the alignment).
@@ -864,22 +880,22 @@ inline void grad_block(const T* in, T* out, int64_t len, typename AccOf<T>::type
     const int64_t head = misalign == 0 || misalign % static_cast<int64_t>(sizeof(T)) != 0
                              ? (misalign == 0 ? 0 : len)
                              : std::min(len, (kStreamAlign - misalign) / static_cast<int64_t>(sizeof(T)));
-    rest(0, head);
+    grad_rest<T, kWeighted, kCap>(in, out, 0, head, lanes, w);
     i = head;
   }
   for (; i + kChunk <= len; i += kChunk) {
     V a, b;
     prefetch_chunk<T>(in + i);
     Io<T>::load(in + i, a, b);
-    V ga, gb;
-    chunk(a, b, kWeighted ? w + i : nullptr, ga, gb);
+    const V ga = lanes(a, kWeighted ? w + i : nullptr);
+    const V gb = lanes(b, kWeighted ? w + i + kV : nullptr);
     if constexpr (kStream) {
       stream_chunk<T>(out + i, ga, gb);
     } else {
       Io<T>::store(out + i, ga, gb);
     }
   }
-  rest(i, len);
+  grad_rest<T, kWeighted, kCap>(in, out, i, len, lanes, w);
 }
 
 template <typename T>
@@ -916,9 +932,8 @@ void degenerate_grad_row(const RowArgs& a, const RowTargets& t, const T* row, T*
 
 // grad_block over a whole row in any layout (strided rows through the kBlock scratch buf).
 template <typename T, bool kWeighted, bool kCap>
-inline void grad_row_blocks(const RowArgs& a, const T* row, T* out, typename AccOf<T>::type ref,
-                            typename AccOf<T>::type lse, typename AccOf<T>::type coef,
-                            typename AccOf<T>::type bw, const CapOf<T, kCap>& cap,
+inline void grad_row_blocks(const RowArgs& a, const T* row, T* out,
+                            const GradLanes<typename AccOf<T>::type, kWeighted, kCap>& lanes,
                             typename AccOf<T>::type* buf) {
   using A = typename AccOf<T>::type;
   const A* w = static_cast<const A*>(a.weight);
@@ -929,12 +944,12 @@ inline void grad_row_blocks(const RowArgs& a, const T* row, T* out, typename Acc
     const int64_t len = std::min(kBlock, C - i0);
     const A* wb = kWeighted ? w + i0 : nullptr;
     if (sc == 1 && gsc == 1 && a.stream_grad) {
-      grad_block<T, kWeighted, true, kCap>(row + i0, out + i0, len, ref, lse, coef, bw, wb, cap);
+      grad_block<T, kWeighted, true, kCap>(row + i0, out + i0, len, lanes, wb);
     } else if (sc == 1 && gsc == 1) {
-      grad_block<T, kWeighted, false, kCap>(row + i0, out + i0, len, ref, lse, coef, bw, wb, cap);
+      grad_block<T, kWeighted, false, kCap>(row + i0, out + i0, len, lanes, wb);
     } else {
       for (int64_t j = 0; j < len; ++j) buf[j] = to_acc(row[(i0 + j) * sc]);
-      grad_block<A, kWeighted, false, kCap>(buf, buf, len, ref, lse, coef, bw, wb, cap);
+      grad_block<A, kWeighted, false, kCap>(buf, buf, len, lanes, wb);
       for (int64_t j = 0; j < len; ++j) out[(i0 + j) * gsc] = static_cast<T>(buf[j]);
     }
   }
@@ -988,8 +1003,9 @@ inline void write_grad_row(const RowArgs& a, const RowInfo& info, const T* row, 
     if constexpr (kCap) value *= static_cast<double>(slope);
     return value;
   });
-  grad_row_blocks<T, kWeighted, kCap>(a, row, out, ref, static_cast<A>(lse), static_cast<A>(coef),
-                                      static_cast<A>(bw), cap, buf);
+  const GradLanes<A, kWeighted, kCap> lanes{ref, static_cast<A>(lse), static_cast<A>(coef),
+                                             static_cast<A>(bw), cap};
+  grad_row_blocks<T, kWeighted, kCap>(a, row, out, lanes, buf);
   fixes.store<T, A>(out, gsc);
 }
 
@@ -1210,6 +1226,39 @@ struct PassOne {
   int64_t argmax;
 };
 
+// Pass 1's scalar part: the row's last n < kChunk elements (only the last block has them).
+template <typename A>
+struct PassOneTail {
+  A max = std::numeric_limits<A>::lowest();  // NaN included
+  A best = -std::numeric_limits<A>::infinity();  // the first maximum (NaN excluded), for argmax
+  int64_t best_index = 0;
+
+  // The n elements at p, element `start` of the row, their (weighted) z - ref added to `sum` one
+  // by one (z and dz/dx of each go to z_out and slope_out with kCap).
+  template <typename T, int kSum, bool kCap, bool kStats>
+  inline void scan(const T* p, int64_t n, int64_t start, const A* w, A ref,
+                   const CapOf<T, kCap>& cap, A* z_out, A* slope_out, double& sum) {
+    constexpr int64_t kChunk = Io<T>::kChunk;
+    alignas(64) A z[kChunk];
+    alignas(64) A dz[kChunk];
+    load_tail<T, kCap>(p, n, cap, z, dz);
+    if constexpr (kCap) {
+      std::copy(z, z + n, z_out + start);
+      std::copy(dz, dz + n, slope_out + start);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const A x = z[j];
+      if (!(x <= max)) max = x;
+      if (kStats && x > best) {
+        best = x;
+        best_index = start + j;
+      }
+      if constexpr (kSum == 1) sum += static_cast<double>(x - ref);
+      if constexpr (kSum == 2) sum += static_cast<double>(x - ref) * static_cast<double>(w[start + j]);
+    }
+  }
+};
+
 // Pass 1 (NaN lanes may be ignored here; they make the pass-2 sum NaN). The maximum starts at the
 // lowest finite value: an all -inf row sums to 0. With kCap, z and dz/dx of every element go to
 // z_out and slope_out.
@@ -1224,9 +1273,7 @@ inline PassOne<typename AccOf<T>::type> row_max_and_sum(
   const V refv(ref);
   V m0(std::numeric_limits<A>::lowest()), m1(std::numeric_limits<A>::lowest());
   ArgmaxLanes<A> am;
-  A tail_max = std::numeric_limits<A>::lowest();
-  A tail_best = -std::numeric_limits<A>::infinity();
-  int64_t tail_index = 0;
+  PassOneTail<A> tail;
   double total = 0.0;
   for (int64_t i0 = 0; i0 < C; i0 += kBlock) {
     const int64_t len = std::min(kBlock, C - i0);
@@ -1255,34 +1302,16 @@ inline PassOne<typename AccOf<T>::type> row_max_and_sum(
       }
     }
     if constexpr (kSum != 0) total += hsum<A>(vs0 + vs1);
-    if (i == len) continue;
-    // The row's last n < kChunk elements (only the last block has them).
-    alignas(64) A zt[kChunk];
-    alignas(64) A dz[kChunk];
-    const int64_t n = len - i;
-    load_tail<T, kCap>(q + i, n, cap, zt, dz);
-    if constexpr (kCap) {
-      std::copy(zt, zt + n, z_out + i0 + i);
-      std::copy(dz, dz + n, slope_out + i0 + i);
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      const A x = zt[j];
-      if (!(x <= tail_max)) tail_max = x;  // NaN included
-      if constexpr (kStats) {
-        if (x > tail_best) {
-          tail_best = x;
-          tail_index = i0 + i + j;
-        }
-      }
-      if constexpr (kSum == 1) total += static_cast<double>(x - ref);
-      if constexpr (kSum == 2) total += static_cast<double>(x - ref) * static_cast<double>(w[i0 + i + j]);
+    if (i < len) {
+      tail.template scan<T, kSum, kCap, kStats>(q + i, len - i, i0 + i, w, ref, cap, z_out,
+                                                slope_out, total);
     }
   }
   const A vmax = hmax_nan<A>(at::vec::clamp_min(m0, m1));
   PassOne<A> out;
-  out.row_max = std::isnan(tail_max) || !(vmax >= tail_max) ? tail_max : vmax;
+  out.row_max = std::isnan(tail.max) || !(vmax >= tail.max) ? tail.max : vmax;
   out.sumx = total;
-  out.argmax = kStats ? am.resolve(tail_best, tail_index) : 0;
+  out.argmax = kStats ? am.resolve(tail.best, tail.best_index) : 0;
   return out;
 }
 
@@ -1297,6 +1326,35 @@ struct PendingRow {
   A bw = A(0);    // g * b
   TargetFixes fixes;
 };
+
+// The chunk at element i of the pending row's gradient: g (e coef - b w) [* dz/dx].
+template <typename T, bool kWeighted, bool kStream, bool kCap>
+inline void write_pending_chunk(const PendingRow<T>& pending, int64_t i,
+                                const Vectorized<typename AccOf<T>::type>& coefv,
+                                const Vectorized<typename AccOf<T>::type>& bwv,
+                                const typename AccOf<T>::type* w) {
+  using V = Vectorized<typename AccOf<T>::type>;
+  constexpr int64_t kV = V::size();
+  const V ea = V::loadu(pending.e + i);
+  const V eb = V::loadu(pending.e + i + kV);
+  V ga, gb;
+  if constexpr (kWeighted) {
+    ga = at::vec::fmsub(ea, coefv, bwv * V::loadu(w + i));
+    gb = at::vec::fmsub(eb, coefv, bwv * V::loadu(w + i + kV));
+  } else {
+    ga = at::vec::fmsub(ea, coefv, bwv);
+    gb = at::vec::fmsub(eb, coefv, bwv);
+  }
+  if constexpr (kCap) {
+    ga = ga * V::loadu(pending.slope + i);
+    gb = gb * V::loadu(pending.slope + i + kV);
+  }
+  if constexpr (kStream) {
+    stream_chunk<T>(pending.out + i, ga, gb);
+  } else {
+    Io<T>::store(pending.out + i, ga, gb);
+  }
+}
 
 // Pass 2 of one row (e = exp(row - row_max), returns sum(e); row may be nullptr for none) fused
 // with the gradient write of `pending` (if any) and the L2 prefetch of `next` (if not nullptr).
@@ -1361,27 +1419,7 @@ double exp_row_and_write_pending(const TIn* row, typename AccOf<T>::type row_max
         chunks = 0;
       }
     }
-    if (do_grad) {
-      const V ea = V::loadu(pending.e + i);
-      const V eb = V::loadu(pending.e + i + kV);
-      V ga, gb;
-      if constexpr (kWeighted) {
-        ga = at::vec::fmsub(ea, coefv, bwv * V::loadu(w + i));
-        gb = at::vec::fmsub(eb, coefv, bwv * V::loadu(w + i + kV));
-      } else {
-        ga = at::vec::fmsub(ea, coefv, bwv);
-        gb = at::vec::fmsub(eb, coefv, bwv);
-      }
-      if constexpr (kCap) {
-        ga = ga * V::loadu(pending.slope + i);
-        gb = gb * V::loadu(pending.slope + i + kV);
-      }
-      if constexpr (kStream) {
-        stream_chunk<T>(pending.out + i, ga, gb);
-      } else {
-        Io<T>::store(pending.out + i, ga, gb);
-      }
-    }
+    if (do_grad) write_pending_chunk<T, kWeighted, kStream, kCap>(pending, i, coefv, bwv, w);
   }
   if (do_exp) total += hsum<A>(s0 + s1);
   for (; i < C; ++i) scalar(i);
@@ -1420,6 +1458,24 @@ inline PendingRow<T> pending_row(const RowArgs& a, const RowInfo& info, const Sh
     return value;
   });
   return pending;
+}
+
+// One row of the forward with gradient by the online pass and write_grad_row (the pipelined
+// path's rows with non-finite statistics).
+template <typename T, int kSum, bool kCap, bool kStats>
+inline void forward_grad_row_online(const RowArgs& a, int64_t r, const RowInfo& info, const T* row,
+                                    T* out, typename AccOf<T>::type ref, double g, double total_w,
+                                    const CapOf<T, kCap>& cap, typename AccOf<T>::type* buf) {
+  using A = typename AccOf<T>::type;
+  const A* w = static_cast<const A*>(a.weight);
+  const int64_t C = a.num_classes;
+  const RowStats st = online_row_stats<T, kSum, kCap, kStats>(row, C, 1, w, ref, cap, buf);
+  const Shift shift = choose_shift(first_logit(row, C, cap), st.row_max, st.log_sum);
+  store_row_outputs<T, kCap, kStats>(a, r, info, row, shift, st.sumx, total_w, cap, st.argmax);
+  // kSum == 2 exactly when the gradient has a weighted smoothing term (weight and b != 0).
+  write_grad_row<T, kSum == 2, kCap>(a, info, row, out, g,
+                                     static_cast<double>(static_cast<A>(shift.saved)), total_w,
+                                     cap, buf);
 }
 
 template <typename T, int kSum, bool kCap, bool kStats>
@@ -1475,13 +1531,8 @@ void forward_grad_rows_pipelined(const RowArgs& a, int64_t row_begin, int64_t ro
     if (!(std::isfinite(exp_sum) && exp_sum > 0.0)) {
       // (The pending row keeps its buffer until it is written; writing it now keeps row order.)
       if (pending.e != nullptr) pass2(nullptr, A(0), nullptr, nullptr);
-      const RowStats st = online_row_stats<T, kSum, kCap, kStats>(row, C, 1, w, ref, cap, buf);
-      const Shift shift = choose_shift(first_logit(row, C, cap), st.row_max, st.log_sum);
-      store_row_outputs<T, kCap, kStats>(a, r, info, row, shift, st.sumx, total_w, cap,
-                                         st.argmax);
-      write_grad_row<T, kWeighted, kCap>(a, info, row, out, g,
-                                         static_cast<double>(static_cast<A>(shift.saved)),
-                                         total_w, cap, buf);
+      forward_grad_row_online<T, kSum, kCap, kStats>(a, r, info, row, out, ref, g, total_w, cap,
+                                                     buf);
       continue;
     }
     const Shift shift =
