@@ -42,7 +42,7 @@ as a :class:`_Layout`, from which the flat schema and the unpacking derive.
 from __future__ import annotations
 
 import typing
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -50,10 +50,10 @@ from torch import Tensor
 from . import composite, ops, policy
 from ._docs import extends_doc
 from ._dtensor import gather_sharded_parameters
-from ._params import RowParams, smoothing_masses
-from ._validation import check_targets
+from ._params import RowParams
+from ._validation import check_mix_targets, check_targets
 from .errors import ArgumentValueError
-from .functional import label_smoothing_cross_entropy
+from .functional import loss_with_options
 from .linear_chunks import (
     ChunkLoop,
     Grads,
@@ -68,9 +68,11 @@ from .linear_chunks import (
     rescale,
 )
 from .linear_chunks import chunk_bounds as _chunks
+from .options import LossOptions, loss_options
 from .policy import default_chunk_size
+from .stats import LossStats, loss_stats
 
-__all__ = ["LINEAR_DOC", "default_chunk_size", "linear_label_smoothing_cross_entropy"]
+__all__ = ["default_chunk_size", "linear_label_smoothing_cross_entropy"]
 
 # ---------------------------------------------------------------------------------------------
 # The ops' arguments: groups of flat schema arguments, each a NamedTuple everywhere else.
@@ -86,6 +88,8 @@ class _Head(NamedTuple):
     target: Tensor  # (N,) int64
     class_weight: Optional[Tensor]  # (C,)
     class_weight_total: Optional[Tensor]  # (1,)
+    mix_target: Optional[Tensor]  # (N,) int64: the mixed target's second class
+    mix_lambda: Optional[Tensor]  # (N,) accumulation dtype, any stride: its weight lam
 
 
 class _Scalars(NamedTuple):
@@ -97,10 +101,14 @@ class _Scalars(NamedTuple):
     z_loss: float
     ignore_index: int
     backend: str  # resolved
+    softcap: float  # 0.0: off
+    stats: bool  # also return the per-row absolute lse and arg-max (else (0,) tensors)
 
     @property
     def params(self) -> RowParams:
-        return RowParams(self.target_extra, self.other_mass, self.z_loss, self.ignore_index)
+        return RowParams(
+            self.target_extra, self.other_mass, self.z_loss, self.ignore_index, self.softcap
+        )
 
 
 _SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", float: "float",
@@ -160,15 +168,29 @@ class _Rows(NamedTuple):
     """The per-row inputs of the row step (``(N,)`` each; None where a pass has none)."""
 
     target: Tensor
+    mix_target: Optional[Tensor] = None
+    mix_lambda: Optional[Tensor] = None
     upstream: Optional[Tensor] = None  # backward: d loss / d loss_r
     lse: Optional[Tensor] = None  # backward: the forward pass's (saved) log-sum-exp
 
 
 class _RowOut(NamedTuple):
-    """The per-row outputs of the forward row step (``(N,)``, the accumulation dtype)."""
+    """The per-row outputs of the forward row step (``(N,)``; the last two only with
+    ``stats``)."""
 
     loss: Tensor
     lse: Tensor
+    stats_lse: Optional[Tensor] = None  # the absolute log-sum-exp
+    stats_argmax: Optional[Tensor] = None  # int64
+
+
+def _mix(rows) -> dict:
+    """The backends' ``mix=`` keyword for these rows (absent without a mixed target)."""
+    return {} if rows.mix_target is None else {"mix": (rows.mix_target, rows.mix_lambda)}
+
+
+def _rows_of(head: _Head, **more) -> _Rows:
+    return _Rows(head.target, head.mix_target, head.mix_lambda, **more)
 
 
 class _Problem(ChunkLoop):
@@ -178,7 +200,7 @@ class _Problem(ChunkLoop):
     def __init__(self, head: _Head, scalars: _Scalars, grad_guess: Optional[Tensor] = None):
         super().__init__(head.hidden, head.weight, head.bias, scalars.chunk_size)
         self.class_weight, self.class_weight_total = head.class_weight, head.class_weight_total
-        self.params, self.backend = scalars.params, scalars.backend
+        self.params, self.backend, self.stats = scalars.params, scalars.backend, scalars.stats
         self.kernels = ops.backend_module(scalars.backend)
         self.grad_guess = grad_guess
         device_type = head.hidden.device.type
@@ -191,33 +213,41 @@ class _Problem(ChunkLoop):
         return _chunks(self.rows, self.chunk)
 
     def row_outputs(self) -> _RowOut:
-        acc = self.acc_dtype
-        return _RowOut(
-            self.hidden.new_empty(self.rows, dtype=acc), self.hidden.new_empty(self.rows, dtype=acc)
-        )
+        def new(dtype=self.acc_dtype):
+            return self.hidden.new_empty(self.rows, dtype=dtype)
 
-    def forward_rows(self, logits: Tensor, rows: _Rows) -> tuple[Tensor, Tensor]:
-        """The chunk's per-row (loss, lse) (:class:`_RowOut`'s fields); with ``grad_guess``, its
-        gradient over ``logits``."""
+        if not self.stats:
+            return _RowOut(new(), new())
+        return _RowOut(new(), new(), new(), new(torch.int64))
+
+    def forward_rows(self, logits: Tensor, rows: _Rows) -> tuple:
+        """The chunk's per-row (loss, lse[, stats lse, stats arg-max]) (:class:`_RowOut`'s
+        fields); with ``grad_guess``, its gradient over ``logits``."""
         view = policy.row_view(logits)
         args = (view, rows.target, self.class_weight, self.class_weight_total, self.params)
+        kwargs = _mix(rows)
+        if self.stats:
+            n = logits.shape[0]
+            kwargs["stats"] = (view.new_empty(n, dtype=self.acc_dtype),
+                               view.new_empty(n, dtype=torch.int64))  # fmt: skip
+        extra = tuple(kwargs.get("stats", ()))
         if self.grad_guess is None:
-            return self.kernels.forward(*args)
+            return (*self.kernels.forward(*args, **kwargs), *extra)
         if self.grad_in_forward:
-            # The kernels read each row's statistics (and the target logit) before writing the
+            # The kernels read each row's statistics (and the target logits) before writing the
             # row's gradient, so the gradient may overwrite the logits.
-            return self.kernels.forward(*args, view, self.grad_guess)
-        loss, lse = self.kernels.forward(*args)
+            return (*self.kernels.forward(*args, view, self.grad_guess, **kwargs), *extra)
+        loss, lse = self.kernels.forward(*args, **kwargs)
         upstream = self.grad_guess.expand(logits.shape[0])
         self.backward_rows(logits, rows._replace(upstream=upstream, lse=lse))
-        return loss, lse
+        return (loss, lse, *extra)
 
     def backward_rows(self, logits: Tensor, rows: _Rows) -> tuple:
         """The chunk's gradient for per-row ``rows.upstream``, written over ``logits``."""
         view = policy.row_view(logits)
         self.kernels.backward(
             rows.upstream, view, rows.target, self.class_weight, self.class_weight_total,
-            rows.lse, self.params, view,
+            rows.lse, self.params, view, **_mix(rows),
         )  # fmt: skip
         return ()
 
@@ -227,51 +257,77 @@ class _Problem(ChunkLoop):
 
 
 @torch.library.custom_op(
-    "lsr_fused::linear_forward", mutates_args=(), schema=_FORWARD.schema("(Tensor, Tensor)")
+    "lsr_fused::linear_forward",
+    mutates_args=(),
+    schema=_FORWARD.schema("(Tensor, Tensor, Tensor, Tensor)"),
 )
-def linear_forward(*flat) -> tuple[Tensor, Tensor]:
-    """Per-row loss and log-sum-exp of ``hidden @ weight^T + bias``, chunk by chunk (arguments:
-    :data:`_FORWARD`)."""
+def linear_forward(*flat) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss, log-sum-exp, and (with ``stats``, else ``(0,)``) absolute log-sum-exp and
+    arg-max of ``hidden @ weight^T + bias``, chunk by chunk (arguments: :data:`_FORWARD`)."""
     head, scalars = _FORWARD.unpack(flat)
-    check_targets(head.target, head.weight.shape[0], scalars.ignore_index)
+    _check_targets(head, scalars)
     loop = _Problem(head, scalars)
-    return tuple(loop.run(loop.forward_rows, _Rows(head.target), loop.row_outputs()))
+    outputs = loop.run(loop.forward_rows, _rows_of(head), loop.row_outputs())
+    return _with_stats(head.hidden, outputs)
+
+
+def _check_targets(head: _Head, scalars: _Scalars) -> None:
+    check_targets(head.target, head.weight.shape[0], scalars.ignore_index)
+    if head.mix_target is not None:
+        check_mix_targets(head.target, head.mix_target, head.weight.shape[0], scalars.ignore_index)
+
+
+def _with_stats(hidden: Tensor, outputs: _RowOut) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four per-row outputs of the schema: ``(0,)`` statistics where none were asked for."""
+    if outputs.stats_lse is not None:
+        return tuple(outputs)
+    empty = hidden.new_empty(0, dtype=outputs.lse.dtype)
+    return outputs.loss, outputs.lse, empty, hidden.new_empty(0, dtype=torch.int64)
+
+
+def _fake_rows(head: _Head, scalars: _Scalars) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    acc = policy.accumulation_dtype(head.hidden.dtype)
+    rows = head.hidden.shape[0]
+    wanted = rows if scalars.stats else 0
+    new = head.hidden.new_empty
+    return (
+        new(rows, dtype=acc),
+        new(rows, dtype=acc),
+        new(wanted, dtype=acc),
+        new(wanted, dtype=torch.int64),
+    )
 
 
 @linear_forward.register_fake
 def _(*flat):
-    head, _ = _FORWARD.unpack(flat)
-    acc = policy.accumulation_dtype(head.hidden.dtype)
-    rows = head.hidden.shape[0]
-    return head.hidden.new_empty(rows, dtype=acc), head.hidden.new_empty(rows, dtype=acc)
+    return _fake_rows(*_FORWARD.unpack(flat))
 
 
 @torch.library.custom_op(
     "lsr_fused::linear_forward_with_grad",
     mutates_args=(),
-    schema=_WITH_GRAD.schema("(Tensor, Tensor, Tensor, Tensor, Tensor)"),
+    schema=_WITH_GRAD.schema("(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"),
 )
-def linear_forward_with_grad(*flat) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def linear_forward_with_grad(*flat) -> tuple[Tensor, ...]:
     """Sum of the row losses, per-row lse, and the gradients for upstream ``grad_guess`` on every
     row: hidden's (its dtype), weight's and bias' (float32 accumulators for half weights); a
-    gradient not asked for is a ``(0,)`` tensor (arguments: :data:`_WITH_GRAD`)."""
+    gradient not asked for is a ``(0,)`` tensor; then the statistics as in ``linear_forward``
+    (arguments: :data:`_WITH_GRAD`)."""
     head, grad_guess, scalars, needs = _WITH_GRAD.unpack(flat)
-    check_targets(head.target, head.weight.shape[0], scalars.ignore_index)
+    _check_targets(head, scalars)
     loop = _Problem(head, scalars, grad_guess)
     grads = loop.gradients(needs)
-    loss, lse = loop.run(loop.forward_rows, _Rows(head.target), loop.row_outputs(), grads)
-    return (loss.sum(), lse, *grads)
+    outputs = loop.run(loop.forward_rows, _rows_of(head), loop.row_outputs(), grads)
+    loss, lse, stats_lse, stats_argmax = _with_stats(head.hidden, outputs)
+    return (loss.sum(), lse, *grads, stats_lse, stats_argmax)
 
 
 @linear_forward_with_grad.register_fake
 def _(*flat):
-    head, _, _, needs = _WITH_GRAD.unpack(flat)
-    acc = policy.accumulation_dtype(head.hidden.dtype)
-    return (
-        head.hidden.new_empty((), dtype=acc),
-        head.hidden.new_empty(head.hidden.shape[0], dtype=acc),
-        *gradient_buffers(head.hidden, head.weight, needs, fill=torch.empty),
-    )
+    head, _, scalars, needs = _WITH_GRAD.unpack(flat)
+    loss, lse, stats_lse, stats_argmax = _fake_rows(head, scalars)
+    grads = gradient_buffers(head.hidden, head.weight, needs, fill=torch.empty)
+    return (loss.new_empty(()), lse, *grads, stats_lse, stats_argmax)
 
 
 @torch.library.custom_op(
@@ -286,7 +342,7 @@ def linear_backward(*flat) -> tuple[Tensor, Tensor, Tensor]:
     grad_loss, head, lse, scalars, needs = _BACKWARD.unpack(flat)
     loop = _Problem(head, scalars)
     grads = loop.gradients(needs)
-    loop.run(loop.backward_rows, _Rows(head.target, grad_loss, lse), (), grads)
+    loop.run(loop.backward_rows, _rows_of(head, upstream=grad_loss, lse=lse), (), grads)
     return tuple(final_dtypes(grads, needs, head.hidden, head.weight, head.bias))
 
 
@@ -311,7 +367,8 @@ def _composite_gradients(head: _Head, scalars: _Scalars, needs: Needs, upstream:
         given = iter(wanted)
         h, w, b = (next(given) if need else t for t, need in zip(tensors, needs, strict=True))
         logits = torch.nn.functional.linear(h, w, b)
-        return composite.row_losses(logits, head.target, head.class_weight, scalars.params)
+        mix = {} if head.mix_target is None else {"mix": (head.mix_target, head.mix_lambda)}
+        return composite.row_losses(logits, head.target, head.class_weight, scalars.params, **mix)
 
     grads = iter(composite.input_gradients(losses_of, inputs, upstream))
     return tuple(next(grads) if need else None for need in needs)
@@ -323,7 +380,7 @@ def _setup_forward(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _backward_forward(ctx, grad_loss, grad_lse):
+def _backward_forward(ctx, grad_loss, *unused):
     *tensors, lse = ctx.saved_tensors
     head = _Head._make(tensors)
     if grad_loss is None:
@@ -346,7 +403,7 @@ def _setup_forward_with_grad(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
     # Kept off save_for_backward on purpose: backward scales them in place. They are handed out
     # once (detached: a gradient carries no autograd history).
-    _, _, grad_hidden, grad_weight, grad_bias = output
+    grad_hidden, grad_weight, grad_bias = output[2:5]
     ctx.grads = Grads(grad_hidden.detach(), grad_weight.detach(), grad_bias.detach())
 
 
@@ -365,7 +422,7 @@ def _backward_forward_with_grad(ctx, grad_loss, grad_lse, *unused):
         # forward's gradient pass exactly, so that repeated backward passes agree bitwise.
         grads = torch.ops.lsr_fused.linear_forward_with_grad(
             *head, grad_guess, *ctx.scalars, *needs
-        )[2:]
+        )[2:5]
     rescale(grads, needs, upstream, grad_guess)
     grads = final_dtypes(grads, needs, head.hidden, head.weight, head.bias)
     return _WITH_GRAD.input_grads(grads_or_none(grads, needs))
@@ -395,8 +452,9 @@ LINEAR_DOC = r"""
     float64 inputs).
 
     Args:
-        label_smoothing, ignore_index, reduction, spread, z_loss, backend: as
-            :func:`label_smoothing_cross_entropy`.
+        label_smoothing, ignore_index, reduction, spread, z_loss, softcap, mix_target,
+            mix_lambda, return_stats, backend: as :func:`label_smoothing_cross_entropy` (the
+            softcap applies to ``hidden @ weight.T + bias``).
         bias: optional ``(C,)`` classifier bias.
         class_weight: optional ``(C,)`` class weights (the ``weight`` of
             :func:`label_smoothing_cross_entropy`).
@@ -430,11 +488,15 @@ def linear_label_smoothing_cross_entropy(
     class_weight: Optional[Tensor] = None,
     spread: str = "all",
     z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    mix_target: Optional[Tensor] = None,
+    mix_lambda: Union[float, Tensor] = 1.0,
+    return_stats: bool = False,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
     process_group: Optional[object] = None,
     reduce_hidden_grad: bool = True,
-) -> Tensor:
+) -> Union[Tensor, tuple[Tensor, LossStats]]:
     """Fused classifier + label-smoothed cross-entropy: the loss of
     ``F.linear(hidden, weight, bias)`` without its ``(N, C)`` logits."""
     # FSDP2 shards (DTensors outside their module's forward) become plain tensors: _dtensor.py.
@@ -447,37 +509,52 @@ def linear_label_smoothing_cross_entropy(
         return sharded_linear_label_smoothing_cross_entropy(
             hidden, weight, target, label_smoothing, bias=bias, ignore_index=ignore_index,
             reduction=reduction, class_weight=class_weight, spread=spread, z_loss=z_loss,
-            chunk_size=chunk_size, backend=backend, process_group=process_group,
-            reduce_hidden_grad=reduce_hidden_grad,
+            softcap=softcap, mix_target=mix_target, mix_lambda=mix_lambda,
+            return_stats=return_stats, chunk_size=chunk_size, backend=backend,
+            process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
         )  # fmt: skip
-    options = (label_smoothing, ignore_index, reduction, spread, z_loss)
+    options = loss_options(label_smoothing, ignore_index, reduction, spread, z_loss, softcap,
+                           return_stats, False, backend)  # fmt: skip
     autocast = check_head(
-        hidden, weight, bias, target, class_weight, options, chunk_size, backend, reduce_hidden_grad
-    )
-    num_classes, features = weight.shape
+        hidden, weight, bias, target, class_weight, _five(options), chunk_size, backend,
+        reduce_hidden_grad,
+    )  # fmt: skip
+    _check_classes(weight, spread)
+    features = weight.shape[1]
+    backend = policy.resolve_backend(backend, hidden.device)
+    lam = mix_lambda if isinstance(mix_lambda, Tensor) else None
+    if features == 0 or composite.wants_composite(hidden, weight, bias, lam,
+                                                  weights=(class_weight, lam)):  # fmt: skip
+        # No features (the logits are the bias), class weights or lam that require grad, or a
+        # torch.func transform: the logits exist anyway, or autograd must see the arithmetic.
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        return loss_with_options(logits, target, options.replace(backend=backend), class_weight,
+                                 mix_target, mix_lambda)  # fmt: skip
+    hidden, weight, bias = matmul_inputs(hidden, weight, bias, autocast)
+    return _fused(hidden, weight, bias, target, class_weight, options, chunk_size, backend,
+                  (mix_target, mix_lambda))  # fmt: skip
+
+
+def _check_classes(weight: Tensor, spread: str) -> None:
+    num_classes = weight.shape[0]
     if num_classes == 0:
         raise ArgumentValueError("weight must have at least one class (C == 0)")
     if spread == "others" and num_classes == 1:
         raise ArgumentValueError(
             "spread='others' needs at least 2 classes (C == 1 leaves no other class)"
         )
-    backend = policy.resolve_backend(backend, hidden.device)
-    if features == 0 or composite.wants_composite(hidden, weight, bias, weights=(class_weight,)):
-        # No features (the logits are the bias), class weights that require grad, or a
-        # torch.func transform: the logits exist anyway, or autograd must see the arithmetic.
-        return label_smoothing_cross_entropy(
-            torch.nn.functional.linear(hidden, weight, bias), target, label_smoothing,
-            ignore_index=ignore_index, reduction=reduction, weight=class_weight, spread=spread,
-            z_loss=z_loss, backend=backend,
-        )  # fmt: skip
-    hidden, weight, bias = matmul_inputs(hidden, weight, bias, autocast)
-    return _fused(hidden, weight, bias, target, class_weight, options, chunk_size, backend)
 
 
-def _fused(hidden, weight, bias, target, class_weight, options, chunk_size, backend) -> Tensor:
+def _five(options: LossOptions) -> tuple:
+    """The five options the heads' shared checks and the agreement exchange name."""
+    return (options.label_smoothing, options.ignore_index, options.reduction, options.spread,
+            options.z_loss)  # fmt: skip
+
+
+def _fused(hidden, weight, bias, target, class_weight, options: LossOptions, chunk_size, backend,
+           mix) -> Union[Tensor, tuple[Tensor, LossStats]]:  # fmt: skip
     """The checked call on the ops: per-row losses, or (a ``"sum"``/``"mean"`` training step) their
-    sum with every gradient computed in the same pass; then the reduction."""
-    label_smoothing, ignore_index, reduction, spread, z_loss = options
+    sum with every gradient computed in the same pass; then the reduction (and statistics)."""
     num_classes, features = weight.shape
     flat_hidden = hidden.reshape(-1, features)
     flat_target = policy.flat_targets(target)
@@ -485,25 +562,32 @@ def _fused(hidden, weight, bias, target, class_weight, options, chunk_size, back
     if chunk_size is None:
         chunk_size = policy.default_chunk_size(rows, num_classes, hidden.dtype)
     acc_dtype = policy.accumulation_dtype(hidden.dtype)
+    flat_mix = policy.mix_inputs(*mix, target, acc_dtype)
     class_weight, class_weight_total = policy.class_weights(class_weight, acc_dtype)
-    head = _Head(flat_hidden, weight, bias, flat_target, class_weight, class_weight_total)
-    masses = smoothing_masses(float(label_smoothing), num_classes, spread)
+    head = _Head(flat_hidden, weight, bias, flat_target, class_weight, class_weight_total,
+                 *flat_mix)  # fmt: skip
+    params = options.row_params(num_classes)
     # Any chunk of at least N rows is one chunk (and then fits the op schema's int64).
     chunk_size = min(chunk_size, max(rows, 1))
-    scalars = _Scalars(chunk_size, *masses, float(z_loss), ignore_index, backend)
+    scalars = _Scalars(
+        chunk_size, params.target_extra, params.other_mass, params.z_loss, params.ignore_index,
+        backend, params.softcap, options.return_stats,
+    )  # fmt: skip
     denominator = None
-    if reduction == "mean":
+    if options.reduction == "mean":
         denominator = policy.mean_denominator(
-            flat_target, class_weight, ignore_index, num_classes, acc_dtype
+            flat_target, class_weight, options.ignore_index, num_classes, acc_dtype, flat_mix
         )
     needs = needs_of(flat_hidden, weight, bias)
-    if torch.is_grad_enabled() and any(needs) and reduction != "none":
+    if torch.is_grad_enabled() and any(needs) and options.reduction != "none":
         # One upstream value for every row (what loss.backward() sends): the gradients are
         # computed now for that value and scaled in backward by the real one.
         grad_guess = expected_upstream(acc_dtype, hidden.device, denominator)
-        loss_sum = torch.ops.lsr_fused.linear_forward_with_grad(
-            *head, grad_guess, *scalars, *needs
-        )[0]
-        return policy.reduce(loss_sum.reshape(1), target.shape, reduction, denominator)
-    loss, _ = torch.ops.lsr_fused.linear_forward(*head, *scalars)
-    return policy.reduce(loss, target.shape, reduction, denominator)
+        out = torch.ops.lsr_fused.linear_forward_with_grad(*head, grad_guess, *scalars, *needs)
+        loss, row_stats = out[0].reshape(1), out[5:]
+    else:
+        loss, _, *row_stats = torch.ops.lsr_fused.linear_forward(*head, *scalars)
+    loss = policy.reduce(loss, target.shape, options.reduction, denominator)
+    if not options.return_stats:
+        return loss
+    return loss, loss_stats(*row_stats, flat_target, options, target.shape, denominator)

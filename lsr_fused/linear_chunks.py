@@ -267,7 +267,9 @@ class ChunkLoop:
             logits = logits_into(buffer, self.hidden[start:stop], self.weight, self.bias)
             whole = start == 0 and stop == self.rows  # the common case: one chunk
             results = step(logits, rows if whole else chunk_of(rows, start, stop))
-            for output, result in zip(outputs, results, strict=True):
+            # (An output slot left None is one this pass does not produce.)
+            written = (output for output in outputs if output is not None)
+            for output, result in zip(written, results, strict=True):
                 output[start:stop] = result
             if grads is not None:
                 self.accumulate(grads, logits, start, stop)  # `logits` holds G now

@@ -57,10 +57,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import policy
-from ._params import smoothing_masses
+from ._validation import check_mix_targets
 from .distributed.agreement import (
     Field,
     ShardInput,
+    _bits_float,
+    _float_bits,
+    _target_summary,
     agree,
     check_exchange_values,
     describe,
@@ -71,8 +74,10 @@ from .distributed.agreement import (
 from .distributed.shard_math import (
     RowTerms,
     all_reduce_stats,
+    global_argmax,
     grad_coefs,
     local_targets,
+    mix_masses,
     row_terms,
     shard_kernels,
 )
@@ -88,6 +93,8 @@ from .linear_chunks import (
     needs_of,
     rescale,
 )
+from .options import LossOptions
+from .stats import loss_stats
 
 __all__ = ["sharded_linear_label_smoothing_cross_entropy"]
 
@@ -106,6 +113,11 @@ _EXTRA_FIELDS = (
     Field("hidden_grad", "whether hidden requires a gradient (with grad mode on)",
           show=shown_as(bool)),
     Field("reduce_hidden_grad", "whether reduce_hidden_grad", show=shown_as(bool)),
+    Field("softcap", "softcap (0: off)", show=shown_as(_bits_float)),
+    Field("return_stats", "return_stats", show=shown_as(bool)),
+    Field("has_mix", "whether mix_target is given", show=shown_as(bool)),
+    Field("mix_lambda", "mix_lambda (a float; -1: a tensor)", show=shown_as(_bits_float)),
+    Field("mix_checksum", "a checksum of mix_target (0 where it is not examined)"),
 )  # fmt: skip
 
 
@@ -119,6 +131,9 @@ class _Setup(NamedTuple):
     chunk: int
     reduce_hidden_grad: bool
     needs: Needs
+    softcap: float  # 0.0: off
+    stats: bool
+    offset: int  # this rank's first class
 
     @property
     def row_scalars(self):
@@ -133,6 +148,9 @@ class _Inputs(NamedTuple):
     class_weight: Optional[Tensor]  # (C_k,) this shard's, in the accumulation dtype
     total_weight: Optional[Tensor]  # W, the class weights' sum over the group (None: C)
     grad_guess: Optional[Tensor]  # (1,): compute the gradients in forward for this upstream
+    mix_target: Optional[Tensor] = None  # (N,) the mixed target's global classes
+    local_mix: Optional[Tensor] = None  # (N,) ... in this shard's slice, -1 elsewhere
+    mix_lambda: Optional[Tensor] = None  # (N,) lam, any stride
 
 
 class _Rows(NamedTuple):
@@ -142,6 +160,26 @@ class _Rows(NamedTuple):
     local_target: Tensor
     upstream: Optional[Tensor] = None  # backward: d loss / d loss_r
     terms: Optional[RowTerms] = None  # backward: the forward pass's per-row terms
+    mix_target: Optional[Tensor] = None
+    local_mix: Optional[Tensor] = None
+    mix_lambda: Optional[Tensor] = None
+    masses: Optional[_Masses] = None  # backward: the forward pass's (lam w_y1, (1 - lam) w_y2)
+
+
+class _Masses(NamedTuple):
+    """The two targets' per-row shares of the target weight (mixed targets)."""
+
+    first: Tensor
+    second: Tensor
+
+
+class _Out(NamedTuple):
+    """The forward row step's per-row outputs: the terms, the mixed masses and the arg-max (None
+    where a call has none)."""
+
+    terms: RowTerms
+    masses: Optional[_Masses]
+    argmax: Optional[Tensor]
 
 
 class _Loop(ChunkLoop):
@@ -157,12 +195,18 @@ class _Loop(ChunkLoop):
         self.stats_fn, self.grad_fn = shard_kernels(setup.backend)
         self.stats = None  # the (6, chunk) statistics of a chunk, allocated on first use
 
-    def row_outputs(self) -> RowTerms:
+    def row_outputs(self) -> tuple:
+        """The flat per-row outputs of the forward pass: :class:`RowTerms`, then the masses and
+        the arg-max (None slots where the call has none)."""
         dtypes = {"ignored": torch.bool, "in_range": torch.bool}
-        return RowTerms._make(
-            self.hidden.new_empty(self.rows, dtype=dtypes.get(name, self.acc_dtype))
-            for name in RowTerms._fields
-        )
+        new = self.hidden.new_empty
+        terms = [
+            new(self.rows, dtype=dtypes.get(name, self.acc_dtype)) for name in RowTerms._fields
+        ]
+        mixed = self.inputs.mix_target is not None
+        masses = [new(self.rows, dtype=self.acc_dtype) if mixed else None for _ in range(2)]
+        argmax = new(self.rows, dtype=torch.int64) if self.setup.stats else None
+        return (*terms, *masses, argmax)
 
     @functools.cached_property
     def weight_sums(self) -> tuple:
@@ -172,27 +216,42 @@ class _Loop(ChunkLoop):
             return float(self.width), float(self.setup.num_classes)
         return self.class_weight.sum(), self.inputs.total_weight
 
-    def forward_rows(self, logits: Tensor, rows: _Rows) -> RowTerms:
-        """The chunk's per-row terms: this shard's statistics, all-reduced over the group; with
-        ``grad_guess``, the chunk's gradient over ``logits``."""
-        n = logits.shape[0]
+    def forward_rows(self, logits: Tensor, rows: _Rows) -> tuple:
+        """The chunk's per-row terms (and masses, arg-max): this shard's statistics, all-reduced
+        over the group; with ``grad_guess``, the chunk's gradient over ``logits``."""
+        n, setup = logits.shape[0], self.setup
+        height = 6 if rows.local_mix is None else 8
         if self.stats is None:
-            self.stats = torch.empty(6 * self.chunk, dtype=self.acc_dtype, device=logits.device)
-        stats = self.stats[: 6 * n].view(6, n)
-        self.stats_fn(logits.unsqueeze(1), rows.local_target, self.class_weight, stats)
-        group = self.setup.group
-        reduced = all_reduce_stats(stats, rows.local_target, self.weight_sums[0], None, group)
-        terms = row_terms(reduced, self.weight_sums[1], rows.target, self.setup.row_scalars)
+            self.stats = torch.empty(
+                height * self.chunk, dtype=self.acc_dtype, device=logits.device
+            )
+        stats = self.stats[: height * n].view(height, n)
+        argmax = logits.new_empty(n, dtype=torch.int64) if setup.stats else None
+        self.stats_fn(logits.unsqueeze(1), rows.local_target, self.class_weight, stats,
+                      softcap=setup.softcap, local_mix_target=rows.local_mix,
+                      argmax_out=argmax)  # fmt: skip
+        reduced = all_reduce_stats(stats, rows.local_target, self.weight_sums[0], None,
+                                   setup.group, local_mix_target=rows.local_mix)  # fmt: skip
+        if argmax is not None:
+            argmax = global_argmax(stats[0], argmax, setup.offset, setup.group)
+        masses = mix = None
+        if rows.local_mix is not None:
+            masses = _Masses(*mix_masses(reduced, rows.target, setup.ignore_index, rows.mix_lambda))
+            mix = (rows.mix_target, torch.stack(masses))
+        terms = row_terms(reduced, self.weight_sums[1], rows.target, setup.row_scalars, mix=mix)
         if self.inputs.grad_guess is not None:
             upstream = self.inputs.grad_guess.expand(n)
-            self.backward_rows(logits, rows._replace(upstream=upstream, terms=terms))
-        return terms
+            self.backward_rows(logits, rows._replace(upstream=upstream, terms=terms, masses=masses))
+        return (*terms, *(masses or ()), *(() if argmax is None else (argmax,)))
 
     def backward_rows(self, logits: Tensor, rows: _Rows) -> tuple:
         """The chunk's gradient for per-row ``rows.upstream``, written over ``logits``."""
-        coefs = grad_coefs(rows.upstream, *rows.terms[1:], self.setup.masses, self.setup.z_loss)
+        mixed = None if rows.masses is None else torch.stack(tuple(rows.masses))
+        coefs = grad_coefs(rows.upstream, *rows.terms[1:], self.setup.masses, self.setup.z_loss,
+                           mix_masses=mixed)  # fmt: skip
         view = logits.unsqueeze(1)  # (n, 1, C_k): the row view of a contiguous buffer
-        self.grad_fn(view, rows.local_target, self.class_weight, coefs, view)
+        self.grad_fn(view, rows.local_target, self.class_weight, coefs, view,
+                     softcap=self.setup.softcap, local_mix_target=rows.local_mix)  # fmt: skip
         return ()
 
     def finish_gradients(self, grads: Grads) -> None:
@@ -206,33 +265,51 @@ class _Loop(ChunkLoop):
         return (*grads_or_none(grads, self.setup.needs), None, None)  # inputs, setup
 
 
+def _split(outputs: tuple) -> _Out:
+    """The forward pass's flat per-row outputs as :class:`_Out`."""
+    width = len(RowTerms._fields)
+    first, second, argmax = outputs[width:]
+    masses = None if first is None else _Masses(first, second)
+    return _Out(RowTerms._make(outputs[:width]), masses, argmax)
+
+
 class _ShardedLinear(torch.autograd.Function):
     """Forward: per-row losses ``(N,)``, or, given ``inputs.grad_guess``, their sum with every
-    gradient computed for that upstream value (scaled in backward by the real one)."""
+    gradient computed for that upstream value (scaled in backward by the real one); then the
+    per-row absolute lse and arg-max (not differentiable; ``(0,)`` without statistics)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, inputs: _Inputs, setup: _Setup):
         loop = _Loop(hidden, weight, bias, inputs, setup)
         with_grad = inputs.grad_guess is not None
         grads = loop.gradients(setup.needs) if with_grad else None
-        rows = _Rows(inputs.flat_target, inputs.local_target)
-        terms = loop.run(loop.forward_rows, rows, loop.row_outputs(), grads)
+        rows = _Rows(inputs.flat_target, inputs.local_target, mix_target=inputs.mix_target,
+                     local_mix=inputs.local_mix, mix_lambda=inputs.mix_lambda)  # fmt: skip
+        out = _split(loop.run(loop.forward_rows, rows, loop.row_outputs(), grads))
+        terms = out.terms
         # Backward reads every input but the global targets and every term but the loss.
         kept_inputs, kept_terms = inputs._replace(flat_target=None), terms._replace(loss=None)
-        ctx.save_for_backward(hidden, weight, bias, *kept_inputs, *kept_terms)
+        masses = (None, None) if out.masses is None else tuple(out.masses)
+        ctx.save_for_backward(hidden, weight, bias, *kept_inputs, *kept_terms, *masses)
         ctx.setup = setup
         ctx.set_materialize_grads(False)
         # Kept off save_for_backward on purpose: backward scales them in place. They are handed
         # out once; a second backward (retain_graph) recomputes them.
         ctx.grads = grads
-        return terms.loss.sum() if with_grad else terms.loss
+        lse = terms.lse if setup.stats else terms.lse.new_empty(0)
+        argmax = out.argmax if setup.stats else terms.lse.new_empty(0, dtype=torch.int64)
+        ctx.mark_non_differentiable(lse, argmax)
+        return (terms.loss.sum() if with_grad else terms.loss), lse, argmax
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *unused):
         policy.refuse_double_backward("the vocabulary-parallel fused head (process_group=)")
         hidden, weight, bias, *rest = ctx.saved_tensors
         inputs = _Inputs._make(rest[: len(_Inputs._fields)])
-        terms = RowTerms._make(rest[len(_Inputs._fields) :])
+        rest = rest[len(_Inputs._fields) :]
+        terms = RowTerms._make(rest[: len(RowTerms._fields)])
+        first, second = rest[len(RowTerms._fields) :]
+        masses = None if first is None else _Masses(first, second)
         if grad_out is None:
             return (None, None, None, None, None)
         setup = ctx.setup
@@ -242,7 +319,8 @@ class _ShardedLinear(torch.autograd.Function):
         if grads is not None:
             rescale(grads, setup.needs, upstream, inputs.grad_guess)
             return loop.outputs(grads)
-        rows = _Rows(None, inputs.local_target, upstream.reshape(-1).expand(loop.rows), terms)
+        rows = _Rows(None, inputs.local_target, upstream.reshape(-1).expand(loop.rows), terms,
+                     local_mix=inputs.local_mix, masses=masses)  # fmt: skip
         grads = loop.gradients(setup.needs)
         loop.run(loop.backward_rows, rows, (), grads)
         return loop.outputs(grads)
@@ -256,47 +334,67 @@ class _Checked(NamedTuple):
     flat_target: Tensor
     dtype: torch.dtype  # of the matmuls (the autocast dtype under autocast)
     autocast: bool
+    options: LossOptions
+    mix: tuple[Optional[Tensor], Optional[Tensor]]  # flat mix_target, lam (or None, None)
 
 
-def _check(hidden, weight, bias, target, class_weight, options, chunk_size, backend,
+def _check(hidden, weight, bias, target, class_weight, fields, mix, chunk_size,
            reduce_hidden_grad) -> _Checked:  # fmt: skip
     """Every local check, then :func:`describe`; raises what a check raises."""
-    label_smoothing, ignore_index, _, _, z_loss = options
+    label_smoothing, ignore_index, _, _, z_loss = fields[:5]
     # First: the values the exchange could not pack (an int too large for a float would make the
     # option checks raise OverflowError instead of naming the argument).
     check_exchange_values(label_smoothing, ignore_index, z_loss, chunk_size)
-    autocast = check_head(
-        hidden, weight, bias, target, class_weight, options, chunk_size, backend, reduce_hidden_grad
-    )
+    options = LossOptions(*fields)
+    autocast = check_head(hidden, weight, bias, target, class_weight, fields[:5], chunk_size,
+                          options.backend, reduce_hidden_grad)  # fmt: skip
     policy.check_sharded_autograd(class_weight, "class_weight")
-    resolved = policy.resolve_backend(backend, hidden.device, sharded=True)
+    resolved = policy.resolve_backend(options.backend, hidden.device, sharded=True)
     dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
     flat_target = policy.flat_targets(target)
+    mix_target, mix_lambda = mix
+    flat_mix = policy.mix_inputs(mix_target, mix_lambda, target, policy.accumulation_dtype(dtype))
+    lam = mix_lambda if isinstance(mix_lambda, Tensor) else None
+    policy.check_sharded_autograd(lam, "mix_lambda")
     shard = ShardInput(weight.shape[0], hidden.dim(), dtype)
     wants_hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
+    mix_checksum = 0 if flat_mix[0] is None else _target_summary(flat_mix[0], ignore_index)[3]
     extra = (
         weight.shape[1], bias is not None, chunk_size or 0, wants_hidden_grad, reduce_hidden_grad,
+        _float_bits(options.softcap or 0.0), options.return_stats, flat_mix[0] is not None,
+        _float_bits(-1.0 if lam is not None else float(mix_lambda)), mix_checksum,
     )  # fmt: skip
     has_weight = class_weight is not None
-    description = describe(shard, flat_target, target.shape, has_weight, options, extra)
-    return _Checked(description, resolved, flat_target, dtype, autocast)
+    description = describe(shard, flat_target, target.shape, has_weight, fields[:5], extra)
+    return _Checked(description, resolved, flat_target, dtype, autocast, options, flat_mix)
 
 
-def _weight_totals(class_weight: Tensor, local_target: Tensor, counted: Tensor, group):
-    """``(W, sum of w_y over counted rows)`` over the group, each rank adding its own classes and
-    the targets it holds: one SUM of 2 values (skipped with no rows, on every rank alike)."""
-    here = (local_target >= 0) & counted
-    safe = torch.where(here, local_target, 0)
-    picked = class_weight.gather(0, safe) if class_weight.numel() else safe.to(class_weight.dtype)
-    totals = torch.stack([class_weight.sum(), torch.where(here, picked, 0.0).sum()])
-    if local_target.numel():
+def _weight_totals(class_weight: Tensor, inputs: _Inputs, counted: Tensor, group):
+    """``(W, the mean's denominator)`` over the group: the sum of ``w_y`` (or, mixed, of
+    ``lam w_y1 + (1 - lam) w_y2``) over counted rows, each rank adding its own classes and the
+    targets it holds: one SUM of 2 values (skipped with no rows, on every rank alike)."""
+
+    def held(local: Tensor) -> Tensor:
+        here = (local >= 0) & counted
+        safe = torch.where(here, local, 0)
+        picked = (
+            class_weight.gather(0, safe) if class_weight.numel() else safe.to(class_weight.dtype)
+        )
+        return torch.where(here, picked, 0.0)
+
+    per_row = held(inputs.local_target)
+    if inputs.local_mix is not None:
+        lam = torch.where(counted, inputs.mix_lambda, 1.0)
+        per_row = lam * per_row + (1.0 - lam) * held(inputs.local_mix)
+    totals = torch.stack([class_weight.sum(), per_row.sum()])
+    if inputs.local_target.numel():
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
     return totals[0], totals[1]
 
 
 def _apply(hidden, weight, bias, inputs: _Inputs, setup: _Setup, reduction: str, denominator,
-           target_shape) -> Tensor:  # fmt: skip
-    """The op, then the reduction."""
+           target_shape) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The op, then the reduction: ``(loss, per-row lse, per-row arg-max)``."""
     if torch.is_grad_enabled() and any(setup.needs) and reduction != "none":
         # As in lsr_fused.linear: gradients computed now for the upstream value loss.backward()
         # sends (1 for sum, 1 / denominator for mean), scaled in backward by the real one.
@@ -304,10 +402,11 @@ def _apply(hidden, weight, bias, inputs: _Inputs, setup: _Setup, reduction: str,
         mean_of = denominator if reduction == "mean" else None
         grad_guess = expected_upstream(acc, hidden.device, mean_of)
         inputs = inputs._replace(grad_guess=grad_guess)
-        loss_sum = _ShardedLinear.apply(hidden, weight, bias, inputs, setup)
-        return policy.reduce(loss_sum.reshape(1), target_shape, reduction, denominator)
-    loss = _ShardedLinear.apply(hidden, weight, bias, inputs, setup)
-    return policy.reduce(loss, target_shape, reduction, denominator)
+        loss_sum, lse, argmax = _ShardedLinear.apply(hidden, weight, bias, inputs, setup)
+        loss = policy.reduce(loss_sum.reshape(1), target_shape, reduction, denominator)
+        return loss, lse, argmax
+    loss, lse, argmax = _ShardedLinear.apply(hidden, weight, bias, inputs, setup)
+    return policy.reduce(loss, target_shape, reduction, denominator), lse, argmax
 
 
 def sharded_linear_label_smoothing_cross_entropy(
@@ -322,24 +421,29 @@ def sharded_linear_label_smoothing_cross_entropy(
     class_weight: Optional[Tensor] = None,
     spread: str = "all",
     z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    mix_target: Optional[Tensor] = None,
+    mix_lambda=1.0,
+    return_stats: bool = False,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
     process_group=None,
     reduce_hidden_grad: bool = True,
-) -> Tensor:
+):
     """The fused classifier + loss with ``weight``/``bias``/``class_weight`` holding this rank's
     class slice; see the module docstring. Raises ``ValueError`` on every rank of the group when
     ranks disagree or one rank's arguments are invalid."""
     group = resolve_group(process_group)
-    options = (label_smoothing, ignore_index, reduction, spread, z_loss)
+    fields = (label_smoothing, ignore_index, reduction, spread, z_loss, softcap, return_stats,
+              False, backend)  # fmt: skip
     checked, local_error = run_checks(
-        _check, hidden, weight, bias, target, class_weight, options, chunk_size, backend,
-        reduce_hidden_grad,
+        _check, hidden, weight, bias, target, class_weight, fields, (mix_target, mix_lambda),
+        chunk_size, reduce_hidden_grad,
     )  # fmt: skip
     description = None if checked is None else checked.description
     num_classes, offset, widths = agree(
-        group, description, local_error, options, device_of=hidden, extra_fields=_EXTRA_FIELDS,
-        renames=_RENAMES, caller=_CALLER,
+        group, description, local_error, fields[:5], device_of=hidden,
+        extra_fields=_EXTRA_FIELDS, renames=_RENAMES, caller=_CALLER,
     )  # fmt: skip
     hidden, weight, bias = matmul_inputs(hidden, weight, bias, checked.autocast)
     if chunk_size is None:
@@ -347,8 +451,9 @@ def sharded_linear_label_smoothing_cross_entropy(
         rows = checked.flat_target.shape[0]
         chunk_size = policy.default_chunk_size(rows, max(widths), checked.dtype)
     shard = _Shard(group, num_classes, offset, checked.backend, int(chunk_size))
-    return _sharded(hidden, weight, bias, checked.flat_target, class_weight, options, shard,
-                    reduce_hidden_grad, target.shape)  # fmt: skip
+    loss, stats = _sharded(hidden, weight, bias, checked, class_weight, shard,
+                              reduce_hidden_grad, target.shape)  # fmt: skip
+    return loss if stats is None else (loss, stats)
 
 
 class _Shard(NamedTuple):
@@ -362,23 +467,36 @@ class _Shard(NamedTuple):
     chunk: int
 
 
-def _sharded(hidden, weight, bias, flat_target, class_weight, options, shard: _Shard,
-             reduce_hidden_grad: bool, target_shape) -> Tensor:  # fmt: skip
-    """The agreed call: this rank's targets and class-weight totals, then the op."""
-    label_smoothing, ignore_index, reduction, spread, z_loss = options
+def _sharded(hidden, weight, bias, checked: _Checked, class_weight, shard: _Shard,
+             reduce_hidden_grad: bool, target_shape):  # fmt: skip
+    """The agreed call: this rank's targets and class-weight totals, then the op; ``(loss,
+    stats or None)``."""
+    options, flat_target = checked.options, checked.flat_target
     flat_hidden = hidden.reshape(-1, weight.shape[1])
     acc = policy.accumulation_dtype(hidden.dtype)
-    local_target = local_targets(flat_target, shard.offset, weight.shape[0])
-    counted = flat_target != ignore_index
+    width = weight.shape[0]
+    flat_mix, lam = checked.mix
+    if flat_mix is not None:
+        # The same mix_target on every rank (checksums agreed): every rank raises alike.
+        check_mix_targets(flat_target, flat_mix, shard.num_classes, options.ignore_index)
+    local_mix = None if flat_mix is None else local_targets(flat_mix, shard.offset, width)
+    inputs = _Inputs(flat_target, local_targets(flat_target, shard.offset, width), None, None,
+                     None, flat_mix, local_mix, lam)  # fmt: skip
+    counted = flat_target != options.ignore_index
     total_weight = denominator = None
     if class_weight is not None:
         class_weight = class_weight.to(acc).contiguous()
-        total_weight, denominator = _weight_totals(class_weight, local_target, counted, shard.group)
-    if reduction == "mean" and class_weight is None:
+        total_weight, denominator = _weight_totals(class_weight, inputs, counted, shard.group)
+    if options.reduction == "mean" and class_weight is None:
         denominator = counted.sum(dtype=acc)
-    masses = smoothing_masses(float(label_smoothing), shard.num_classes, spread)
-    setup = _Setup(shard.group, shard.backend, shard.num_classes, masses, float(z_loss),
-                   ignore_index, shard.chunk, reduce_hidden_grad,
-                   needs_of(flat_hidden, weight, bias))  # fmt: skip
-    inputs = _Inputs(flat_target, local_target, class_weight, total_weight, None)
-    return _apply(flat_hidden, weight, bias, inputs, setup, reduction, denominator, target_shape)
+    inputs = inputs._replace(class_weight=class_weight, total_weight=total_weight)
+    params = options.row_params(shard.num_classes)
+    setup = _Setup(shard.group, shard.backend, shard.num_classes,
+                   (params.target_extra, params.other_mass), params.z_loss, params.ignore_index,
+                   shard.chunk, reduce_hidden_grad, needs_of(flat_hidden, weight, bias),
+                   params.softcap, options.return_stats, shard.offset)  # fmt: skip
+    loss, lse, argmax = _apply(flat_hidden, weight, bias, inputs, setup, options.reduction,
+                               denominator, target_shape)  # fmt: skip
+    if not options.return_stats:
+        return loss, None
+    return loss, loss_stats(lse, argmax, flat_target, options, target_shape, denominator)

@@ -13,7 +13,7 @@ from .errors import ArgumentValueError
 from .functional import LOSS_DOC, label_smoothing_cross_entropy, loss_with_options
 from .linear import LINEAR_DOC, linear_label_smoothing_cross_entropy
 from .options import LossOptions
-from .policy import check_options, check_reduce_hidden_grad
+from .policy import check_chunk_size, check_reduce_hidden_grad
 from .stats import LossStats
 
 
@@ -101,11 +101,14 @@ class LabelSmoothingCE(nn.Module):
 @extends_doc(LINEAR_DOC)
 class LinearLabelSmoothingCE(nn.Module):
     """Fused classifier + label-smoothed cross-entropy module:
-    ``forward(hidden, weight, target, bias=None)``, e.g. with an ``nn.Linear`` head ``lm_head``:
-    ``criterion(hidden, lm_head.weight, target, bias=lm_head.bias)``.
+    ``forward(hidden, weight, target, bias=None, mix_target=None, mix_lambda=1.0)``, e.g. with an
+    ``nn.Linear`` head ``lm_head``: ``criterion(hidden, lm_head.weight, target,
+    bias=lm_head.bias)``.
 
     The constructor takes every keyword of :func:`linear_label_smoothing_cross_entropy` except
-    ``bias``; ``class_weight`` is kept as a buffer (moved by ``.to()``, saved in ``state_dict``).
+    ``bias``, ``mix_target`` and ``mix_lambda`` (``forward``'s optional arguments); its loss
+    options are one :class:`lsr_fused.LossOptions` (``module.options``); ``class_weight`` is kept
+    as a buffer (moved by ``.to()``, saved in ``state_dict``).
     With ``process_group=pg`` (a tensor-parallel head) ``weight``, ``bias`` and ``class_weight``
     are this rank's slice of the classes.
     """
@@ -119,54 +122,59 @@ class LinearLabelSmoothingCE(nn.Module):
         class_weight: Optional[Tensor] = None,
         spread: str = "all",
         z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        return_stats: bool = False,
         chunk_size: Optional[int] = None,
         backend: str = "auto",
         process_group: Optional[object] = None,
         reduce_hidden_grad: bool = True,
     ) -> None:
         super().__init__()
-        check_options(label_smoothing, ignore_index, reduction, spread, z_loss, backend)
+        self.options = LossOptions(
+            label_smoothing, ignore_index, reduction, spread, z_loss, softcap, return_stats,
+            False, backend,
+        )  # fmt: skip
         check_reduce_hidden_grad(reduce_hidden_grad)
+        check_chunk_size(chunk_size)
         if class_weight is not None and (
             not isinstance(class_weight, Tensor) or class_weight.dim() != 1
         ):
             raise ArgumentValueError(
                 "class_weight must be a 1-D tensor with one entry per class, or None"
             )
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ArgumentValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
-        self.label_smoothing = label_smoothing
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.spread = spread
-        self.z_loss = z_loss
         self.chunk_size = chunk_size
-        self.backend = backend
         self.process_group = process_group
         self.reduce_hidden_grad = reduce_hidden_grad
         self.register_buffer("class_weight", class_weight)
 
+    label_smoothing = _option_property("label_smoothing")
+    ignore_index = _option_property("ignore_index")
+    reduction = _option_property("reduction")
+    spread = _option_property("spread")
+    z_loss = _option_property("z_loss")
+    softcap = _option_property("softcap")
+    return_stats = _option_property("return_stats")
+    backend = _option_property("backend")
+
     def forward(
-        self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None
-    ) -> Tensor:
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        target: Tensor,
+        bias: Optional[Tensor] = None,
+        mix_target: Optional[Tensor] = None,
+        mix_lambda: Union[float, Tensor] = 1.0,
+    ) -> Union[Tensor, tuple[Tensor, LossStats]]:
+        options = self.options
         return linear_label_smoothing_cross_entropy(
-            hidden,
-            weight,
-            target,
-            self.label_smoothing,
-            bias=bias,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            class_weight=self.class_weight,
-            spread=self.spread,
-            z_loss=self.z_loss,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-            process_group=self.process_group,
+            hidden, weight, target, options.label_smoothing, bias=bias,
+            ignore_index=options.ignore_index, reduction=options.reduction,
+            class_weight=self.class_weight, spread=options.spread, z_loss=options.z_loss,
+            softcap=options.softcap, mix_target=mix_target, mix_lambda=mix_lambda,
+            return_stats=options.return_stats, chunk_size=self.chunk_size,
+            backend=options.backend, process_group=self.process_group,
             reduce_hidden_grad=self.reduce_hidden_grad,
-        )
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

@@ -43,6 +43,7 @@ def loss_stats(
     denominator: Optional[Tensor],
 ) -> LossStats:
     """Assemble :class:`LossStats` from the per-row ``lse`` and ``argmax`` of the kernels."""
+    lse = lse.detach()  # an op's extra output may carry a node; statistics never do
     counted = flat_target != options.ignore_index
     correct = (argmax == flat_target) & counted
     accuracy = correct.sum(dtype=lse.dtype) / counted.sum(dtype=lse.dtype)

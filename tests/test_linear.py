@@ -317,22 +317,25 @@ def test_opcheck():
     """The custom ops' fake implementations and schemas agree with the real ones."""
     hidden, weight, bias, target = make_inputs((5,), 4, 6, dtype=torch.float32)
     h, w, b = hidden.detach(), weight.detach(), bias.detach()
-    scalars = (2, 0.9, 0.1 / 6, 0.0, -100, "torch")
+    # The schema's groups: head (hidden, weight, bias, target, class weights and their sum, mixed
+    # target and lam), then chunk_size, the masses, z_loss, ignore_index, backend, softcap, stats.
+    head = (h, w, b, target, None, None, None, None)
+    scalars = (2, 0.9, 0.1 / 6, 0.0, -100, "torch", 0.0, False)
     guess = torch.ones(1)
     torch.library.opcheck(
         torch.ops.lsr_fused.linear_forward_with_grad.default,
-        (h, w, b, target, None, None, guess, *scalars, True, True, True),
+        (*head, guess, *scalars, True, True, True),
         test_utils=("test_schema", "test_faketensor"),
     )
     torch.library.opcheck(
         torch.ops.lsr_fused.linear_forward.default,
-        (h, w, b, target, None, None, *scalars),
+        (*head, *scalars),
         test_utils=("test_schema", "test_faketensor"),
     )
-    _, lse = torch.ops.lsr_fused.linear_forward(h, w, b, target, None, None, *scalars)
+    _, lse, *_ = torch.ops.lsr_fused.linear_forward(*head, *scalars)
     torch.library.opcheck(
         torch.ops.lsr_fused.linear_backward.default,
-        (torch.ones(5), h, w, b, target, None, None, lse, *scalars, True, False, True),
+        (torch.ones(5), *head, lse, *scalars, True, False, True),
         test_utils=("test_schema", "test_faketensor"),
     )
 
