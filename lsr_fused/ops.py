@@ -366,10 +366,12 @@ fused_forward_with_grad.register_autograd(
 
 
 class _EagerForward(torch.autograd.Function):
-    # The options travel as one tuple: apply's per-argument cost is part of what is saved here.
+    # Everything but the logits travels as one tuple: apply's per-argument cost is part of what
+    # is saved here (nothing else is differentiated on this route: class weights or lam that
+    # require grad take the composite path).
     @staticmethod
-    def forward(ctx, logits, target, weight, weight_total, mix_target, mix_lambda, call):
-        inputs = (logits, target, weight, weight_total, mix_target, mix_lambda, *call)
+    def forward(ctx, logits, rest):
+        inputs = (logits, *rest)
         output = _forward_impl(*inputs)
         _setup_forward(ctx, inputs, output)
         ctx.direct = True
@@ -377,7 +379,7 @@ class _EagerForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        return _backward_forward(ctx, grad_loss)[:7]
+        return _backward_forward(ctx, grad_loss)[0], None
 
 
 class _EagerReducedLoss(torch.autograd.Function):
@@ -389,8 +391,9 @@ class _EagerReducedLoss(torch.autograd.Function):
     ``(loss, stats lse, stats arg-max)``, the last two not differentiable."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, weight_total, mix_target, mix_lambda, denominator,
-                call):  # fmt: skip
+    def forward(ctx, logits, rest):
+        *tensors, denominator, call = rest
+        target, weight, weight_total, mix_target, mix_lambda = tensors
         if denominator is None:
             grad_guess = torch.ones(1, dtype=accumulation_dtype(logits.dtype), device=logits.device)
         else:
@@ -411,7 +414,7 @@ class _EagerReducedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *unused):
-        no_grads = (None,) * 7
+        no_grads = (None,)  # for the tuple of everything else
         if grad_total is None:
             return (None, *no_grads)
         upstream = grad_total if ctx.denominator is None else grad_total / ctx.denominator
@@ -452,7 +455,7 @@ def forward(
         return fused_forward(*inputs, *call)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return _forward_impl(*inputs, *call)
-    return _EagerForward.apply(*inputs, call)
+    return _EagerForward.apply(logits, (*inputs[1:], *call))
 
 
 def reduced_loss_with_grad(
@@ -464,7 +467,7 @@ def reduced_loss_with_grad(
     upstream differs (see :class:`_EagerReducedLoss`)."""
     call = (stats, *params.packed(), backend)
     if eager_call_allowed(inputs[0]):
-        output = _EagerReducedLoss.apply(*inputs, denominator, call)
+        output = _EagerReducedLoss.apply(inputs[0], (*inputs[1:], denominator, call))
         return output if stats else (output, None, None)
     # Computed as autograd's DivBackward will (ones / denominator): the two are bitwise equal.
     logits = inputs[0]
