@@ -15,6 +15,12 @@ the shard's max ``m_k``, else ``m_k`` where finite, else 0.
   ``(lse_k, A, B, T, r_k)`` prepared by the caller (``lse_k`` = global lse - ``r_k``; upstream
   gradient, masses and masks folded in; ``r_k`` as :func:`shard_stats` returned it).
 
+Issue 22's options are constexpr switches, so that a call without them runs the unchanged kernels:
+``softcap=`` (SOFTCAP: every logit read as ``c tanh(x / c)``, the gradient times
+``1 - (z / c)**2``), ``local_mix_target=`` (MIXED: the statistics' rows 6 and 7 for a second
+target, the gradient's second spike ``- T2 [i == local mix target]``) and ``argmax_out=`` (STATS:
+the shard-local first argmax, from the same read).
+
 Everything per call is a runtime value (no recompilation for a new N or mass); offsets are int64.
 Runs compiled on CUDA tensors and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
@@ -31,12 +37,12 @@ from torch import Tensor
 from . import FIRST_LOGIT_MAX_GAP
 from .triton_common import (
     FP_FUSION,
-    GRADIENT_BLOCK_LIMIT,
     LOG2E,
     capped,
     check_gradient_layout,
     check_row_vector,
     first_max_update,
+    gradient_block_limit,
     gradient_row,
     launch_config,
     load_capped_block,
@@ -310,7 +316,7 @@ def shard_grad(
     if num_rows == 0 or num_classes == 0:
         return
     check_gradient_layout(logits, grad_logits)
-    block, num_warps = launch_config(logits, GRADIENT_BLOCK_LIMIT)
+    block, num_warps = launch_config(logits, gradient_block_limit(softcap > 0))
     # fmt: off
     _grad_kernel[(num_rows,)](
         logits, grad_logits, local_target, logits if weight is None else weight, coefs, num_rows,
