@@ -122,10 +122,11 @@ def _shard_row_stats(row_ptr, stride_class, num_classes, weight_ptr, cap,
 
 
 @triton.jit
-def _shard_target(row_ptr, local_target_ptr, row, stride_class, reference, weight_ptr, cap,
+def _shard_target(row_ptr, local_target_ptr, row, stride_class, weight_ptr, cap,
                   HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
-    """``(z_y - r_k, w_y)`` where the target (a local column, or -1) is on this shard, else
-    ``(0, 0)`` (``w_y`` 1 without weights)."""
+    """``(z_y, w_y, here)``: whether the target (a local column, or -1) is on this shard, its
+    (capped) logit (0 where not here) and class weight (0 where not here, else 1 without
+    weights)."""
     local_target = tl.load(local_target_ptr + row)
     here = local_target >= 0
     safe_target = tl.where(here, local_target, 0)
@@ -135,7 +136,7 @@ def _shard_target(row_ptr, local_target_ptr, row, stride_class, reference, weigh
         target_weight = tl.load(weight_ptr + safe_target, mask=here, other=0.0).to(ACC)
     else:
         target_weight = tl.where(here, 1.0, 0.0).to(ACC)
-    return tl.where(here, target_logit - reference, 0.0), target_weight
+    return target_logit, target_weight, here
 
 
 # fmt: off
@@ -154,9 +155,8 @@ def _stats_kernel(
         row_ptr, stride_class, num_classes, weight_ptr, cap, HAS_WEIGHT, BLOCK, ALIGN, ACC,
         SOFTCAP, STATS,
     )
-    target_logit, target_weight = _shard_target(
-        row_ptr, local_target_ptr, row, stride_class, reference, weight_ptr, cap, HAS_WEIGHT, ACC,
-        SOFTCAP,
+    target_logit, target_weight, here = _shard_target(
+        row_ptr, local_target_ptr, row, stride_class, weight_ptr, cap, HAS_WEIGHT, ACC, SOFTCAP
     )
 
     # out is (6, num_rows) ((8, num_rows) mixed); stepping the pointer keeps every offset in
@@ -168,18 +168,18 @@ def _stats_kernel(
     out += num_rows
     tl.store(out, weighted_sum)
     out += num_rows
-    tl.store(out, target_logit)
+    tl.store(out, tl.where(here, target_logit - reference, 0.0))
     out += num_rows
     tl.store(out, target_weight)
     out += num_rows
     tl.store(out, reference)
     if MIXED:
-        mix_logit, mix_weight = _shard_target(
-            row_ptr, local_mix_target_ptr, row, stride_class, reference, weight_ptr, cap,
-            HAS_WEIGHT, ACC, SOFTCAP,
+        mix_logit, mix_weight, mix_here = _shard_target(
+            row_ptr, local_mix_target_ptr, row, stride_class, weight_ptr, cap, HAS_WEIGHT, ACC,
+            SOFTCAP,
         )
         out += num_rows
-        tl.store(out, mix_logit)
+        tl.store(out, tl.where(mix_here, mix_logit - reference, 0.0))
         out += num_rows
         tl.store(out, mix_weight)
     if STATS:
