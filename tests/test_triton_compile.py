@@ -135,6 +135,11 @@ def test_occupancy_floor(records):
             assert r["resources"]["REG"] <= (_allowed(r, "REG") or 64), where
 
 
+def _ex2_per_element(r) -> int:
+    """Exponentials per element: the soft cap's tanh takes one more (exp(-2 |x| / c))."""
+    return 2 if r["constexprs"].get("SOFTCAP") == "True" else 1
+
+
 def _writes_gradient(r) -> bool:
     return r["kernel"] in ("_backward_kernel", "_grad_kernel") or (
         r["constexprs"].get("WRITE_GRAD") == "True"
@@ -161,12 +166,44 @@ def test_half_precision_hot_loops(records, logits):
             per_thread = loop["elements_per_thread"]
             assert loop["is_loop"], where
             assert loop["calls"] == 0 and loop["compares_64bit"] == 0, where
-            # one ex2 per element, plus at most one per block for the running-sum rescale
-            assert per_thread <= loop["ex2"] <= (_allowed(r, "EX2") or per_thread + 1), where
+            # one ex2 per element (two soft-capped), plus at most one per block for the
+            # running-sum rescale
+            per_element = per_thread * _ex2_per_element(r)
+            assert per_element <= loop["ex2"] <= (_allowed(r, "EX2") or per_element + 1), where
             if wide:
                 assert all(op.endswith(".128") for op in loop["global_accesses"]), where
         if _writes_gradient(r) and wide:
             assert any("STG.E.128" in loop["global_accesses"] for loop in r["hot_loops"]), r
+
+
+def test_feature_switches_compile_for_each_target(records):
+    """Issue 22's switches (softcap, mixed target, statistics) reach every kernel they belong to,
+    on each target, and the default launches keep them off (the unchanged kernels)."""
+    expected = {
+        ("_forward_kernel", "True", "True", "True", "True"),  # a training step with all three
+        ("_forward_kernel", "True", "True", "False", "False"),  # softcap only
+        ("_forward_kernel", "False", "False", "False", "True"),  # statistics, no gradient
+        ("_backward_kernel", None, "True", "True", None),
+        ("_stats_kernel", None, "True", "True", "True"),
+        ("_grad_kernel", None, "True", "True", None),
+    }
+    for arch in (80, 90, 100):
+        compiled = _kernels(records, arch=arch)
+        switches = {
+            (
+                r["kernel"],
+                r["constexprs"].get("WRITE_GRAD"),
+                r["constexprs"].get("SOFTCAP"),
+                r["constexprs"].get("MIXED"),
+                r["constexprs"].get("STATS"),
+            )
+            for r in compiled
+        }
+        assert expected <= switches, (arch, expected - switches)
+        for r in compiled:
+            if not any(s.startswith("features: ") for s in r["scenarios"]):
+                on = [k for k in ("SOFTCAP", "MIXED", "STATS") if r["constexprs"].get(k) == "True"]
+                assert not on, (r["kernel"], r["scenarios"], on)
 
 
 def test_unaligned_hot_loops(records):

@@ -190,10 +190,48 @@ def _fused_head(process_group=None) -> None:
                     loss.sum().backward()
 
 
+def _feature_scenarios() -> None:
+    """Issue 22's backend switches (SOFTCAP, MIXED, STATS), called on the backends directly: a
+    training step with all three (weighted: the most live values), a softcap-only step, a
+    statistics-only evaluation, a recomputing backward, and both sharded passes. Aligned bf16 rows,
+    so the strict half-precision limits apply."""
+    from lsr_fused._params import RowParams
+    from lsr_fused.backends import triton_backend, triton_sharded
+
+    rows, num_classes = 4, 32000
+    logits = torch.randn(rows, 1, num_classes, dtype=torch.bfloat16)
+    grad = torch.empty_like(logits)
+    target = torch.randint(0, num_classes, (rows,))
+    mix = (torch.randint(0, num_classes, (rows,)), torch.tensor(0.3).expand(rows))
+    stats = (torch.empty(rows), torch.empty(rows, dtype=torch.long))
+    weight = torch.rand(num_classes) + 0.5
+    total = weight.sum().reshape(1)
+    capped = RowParams(0.9, 0.1 / num_classes, 1e-4, -100, 30.0)
+    plain = capped._replace(softcap=0.0)
+    guess, upstream = torch.ones(1), torch.rand(rows)
+    forward, backward = triton_backend.forward, triton_backend.backward
+    with scenario("features: training step, softcap + mix + stats, weighted"):
+        _, lse = forward(logits, target, weight, total, capped, grad, guess, mix=mix, stats=stats)
+        backward(upstream, logits, target, weight, total, lse, capped, grad, guess, mix=mix)
+    with scenario("features: training step, softcap"):
+        forward(logits, target, None, None, capped, grad, guess)
+    with scenario("features: statistics, no gradient"):
+        forward(logits, target, None, None, plain, stats=stats)
+    with scenario("features: recomputing backward, softcap + mix"):
+        backward(upstream, logits, target, None, None, lse, capped, grad, mix=mix)
+    with scenario("features: sharded softcap + mix + argmax"):
+        local_mix = mix[0]
+        triton_sharded.shard_stats(logits, target, weight, torch.empty(8, rows), softcap=30.0,
+                                   local_mix_target=local_mix, argmax_out=stats[1])  # fmt: skip
+        triton_sharded.shard_grad(logits, target, weight, torch.empty(6, rows), grad,
+                                  softcap=30.0, local_mix_target=local_mix)  # fmt: skip
+
+
 def _local_scenarios() -> None:
     _local_matrix()
     _layout_scenarios()
     _fused_head()
+    _feature_scenarios()
 
 
 def _sharded_loss(logits, target, class_weight, group) -> None:

@@ -9,6 +9,10 @@ max) costs one more read, to find that max again before any store.
 
 Runs compiled on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 The math and the calling contract are documented once, in :mod:`lsr_fused.backends`.
+
+Issue 22's options are constexpr switches (SOFTCAP: ``params.softcap``; MIXED: ``mix=``; STATS:
+``stats=``), so that a call without them compiles to the unchanged kernels: their per-row pointers
+are passed as ``None`` (a constexpr) then, and only the softcap value is an extra argument.
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ from .._params import RowParams, accumulation_dtype
 from . import FIRST_LOGIT_MAX_GAP
 from .triton_common import (
     FP_FUSION,
-    GRADIENT_BLOCK_LIMIT,
     capped,
     check_gradient_layout,
     check_row_vector,
     finite_or_zero,
+    gradient_block_limit,
     gradient_row,
     launch_config,
     online_max_sum_exp,
@@ -115,6 +119,9 @@ def _target_coefs(
     target_coef = target_extra * target_weight
     mix_coef = tl.zeros([], ACC)
     if MIXED:
+        # d loss / d z_i = p_i S - b w_i - t1 [i == y1] - t2 [i == y2] (+ z-loss): the loss's
+        # target terms are linear in z_y1 and z_y2, and S lse_r gives the softmax with
+        # S = sum_c q_c w_c, so only the totals move with lam.
         mix_weight = _class_weight(mix_col, weight_ptr, HAS_WEIGHT, ACC)
         target_coef = target_extra * (lam * target_weight)
         mix_coef = target_extra * ((1.0 - lam) * mix_weight)
@@ -375,7 +382,7 @@ def forward(
     )
     # The gradient loop keeps to the backward's narrower block: half the registers of a
     # statistics-wide one (values, weights and results per element), so the occupancy floor holds.
-    grad_block = min(block, launch_config(logits, GRADIENT_BLOCK_LIMIT)[0])
+    grad_block = min(block, launch_config(logits, gradient_block_limit(softcap > 0))[0])
     # fmt: off
     _forward_kernel[(rows,)](
         logits, target, weight_arg, weight_total_arg, loss, lse, grad_arg,
@@ -416,7 +423,7 @@ def backward(
     if rows == 0:
         return
     check_gradient_layout(logits, grad_logits)
-    block, num_warps = launch_config(logits, GRADIENT_BLOCK_LIMIT)
+    block, num_warps = launch_config(logits, gradient_block_limit(softcap > 0))
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
     skip_guessed = grad_guess is not None
     # fmt: off

@@ -426,6 +426,12 @@ def stats_block_limit(logits: Tensor, weighted: bool, softcap: bool = False,
     return (16384 >> (int(weighted) + int(softcap) + int(stats))) // logits.element_size()
 
 
+def gradient_block_limit(softcap: bool) -> int:
+    """Widest block of a gradient pass: ``GRADIENT_BLOCK_LIMIT``, halved under the soft cap (its
+    temporaries per element would otherwise push the registers past the occupancy floor)."""
+    return GRADIENT_BLOCK_LIMIT >> int(softcap)
+
+
 def check_gradient_layout(logits: Tensor, grad_logits: Tensor) -> None:
     """The kernels index the gradient with its own row strides and the logits' class stride."""
     if grad_logits.shape != logits.shape:

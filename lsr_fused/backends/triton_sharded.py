@@ -15,6 +15,12 @@ the shard's max ``m_k``, else ``m_k`` where finite, else 0.
   ``(lse_k, A, B, T, r_k)`` prepared by the caller (``lse_k`` = global lse - ``r_k``; upstream
   gradient, masses and masks folded in; ``r_k`` as :func:`shard_stats` returned it).
 
+Issue 22's options are constexpr switches, so that a call without them runs the unchanged kernels:
+``softcap=`` (SOFTCAP: every logit read as ``c tanh(x / c)``, the gradient times
+``1 - (z / c)**2``), ``local_mix_target=`` (MIXED: the statistics' rows 6 and 7 for a second
+target, the gradient's second spike ``- T2 [i == local mix target]``) and ``argmax_out=`` (STATS:
+the shard-local first argmax, from the same read).
+
 Everything per call is a runtime value (no recompilation for a new N or mass); offsets are int64.
 Runs compiled on CUDA tensors and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
@@ -31,12 +37,12 @@ from torch import Tensor
 from . import FIRST_LOGIT_MAX_GAP
 from .triton_common import (
     FP_FUSION,
-    GRADIENT_BLOCK_LIMIT,
     LOG2E,
     capped,
     check_gradient_layout,
     check_row_vector,
     first_max_update,
+    gradient_block_limit,
     gradient_row,
     launch_config,
     load_capped_block,
@@ -116,10 +122,11 @@ def _shard_row_stats(row_ptr, stride_class, num_classes, weight_ptr, cap,
 
 
 @triton.jit
-def _shard_target(row_ptr, local_target_ptr, row, stride_class, reference, weight_ptr, cap,
+def _shard_target(row_ptr, local_target_ptr, row, stride_class, weight_ptr, cap,
                   HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr):  # fmt: skip
-    """``(z_y - r_k, w_y)`` where the target (a local column, or -1) is on this shard, else
-    ``(0, 0)`` (``w_y`` 1 without weights)."""
+    """``(z_y, w_y, here)``: whether the target (a local column, or -1) is on this shard, its
+    (capped) logit (0 where not here) and class weight (0 where not here, else 1 without
+    weights)."""
     local_target = tl.load(local_target_ptr + row)
     here = local_target >= 0
     safe_target = tl.where(here, local_target, 0)
@@ -129,7 +136,7 @@ def _shard_target(row_ptr, local_target_ptr, row, stride_class, reference, weigh
         target_weight = tl.load(weight_ptr + safe_target, mask=here, other=0.0).to(ACC)
     else:
         target_weight = tl.where(here, 1.0, 0.0).to(ACC)
-    return tl.where(here, target_logit - reference, 0.0), target_weight
+    return target_logit, target_weight, here
 
 
 # fmt: off
@@ -148,9 +155,8 @@ def _stats_kernel(
         row_ptr, stride_class, num_classes, weight_ptr, cap, HAS_WEIGHT, BLOCK, ALIGN, ACC,
         SOFTCAP, STATS,
     )
-    target_logit, target_weight = _shard_target(
-        row_ptr, local_target_ptr, row, stride_class, reference, weight_ptr, cap, HAS_WEIGHT, ACC,
-        SOFTCAP,
+    target_logit, target_weight, here = _shard_target(
+        row_ptr, local_target_ptr, row, stride_class, weight_ptr, cap, HAS_WEIGHT, ACC, SOFTCAP
     )
 
     # out is (6, num_rows) ((8, num_rows) mixed); stepping the pointer keeps every offset in
@@ -162,18 +168,18 @@ def _stats_kernel(
     out += num_rows
     tl.store(out, weighted_sum)
     out += num_rows
-    tl.store(out, target_logit)
+    tl.store(out, tl.where(here, target_logit - reference, 0.0))
     out += num_rows
     tl.store(out, target_weight)
     out += num_rows
     tl.store(out, reference)
     if MIXED:
-        mix_logit, mix_weight = _shard_target(
-            row_ptr, local_mix_target_ptr, row, stride_class, reference, weight_ptr, cap,
-            HAS_WEIGHT, ACC, SOFTCAP,
+        mix_logit, mix_weight, mix_here = _shard_target(
+            row_ptr, local_mix_target_ptr, row, stride_class, weight_ptr, cap, HAS_WEIGHT, ACC,
+            SOFTCAP,
         )
         out += num_rows
-        tl.store(out, mix_logit)
+        tl.store(out, tl.where(mix_here, mix_logit - reference, 0.0))
         out += num_rows
         tl.store(out, mix_weight)
     if STATS:
@@ -310,7 +316,7 @@ def shard_grad(
     if num_rows == 0 or num_classes == 0:
         return
     check_gradient_layout(logits, grad_logits)
-    block, num_warps = launch_config(logits, GRADIENT_BLOCK_LIMIT)
+    block, num_warps = launch_config(logits, gradient_block_limit(softcap > 0))
     # fmt: off
     _grad_kernel[(num_rows,)](
         logits, grad_logits, local_target, logits if weight is None else weight, coefs, num_rows,
