@@ -83,11 +83,12 @@ def test_every_kernel_compiles_for_each_target(records):
 # relative to the running max, the backward can recompute the row max): each kernel here is held
 # to the value measured when it landed, so it cannot grow, and is listed in issue 20 as work left.
 # (kernel, arch, logits, a scenario's prefix) -> {"STACK": bytes, "REG": registers, "EX2": count}
+# (The odd-C forwards' stack slots, 16 and 8 bytes on sm_90 / sm_80, are gone since the forward
+# reads x_0 after its loop; the (B, C, S) forwards then measure 80 and 75 registers, up from 75
+# and 73, the same 80 allocated per thread either way: registers are allocated 8 at a time.)
 KNOWN_REGRESSIONS = {
-    ("_forward_kernel", 90, "*bf16", "grad-in-forward mean/sum odd C=50257"): {"STACK": 16},
-    ("_forward_kernel", 80, "*bf16", "reduction none, per-row upstream odd C=50257"): {"STACK": 8},
-    ("_forward_kernel", 90, "*bf16", "grad-in-forward mean/sum (B, C, S) view"): {"REG": 75},
-    ("_forward_kernel", 80, "*bf16", "grad-in-forward mean/sum (B, C, S) view"): {"REG": 73},
+    ("_forward_kernel", 90, "*bf16", "grad-in-forward mean/sum (B, C, S) view"): {"REG": 80},
+    ("_forward_kernel", 80, "*bf16", "grad-in-forward mean/sum (B, C, S) view"): {"REG": 75},
     # A one-warp (BLOCK 64) backward on sm_100: the max-reference branch's reduction compiles to a
     # divergent fallback that the loop reader counts as part of the hot loop.
     ("_backward_kernel", 100, "*bf16", "reduction none, per-row upstream 64-bit row stride"): {

@@ -219,11 +219,13 @@ def _forward_kernel(
     cap = runtime_scalar(softcap, ACC)
     row = tl.program_id(0)
     row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
-    first = capped(tl.load(row_ptr).to(ACC), cap, SOFTCAP)
     running_max, running_sum_exp, weighted_sum, weight_sum, argmax = online_row_stats_at_max(
         row_ptr, stride_class, num_classes, weight_ptr, cap, HAS_WEIGHT, BLOCK, ALIGN, ACC,
         SOFTCAP, STATS,
     )
+    # x_0 is read after the loop (from L1/L2), not before it: a value held across the loop took a
+    # stack slot on sm_80/sm_90 for odd C (issue 20); it is still read before any store.
+    first = capped(tl.load(row_ptr).to(ACC), cap, SOFTCAP)
     reference, weighted_sum, from_first, from_max = _forward_reference(
         first, running_max, weighted_sum, weight_sum
     )
