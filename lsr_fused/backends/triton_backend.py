@@ -204,6 +204,22 @@ def _row_loss(lse_r, lse, weighted_sum, target_logit, mix_logit, total_mass, tar
 
 
 @triton.jit
+def _second_target(mix_target_ptr, mix_lambda_ptr, mix_lambda_stride, row, ignored, num_classes,
+                   row_ptr, stride_class, reference, cap, target_col, target_logit, in_range,
+                   ACC: tl.constexpr, SOFTCAP: tl.constexpr, MIXED: tl.constexpr):  # fmt: skip
+    """The mixed target's ``(class, lam, shifted logit, in_range)``; without MIXED, the target's
+    own with ``lam = 1`` (so that the mixed formulas reduce to the plain ones at no cost)."""
+    mix_col, lam, mix_logit = target_col, 1.0, target_logit
+    if MIXED:
+        mix_col, lam, mix_in_range = _mix_target(
+            mix_target_ptr, mix_lambda_ptr, mix_lambda_stride, row, ignored, num_classes, ACC
+        )
+        in_range = in_range & mix_in_range
+        mix_logit = _target_logit(row_ptr, mix_col, stride_class, reference, cap, ACC, SOFTCAP)
+    return mix_col, lam, mix_logit, in_range
+
+
+@triton.jit
 def _forward_kernel(
     logits_ptr, target_ptr, weight_ptr, weight_total_ptr, loss_ptr, lse_ptr, grad_ptr, guess_ptr,
     inner, stride_outer, stride_inner, stride_class, grad_stride_outer, grad_stride_inner,
@@ -234,13 +250,10 @@ def _forward_kernel(
 
     target_col, ignored, in_range = _row_target(target_ptr, row, num_classes, ignore_index)
     target_logit = _target_logit(row_ptr, target_col, stride_class, reference, cap, ACC, SOFTCAP)
-    mix_col, lam, mix_logit = target_col, 1.0, target_logit
-    if MIXED:
-        mix_col, lam, mix_in_range = _mix_target(
-            mix_target_ptr, mix_lambda_ptr, mix_lambda_stride, row, ignored, num_classes, ACC
-        )
-        in_range = in_range & mix_in_range
-        mix_logit = _target_logit(row_ptr, mix_col, stride_class, reference, cap, ACC, SOFTCAP)
+    mix_col, lam, mix_logit, in_range = _second_target(
+        mix_target_ptr, mix_lambda_ptr, mix_lambda_stride, row, ignored, num_classes, row_ptr,
+        stride_class, reference, cap, target_col, target_logit, in_range, ACC, SOFTCAP, MIXED,
+    )
     total_mass, target_coef, mix_coef = _target_coefs(
         target_col, mix_col, lam, weight_ptr, weight_total_ptr, num_classes, target_extra,
         other_mass, HAS_WEIGHT, ACC, MIXED,
