@@ -29,8 +29,24 @@ def _option_property(name: str) -> property:
     return property(get, set_, doc=f"The ``{name}`` option (see :class:`LossOptions`).")
 
 
+class _WithLossOptions(nn.Module):
+    """A module whose loss options are one :class:`LossOptions` (``self.options``), each also an
+    attribute that re-checks on assignment."""
+
+    options: LossOptions
+
+    label_smoothing = _option_property("label_smoothing")
+    ignore_index = _option_property("ignore_index")
+    reduction = _option_property("reduction")
+    spread = _option_property("spread")
+    z_loss = _option_property("z_loss")
+    softcap = _option_property("softcap")
+    return_stats = _option_property("return_stats")
+    backend = _option_property("backend")
+
+
 @extends_doc(LOSS_DOC)
-class LabelSmoothingCE(nn.Module):
+class LabelSmoothingCE(_WithLossOptions):
     """Label-smoothed cross-entropy loss module;
     ``forward(logits, target, mix_target=None, mix_lambda=1.0)``. Its options are one
     :class:`lsr_fused.LossOptions` (``module.options``), checked here; each is also an attribute
@@ -64,15 +80,7 @@ class LabelSmoothingCE(nn.Module):
                 "weight must be a 1-D tensor with one entry per class, or None"
             )
 
-    label_smoothing = _option_property("label_smoothing")
-    ignore_index = _option_property("ignore_index")
-    reduction = _option_property("reduction")
-    spread = _option_property("spread")
-    z_loss = _option_property("z_loss")
-    softcap = _option_property("softcap")
-    return_stats = _option_property("return_stats")
     inplace_backward = _option_property("inplace_backward")
-    backend = _option_property("backend")
 
     def forward(
         self,
@@ -99,7 +107,7 @@ class LabelSmoothingCE(nn.Module):
 
 
 @extends_doc(LINEAR_DOC)
-class LinearLabelSmoothingCE(nn.Module):
+class LinearLabelSmoothingCE(_WithLossOptions):
     """Fused classifier + label-smoothed cross-entropy module:
     ``forward(hidden, weight, target, bias=None, mix_target=None, mix_lambda=1.0)``, e.g. with an
     ``nn.Linear`` head ``lm_head``: ``criterion(hidden, lm_head.weight, target,
@@ -146,15 +154,6 @@ class LinearLabelSmoothingCE(nn.Module):
         self.process_group = process_group
         self.reduce_hidden_grad = reduce_hidden_grad
         self.register_buffer("class_weight", class_weight)
-
-    label_smoothing = _option_property("label_smoothing")
-    ignore_index = _option_property("ignore_index")
-    reduction = _option_property("reduction")
-    spread = _option_property("spread")
-    z_loss = _option_property("z_loss")
-    softcap = _option_property("softcap")
-    return_stats = _option_property("return_stats")
-    backend = _option_property("backend")
 
     def forward(
         self,
