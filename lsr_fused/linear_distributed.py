@@ -59,14 +59,13 @@ from torch import Tensor
 from . import policy
 from ._validation import check_mix_targets
 from .distributed.agreement import (
+    NEWER_OPTION_FIELDS,
     Field,
     ShardInput,
-    _bits_float,
-    _float_bits,
-    _target_summary,
     agree,
     check_exchange_values,
     describe,
+    newer_option_values,
     resolve_group,
     run_checks,
     shown_as,
@@ -113,11 +112,7 @@ _EXTRA_FIELDS = (
     Field("hidden_grad", "whether hidden requires a gradient (with grad mode on)",
           show=shown_as(bool)),
     Field("reduce_hidden_grad", "whether reduce_hidden_grad", show=shown_as(bool)),
-    Field("softcap", "softcap (0: off)", show=shown_as(_bits_float)),
-    Field("return_stats", "return_stats", show=shown_as(bool)),
-    Field("has_mix", "whether mix_target is given", show=shown_as(bool)),
-    Field("mix_lambda", "mix_lambda (a float; -1: a tensor)", show=shown_as(_bits_float)),
-    Field("mix_checksum", "a checksum of mix_target (0 where it is not examined)"),
+    *NEWER_OPTION_FIELDS,
 )  # fmt: skip
 
 
@@ -358,11 +353,9 @@ def _check(hidden, weight, bias, target, class_weight, fields, mix, chunk_size,
     policy.check_sharded_autograd(lam, "mix_lambda")
     shard = ShardInput(weight.shape[0], hidden.dim(), dtype)
     wants_hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
-    mix_checksum = 0 if flat_mix[0] is None else _target_summary(flat_mix[0], ignore_index)[3]
     extra = (
         weight.shape[1], bias is not None, chunk_size or 0, wants_hidden_grad, reduce_hidden_grad,
-        _float_bits(options.softcap or 0.0), options.return_stats, flat_mix[0] is not None,
-        _float_bits(-1.0 if lam is not None else float(mix_lambda)), mix_checksum,
+        *newer_option_values(options, flat_mix[0], mix_lambda),
     )  # fmt: skip
     has_weight = class_weight is not None
     description = describe(shard, flat_target, target.shape, has_weight, fields[:5], extra)

@@ -84,6 +84,25 @@ COMMON_FIELDS = (
 )
 
 
+# The fields of the newer options (softcap, statistics, mixed targets), shared by every sharded
+# entry point after its own, with their values from :func:`newer_option_values`.
+NEWER_OPTION_FIELDS = (
+    Field("softcap", "softcap (0: off)", show=shown_as(_bits_float)),
+    Field("return_stats", "return_stats", show=shown_as(bool)),
+    Field("has_mix", "whether mix_target is given", show=shown_as(bool)),
+    Field("mix_lambda", "mix_lambda (a float; -1: a tensor)", show=shown_as(_bits_float)),
+    Field("mix_checksum", "a checksum of mix_target (0 where it is not examined)"),
+)
+
+
+def newer_option_values(options, flat_mix: Optional[Tensor], mix_lambda) -> tuple[int, ...]:
+    """This rank's values of :data:`NEWER_OPTION_FIELDS` (``options``: a ``LossOptions``)."""
+    lam_shown = -1.0 if isinstance(mix_lambda, Tensor) else float(mix_lambda)
+    checksum = 0 if flat_mix is None else _target_summary(flat_mix, options.ignore_index)[3]
+    return (_float_bits(options.softcap or 0.0), int(options.return_stats),
+            int(flat_mix is not None), _float_bits(lam_shown), checksum)  # fmt: skip
+
+
 class ShardInput(NamedTuple):
     """What the exchange describes of this rank's class-sharded input (logits, or a classifier
     weight): its number of classes, number of dimensions and dtype."""

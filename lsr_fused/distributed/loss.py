@@ -15,17 +15,14 @@ from .._validation import check_mix_targets
 from ..options import LossOptions
 from ..stats import loss_stats
 from .agreement import (
-    Field,
+    NEWER_OPTION_FIELDS,
     ShardInput,
-    _bits_float,
-    _float_bits,
-    _target_summary,
     agree,
     check_exchange_values,
     describe,
+    newer_option_values,
     resolve_group,
     run_checks,
-    shown_as,
 )
 from .shard_math import (
     all_reduce_stats,
@@ -39,16 +36,6 @@ from .shard_math import (
 )
 
 __all__ = ["sharded_label_smoothing_cross_entropy"]
-
-
-# What every rank must agree on beyond the common fields: the new options and the mixed target.
-_EXTRA_FIELDS = (
-    Field("softcap", "softcap (0: off)", show=shown_as(_bits_float)),
-    Field("return_stats", "return_stats", show=shown_as(bool)),
-    Field("has_mix", "whether mix_target is given", show=shown_as(bool)),
-    Field("mix_lambda", "mix_lambda (a float; -1: a tensor)", show=shown_as(_bits_float)),
-    Field("mix_checksum", "a checksum of mix_target (0 where it is not examined)"),
-)
 
 
 class _Setup(NamedTuple):
@@ -141,10 +128,7 @@ def _check(logits, target, weight, fields, mix_target, mix_lambda) -> _Checked:
     mix = policy.mix_inputs(mix_target, mix_lambda, target, acc)
     policy.check_sharded_autograd(mix_lambda if isinstance(mix_lambda, Tensor) else None,
                                   "mix_lambda")  # fmt: skip
-    lam_shown = -1.0 if isinstance(mix_lambda, Tensor) else float(mix_lambda)
-    mix_checksum = 0 if mix[0] is None else _target_summary(mix[0], ignore_index)[3]
-    extra = (_float_bits(options.softcap or 0.0), options.return_stats, mix[0] is not None,
-             _float_bits(lam_shown), mix_checksum)  # fmt: skip
+    extra = newer_option_values(options, mix[0], mix_lambda)
     shard = ShardInput.of_logits(logits)
     description = describe(shard, flat_target, target.shape, weight is not None, fields[:5], extra)
     return _Checked(description, resolved, options, flat_target, mix)
@@ -224,7 +208,7 @@ def sharded_label_smoothing_cross_entropy(
                                       mix_lambda)  # fmt: skip
     agreement = agree(
         group, None if checked is None else checked.description, local_error, fields[:5],
-        device_of=logits, extra_fields=_EXTRA_FIELDS,
+        device_of=logits, extra_fields=NEWER_OPTION_FIELDS,
     )  # fmt: skip
     options, flat_target, (flat_mix, lam) = checked.options, checked.flat_target, checked.mix
     rows = policy.row_view(logits)
