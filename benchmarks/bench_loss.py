@@ -186,10 +186,10 @@ def run_scenarios(device: torch.device, quick: bool, progress, tables: list[str]
         rounds = 3 if quick else 9
         try:
             rows = bench_call.per_call_rows(rounds=rounds, budget_s=0.02 if quick else 0.05)
+            text = bench_call.format_rows(rows, rounds)  # names the thread count it ran with
         finally:
             torch.set_num_threads(threads)
         results["per_call"] = rows
-        text = bench_call.format_rows(rows, rounds)
         progress.done()
         print("\n" + text, flush=True)
         tables.append(text)
