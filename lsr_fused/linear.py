@@ -516,9 +516,8 @@ def linear_label_smoothing_cross_entropy(
     options = loss_options(label_smoothing, ignore_index, reduction, spread, z_loss, softcap,
                            return_stats, False, backend)  # fmt: skip
     autocast = check_head(
-        hidden, weight, bias, target, class_weight, _five(options), chunk_size, backend,
-        reduce_hidden_grad,
-    )  # fmt: skip
+        hidden, weight, bias, target, class_weight, chunk_size, reduce_hidden_grad
+    )
     _check_classes(weight, spread)
     features = weight.shape[1]
     backend = policy.resolve_backend(backend, hidden.device)
@@ -543,12 +542,6 @@ def _check_classes(weight: Tensor, spread: str) -> None:
         raise ArgumentValueError(
             "spread='others' needs at least 2 classes (C == 1 leaves no other class)"
         )
-
-
-def _five(options: LossOptions) -> tuple:
-    """The five options the heads' shared checks and the agreement exchange name."""
-    return (options.label_smoothing, options.ignore_index, options.reduction, options.spread,
-            options.z_loss)  # fmt: skip
 
 
 def _fused(hidden, weight, bias, target, class_weight, options: LossOptions, chunk_size, backend,

@@ -68,12 +68,12 @@ class Grads(NamedTuple):
     bias: Tensor
 
 
-def check_head(hidden, weight, bias, target, class_weight, options, chunk_size, backend,
+def check_head(hidden, weight, bias, target, class_weight, chunk_size,
                reduce_hidden_grad) -> bool:  # fmt: skip
-    """The checks of both heads' arguments, in one order (so that one bad argument raises the same
-    error from either; ``options``: ``(label_smoothing, ignore_index, reduction, spread, z_loss)``).
-    Returns whether autocast is on for hidden's device (the dtypes are then cast later)."""
-    policy.check_options(*options, backend)
+    """The checks of both heads' tensors and switches, in one order (so that one bad argument
+    raises the same error from either), run after the caller has made its checked
+    :class:`lsr_fused.LossOptions`. Returns whether autocast is on for hidden's device (the dtypes
+    are then cast later)."""
     policy.check_reduce_hidden_grad(reduce_hidden_grad)
     device_type = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
     autocast = torch.is_autocast_enabled(device_type)

@@ -341,8 +341,9 @@ def _check(hidden, weight, bias, target, class_weight, fields, mix, chunk_size,
     # option checks raise OverflowError instead of naming the argument).
     check_exchange_values(label_smoothing, ignore_index, z_loss, chunk_size)
     options = LossOptions(*fields)
-    autocast = check_head(hidden, weight, bias, target, class_weight, fields[:5], chunk_size,
-                          options.backend, reduce_hidden_grad)  # fmt: skip
+    autocast = check_head(
+        hidden, weight, bias, target, class_weight, chunk_size, reduce_hidden_grad
+    )
     policy.check_sharded_autograd(class_weight, "class_weight")
     resolved = policy.resolve_backend(options.backend, hidden.device, sharded=True)
     dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
