@@ -20,6 +20,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu_ops.h"
 #include "grad_pool.h"
 #include "lsr_args.h"
 #include "ops_common.h"
@@ -179,6 +180,9 @@ int64_t grain_rows(int64_t num_classes) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(num_classes, 1));
 }
 
+}  // namespace
+
+// The CPU implementations (declared in cpu_ops.h: the training step of train_step.cpp calls them).
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                const std::optional<at::Tensor>& weight,
                                                const std::optional<at::Tensor>& weight_total,
@@ -230,6 +234,8 @@ void backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const a
   at::parallel_for(0, rows, grain_rows(args.num_classes),
                    [&](int64_t begin, int64_t end) { k.backward(args, begin, end); });
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Meta implementation (shapes only), for calls on meta tensors. torch.compile does not need it:

@@ -32,6 +32,7 @@ CSRC_DIR = "csrc"
 # Link order matters: the baseline kernels come before the ISA variants (csrc/cpu/isa_prelude.h).
 CPU_SOURCES = (
     "ops.cpp",
+    "train_step.cpp",
     "grad_pool.cpp",
     "cpu/kernel_default.cpp",
     "cpu/kernel_avx2.cpp",

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import composite, ops, policy
+from . import composite, fast_step, ops, policy
 from ._docs import extends_doc
 from ._validation import check_mix_targets, check_targets
 from .options import LossOptions, loss_options
@@ -126,6 +126,9 @@ def loss_with_options(
     mix_lambda: Union[float, Tensor] = 1.0,
 ) -> Union[Tensor, tuple[Tensor, LossStats]]:
     """:func:`label_smoothing_cross_entropy` with its options already made (the module's call)."""
+    loss = fast_step.train_step(logits, target, options, weight, mix_target, mix_lambda)
+    if loss is not None:
+        return loss
     policy.check_tensors(logits, target, weight, options.spread)
     backend = policy.resolve_backend(options.backend, logits.device)
     rows = policy.row_view(logits)

@@ -256,6 +256,27 @@ def _(*args):
     return None
 # fmt: on
 
+
+# The double-backward gradient of lsr_fused_C::train_step (csrc/train_step.cpp), whose C++ node
+# reaches the composite formula through the dispatcher: CompositeImplicitAutograd, so that autograd
+# records the composite's ATen ops and the result is differentiable again.
+torch.library.define(
+    "lsr_fused::composite_logits_grad",
+    "(Tensor grad_loss, Tensor logits, Tensor target, float[] params, int ignore_index) -> Tensor",
+)
+
+
+@torch.library.impl("lsr_fused::composite_logits_grad", "CompositeImplicitAutograd")
+def _composite_logits_grad(grad_loss, logits, target, params, ignore_index):
+    """Gradient of ``sum(grad_loss * row_losses(logits))`` for ``(N, C)`` logits, no class
+    weights, as a graph (see :func:`lsr_fused.composite.input_gradients`)."""
+    row_params = RowParams.unpacked(params, ignore_index)
+    (grad_logits,) = composite.input_gradients(
+        lambda x: composite.row_losses(x, target, None, row_params), (logits,), grad_loss
+    )
+    return grad_logits
+
+
 _NO_GRADS = (None,) * 10
 
 
