@@ -212,7 +212,21 @@ def row_view(logits: Tensor) -> Tensor:
     # strides when dense, else contiguous) shares its class stride: a slice of a padded vocabulary
     # (unit class stride, gaps between rows) is read in place instead of copied.
     unit_class_stride = rows.stride(-1) == 1 or rows.shape[-1] == 1
-    return rows if is_dense(rows, allow_gaps=unit_class_stride) else rows.contiguous()
+    if not is_dense(rows, allow_gaps=unit_class_stride):
+        rows = rows.contiguous()
+    batch, inner = rows.shape[0], rows.shape[1]
+    if inner > 1 and rows.stride(0) == inner * rows.stride(1):
+        # Rows evenly spaced (a (B, S, C) tensor seen as (B, C, S)): one row dimension.
+        return rows.flatten(0, 1).unsqueeze(1)
+    if inner > 1 and batch > _MAX_OUTER_ROWS:
+        # The Triton kernels address (B, S) rows by a (S, B) grid, whose second dimension holds
+        # at most 65535 programs; such a view is rare, and its copy has evenly spaced rows.
+        return rows.contiguous().flatten(0, 1).unsqueeze(1)
+    return rows
+
+
+# See row_view (lsr_fused.backends.triton_common.MAX_GRID_Y, without importing Triton here).
+_MAX_OUTER_ROWS = 65535
 
 
 def check_sharded_autograd(class_weight: Optional[Tensor], name: str) -> None:

@@ -152,6 +152,73 @@ def test_padded_vocabulary_slice_is_read_in_place():
         assert padded.grad[:, 128:].abs().max() == 0
 
 
+ROW_LAYOUTS = {
+    # name: (a leaf, its (B, C, S)-style view whose row view has S > 1 rows per batch entry)
+    "S-sliced (B, S, C) as (B, C, S)": (
+        (3, 5, 24),
+        lambda leaf: leaf[:, :4].transpose(1, 2),
+    ),
+    "(N, C, d)": ((3, 24, 4), lambda leaf: leaf),
+    "(N, C, h, w)": ((2, 24, 3, 5), lambda leaf: leaf),
+}
+
+
+@pytest.mark.parametrize("layout", list(ROW_LAYOUTS))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_two_dimensional_row_grid(layout, reduction):
+    """Row views with S > 1 rows per batch entry run on an (S, B) grid of programs (each takes
+    its row from its two program ids): every row is read and written where it lies."""
+    shape, view_of = ROW_LAYOUTS[layout]
+    generator = torch.Generator().manual_seed(11)
+    leaf = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).float()
+    leaf.requires_grad_()
+    logits = view_of(leaf)
+    assert policy.row_view(logits).shape[1] > 1  # the two-dimensional grid, not one row dimension
+    target_shape = logits.shape[:1] + logits.shape[2:]
+    target = torch.randint(0, logits.shape[1], target_shape, generator=generator)
+    target.view(-1)[1] = -100
+    loss = lsr_fused.label_smoothing_cross_entropy(
+        logits, target, EPS, reduction=reduction, z_loss=1e-3, backend="triton"
+    )
+    upstream = torch.rand(loss.shape, generator=generator) + 0.5
+    (loss * upstream).sum().backward()
+    ref_leaf = leaf.detach().double().requires_grad_()
+    ref = dense_loss(view_of(ref_leaf), target, EPS, reduction=reduction, z_loss=1e-3)
+    (ref * upstream.double()).sum().backward()
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_shard_kernels_on_a_two_dimensional_row_grid():
+    """The sharded statistics and gradient kernels on an S > 1 row view agree with the same rows
+    laid out flat (one row dimension, a one-dimensional grid)."""
+    generator = torch.Generator().manual_seed(12)
+    longer = (3 * torch.randn(3, 5, 40, generator=generator)).float()
+    rows = longer[:, :4]  # (B, S, C) with rows not evenly spaced: S = 4 per batch entry
+    flat = rows.reshape(12, 1, 40)
+    local_target = torch.randint(-1, 40, (12,), generator=generator)
+    stats, flat_stats = (torch.empty(6, 12) for _ in range(2))
+    triton_sharded.shard_stats(rows, local_target, None, stats)
+    triton_sharded.shard_stats(flat, local_target, None, flat_stats)
+    torch.testing.assert_close(stats, flat_stats, rtol=0, atol=0)
+    coefs = torch.rand(5, 12, generator=generator)
+    coefs[4] = stats[5]
+    grad, flat_grad = torch.full_like(rows, float("nan")), torch.empty_like(flat)
+    triton_sharded.shard_grad(rows, local_target, None, coefs, grad)
+    triton_sharded.shard_grad(flat, local_target, None, coefs, flat_grad)
+    torch.testing.assert_close(grad.reshape(12, 1, 40), flat_grad, rtol=0, atol=0)
+
+
+def test_row_view_of_evenly_spaced_rows_is_one_dimension():
+    """A (B, S, C) tensor passed as (B, C, S) has evenly spaced rows: one row dimension, no copy;
+    and beyond 65535 batch entries an uneven S > 1 view becomes one too (the grid's limit)."""
+    sequence = torch.randn(2, 3, 16)
+    rows = policy.row_view(sequence.transpose(1, 2))
+    assert rows.shape == (6, 1, 16) and rows.data_ptr() == sequence.data_ptr()
+    many = torch.empty(65536, 3, 2)[:, :2].transpose(1, 2)
+    assert policy.row_view(many).shape == (65536 * 2, 1, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # The sharded kernels, against the contract's float64 math.
 

@@ -155,8 +155,13 @@ def _layout_scenarios() -> None:
     bf16 = torch.bfloat16
     # (B, S, C) logits handed over as a (B, C, S) view: unit class stride, rows S apart.
     sequence = torch.randn(2, 3, 32000, dtype=bf16, requires_grad=True)
+    # (Evenly spaced rows: the row view makes them one dimension, the kernels of (N, C) logits.)
     _train_and_recompute(lambda: sequence.transpose(1, 2), torch.randint(0, 32000, (2, 3)), None,
                          "(B, C, S) view of (B, S, C)")  # fmt: skip
+    # ... of a slice along S: rows not evenly spaced, the (S, B) grid of programs (S > 1).
+    longer = torch.randn(2, 4, 32000, dtype=bf16, requires_grad=True)
+    _train_and_recompute(lambda: longer[:, :3].transpose(1, 2), torch.randint(0, 32000, (2, 3)),
+                         None, "(B, C, S) view of an S-sliced (B, S, C)")  # fmt: skip
     # A padded vocabulary sliced to its classes: read in place, rows 32064 apart.
     padded = torch.randn(4, 32064, dtype=bf16, requires_grad=True)
     _train_and_recompute(lambda: padded[:, :32000], torch.randint(0, 32000, (4,)), None,
@@ -312,16 +317,37 @@ def _access_bytes(opcode: str) -> int:
     return 4
 
 
-def _region_facts(region, stats_elements: int, element_size: int, is_loop: bool) -> dict:
+def _blocks_per_iteration(opcodes, stats_elements: int, element_size: int, weighted: bool) -> int:
+    """How many blocks one iteration of a statistics loop reads: ptxas may unroll a narrow
+    block's loop (four blocks of a one-warp BLOCK 64 on sm_100), which its loads show. Only read
+    where the loop loads the logits alone (no class weights); 1 otherwise."""
+    loaded = sum(_access_bytes(op) for op in opcodes if op.startswith("LDG"))
+    block_bytes = stats_elements * element_size
+    if weighted or loaded <= block_bytes or loaded % block_bytes:
+        return 1
+    return loaded // block_bytes
+
+
+def _region_facts(region, stats_elements: int, element_size: int, is_loop: bool,
+                  weighted: bool = False) -> dict:  # fmt: skip
     """Facts of one hot region. Elements per thread: a gradient loop's stores, each in the logits'
-    dtype, say how many it handles; a statistics loop or a loop-free kernel handles one block."""
+    dtype, say how many it handles; a statistics loop handles one block per block it reads in an
+    iteration (see :func:`_blocks_per_iteration`); a loop-free kernel handles one block."""
     opcodes = [opcode for _, opcode, _ in region]
     closing = region[-1]
     memory = [op for op in opcodes if op.startswith(("LDG", "STG"))]
     stored = sum(_access_bytes(op) for op in opcodes if op.startswith("STG"))
-    elements_per_thread = max(1, stored // element_size) if is_loop and stored else stats_elements
+    blocks = 1
+    if is_loop and stored:
+        elements_per_thread = max(1, stored // element_size)
+    elif is_loop:
+        blocks = _blocks_per_iteration(opcodes, stats_elements, element_size, weighted)
+        elements_per_thread = stats_elements * blocks
+    else:
+        elements_per_thread = stats_elements
     return {
         "is_loop": is_loop,
+        "blocks_per_iteration": blocks,
         "stores": bool(stored),
         "instructions": len(opcodes),
         "instructions_per_element": round(len(opcodes) / elements_per_thread, 2),
@@ -353,13 +379,13 @@ def _store_loop_guarded(instructions, loops):
     return any(op.startswith("BAR.SYNC") for _, op, _ in before[last_load + 1 :])
 
 
-def _code_facts(sass: str, stats_elements: int, element_size: int) -> dict:
+def _code_facts(sass: str, stats_elements: int, element_size: int, weighted: bool) -> dict:
     instructions = _instructions(sass)
     loops = _loops(instructions)
     regions = [(loop, True) for loop in loops] or [(instructions, False)]
     return {
         "hot_loops": [
-            _region_facts(region, stats_elements, element_size, is_loop)
+            _region_facts(region, stats_elements, element_size, is_loop, weighted)
             for region, is_loop in regions
         ],
         "instruction_count": len(instructions),
@@ -389,7 +415,9 @@ def _describe(name: str, entry: dict, arch: int, workdir: Path) -> dict:
     acc = str(named_constants.get("ACC", ""))
     logits_type = signature.get("logits_ptr", "")
     sass = _tool("cuobjdump", "-sass", str(cubin))
-    facts = _code_facts(sass, max(1, block // (32 * num_warps)), _ELEMENT_SIZE[logits_type])
+    weighted = str(named_constants.get("HAS_WEIGHT")) == "True"
+    stats_elements = max(1, block // (32 * num_warps))
+    facts = _code_facts(sass, stats_elements, _ELEMENT_SIZE[logits_type], weighted)
     return {
         "kernel": name,
         "arch": arch,

@@ -35,8 +35,10 @@ from .triton_common import (
     launch_config,
     online_max_sum_exp,
     online_row_stats_at_max,
+    program_row,
     reference_logit,
     row_alignment,
+    row_grid,
     row_start,
     runtime_scalar,
     shifted_lse,
@@ -233,8 +235,8 @@ def _forward_kernel(
     other_mass = runtime_scalar(other_mass, ACC)
     z_loss = runtime_scalar(z_loss, ACC)
     cap = runtime_scalar(softcap, ACC)
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
+    row = program_row(inner)
+    row_ptr = logits_ptr + row_start(inner, stride_outer, stride_inner, ALIGN)
     running_max, running_sum_exp, weighted_sum, weight_sum, argmax = online_row_stats_at_max(
         row_ptr, stride_class, num_classes, weight_ptr, cap, HAS_WEIGHT, BLOCK, ALIGN, ACC,
         SOFTCAP, STATS,
@@ -273,7 +275,7 @@ def _forward_kernel(
         # (`guess`). Backward redoes only rows whose real upstream differs, which makes the usual
         # loss.backward() cost no second pass over the logits.
         upstream = _row_upstream(tl.load(guess_ptr).to(ACC), ignored, in_range)
-        grad_row_ptr = grad_ptr + row_start(row, inner, grad_stride_outer, grad_stride_inner, ALIGN)
+        grad_row_ptr = grad_ptr + row_start(inner, grad_stride_outer, grad_stride_inner, ALIGN)
         gradient_row(
             row_ptr, grad_row_ptr, stride_class, num_classes, reference, lse_r,
             upstream * (total_mass + 2.0 * z_loss * lse), upstream * other_mass, target_col,
@@ -292,7 +294,7 @@ def _backward_kernel(
     HAS_WEIGHT: tl.constexpr, SKIP_GUESSED: tl.constexpr, BLOCK: tl.constexpr,
     ALIGN: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr, MIXED: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = program_row(inner)
     upstream = tl.load(grad_loss_ptr + row.to(tl.int64) * grad_loss_stride).to(ACC)
     if SKIP_GUESSED:  # noqa: SIM102 (a constexpr switch: Triton compiles no "and" with it)
         # The forward pass already wrote this row for upstream == guess: exit before anything
@@ -303,7 +305,7 @@ def _backward_kernel(
     other_mass = runtime_scalar(other_mass, ACC)
     z_loss = runtime_scalar(z_loss, ACC)
     cap = runtime_scalar(softcap, ACC)
-    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
+    row_ptr = logits_ptr + row_start(inner, stride_outer, stride_inner, ALIGN)
     reference, lse_r = _decode_saved(
         tl.load(lse_ptr + row).to(ACC), row_ptr, stride_class, num_classes, cap, BLOCK, ALIGN,
         ACC, SOFTCAP,
@@ -320,7 +322,7 @@ def _backward_kernel(
         target_col, mix_col, lam, weight_ptr, weight_total_ptr, num_classes, target_extra,
         other_mass, HAS_WEIGHT, ACC, MIXED,
     )
-    grad_row_ptr = grad_ptr + row_start(row, inner, grad_stride_outer, grad_stride_inner, ALIGN)
+    grad_row_ptr = grad_ptr + row_start(inner, grad_stride_outer, grad_stride_inner, ALIGN)
     gradient_row(
         row_ptr, grad_row_ptr, stride_class, num_classes, reference, lse_r,
         upstream * (total_mass + 2.0 * z_loss * (reference + lse_r)), upstream * other_mass,
@@ -399,7 +401,7 @@ def forward(
     # statistics-wide one (values, weights and results per element), so the occupancy floor holds.
     grad_block = min(block, launch_config(logits, gradient_block_limit(softcap > 0))[0])
     # fmt: off
-    _forward_kernel[(rows,)](
+    _forward_kernel[row_grid(logits)](
         logits, target, weight_arg, weight_total_arg, loss, lse, grad_arg,
         grad_guess if write_grad else lse,
         inner, *logits.stride(), grad_arg.stride(0), grad_arg.stride(1), num_classes,
@@ -442,7 +444,7 @@ def backward(
     weight_arg, weight_total_arg, has_weight = _weight_args(weight, weight_total, logits)
     skip_guessed = grad_guess is not None
     # fmt: off
-    _backward_kernel[(rows,)](
+    _backward_kernel[row_grid(logits)](
         grad_loss, grad_loss.stride(0), logits, target, weight_arg, weight_total_arg, lse,
         grad_logits, grad_guess if skip_guessed else lse,
         inner, *logits.stride(), grad_logits.stride(0), grad_logits.stride(1), num_classes,

@@ -46,7 +46,9 @@ from .triton_common import (
     gradient_row,
     launch_config,
     load_capped_block,
+    program_row,
     row_alignment,
+    row_grid,
     row_start,
     runtime_scalar,
     softcap_value,
@@ -148,9 +150,9 @@ def _stats_kernel(
     HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
     SOFTCAP: tl.constexpr, MIXED: tl.constexpr, STATS: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = program_row(inner)
     cap = runtime_scalar(softcap, ACC)
-    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
+    row_ptr = logits_ptr + row_start(inner, stride_outer, stride_inner, ALIGN)
     running_max, running_sum_exp, weighted_sum, reference, argmax = _shard_row_stats(
         row_ptr, stride_class, num_classes, weight_ptr, cap, HAS_WEIGHT, BLOCK, ALIGN, ACC,
         SOFTCAP, STATS,
@@ -194,8 +196,8 @@ def _grad_kernel(
     BLOCK: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr,
     MIXED: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row_start(row, inner, stride_outer, stride_inner, ALIGN)
+    row = program_row(inner)
+    row_ptr = logits_ptr + row_start(inner, stride_outer, stride_inner, ALIGN)
     coef = coef_ptr + row.to(tl.int64)
     shifted_lse = tl.load(coef).to(ACC)
     coef += num_rows
@@ -213,7 +215,7 @@ def _grad_kernel(
         coef += num_rows
         mix_scale = tl.load(coef).to(ACC)
         mix_col = tl.load(local_mix_target_ptr + row).to(tl.int32)
-    grad_row_ptr = grad_ptr + row_start(row, inner, grad_stride_outer, grad_stride_inner, ALIGN)
+    grad_row_ptr = grad_ptr + row_start(inner, grad_stride_outer, grad_stride_inner, ALIGN)
     gradient_row(
         row_ptr, grad_row_ptr, stride_class, num_classes, reference, shifted_lse, softmax_scale,
         other_scale, target_col, target_scale, mix_col, mix_scale, runtime_scalar(softcap, ACC),
@@ -278,7 +280,7 @@ def shard_stats(
         logits, stats_block_limit(logits, weight is not None, softcap > 0, argmax_out is not None)
     )
     # fmt: off
-    _stats_kernel[(num_rows,)](
+    _stats_kernel[row_grid(logits)](
         logits, local_target, logits if weight is None else weight,  # never read without weight
         out, num_rows, inner, *logits.stride(), num_classes, local_mix_target, argmax_out, softcap,
         HAS_WEIGHT=weight is not None, BLOCK=block, ALIGN=row_alignment(logits),
@@ -318,7 +320,7 @@ def shard_grad(
     check_gradient_layout(logits, grad_logits)
     block, num_warps = launch_config(logits, gradient_block_limit(softcap > 0))
     # fmt: off
-    _grad_kernel[(num_rows,)](
+    _grad_kernel[row_grid(logits)](
         logits, grad_logits, local_target, logits if weight is None else weight, coefs, num_rows,
         inner, *logits.stride(), grad_logits.stride(0), grad_logits.stride(1), num_classes,
         local_mix_target, softcap,
