@@ -115,8 +115,12 @@ def _target_picks(safe_target: Tensor, weight: Optional[Tensor], mix, skipped: T
 
 def wants_composite(*tensors: Optional[Tensor], weights: tuple[Optional[Tensor], ...]) -> bool:
     """Whether a call must take the composite path: class weights that require grad while grad
-    mode is on, or any tensor seen through a ``torch.func`` transform."""
+    mode is on, any tensor seen through a ``torch.func`` transform, or forward-mode AD
+    (``torch.autograd.forward_ad``: the fused ops have no tangent formula, and their outputs
+    would silently carry none)."""
     if torch.is_grad_enabled() and any(w is not None and w.requires_grad for w in weights):
+        return True
+    if forward_ad_active():
         return True
     if torch.compiler.is_compiling():
         return False  # the compiler sees plain tensors (it handles transforms itself)
@@ -126,6 +130,11 @@ def wants_composite(*tensors: Optional[Tensor], weights: tuple[Optional[Tensor],
         t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
         for t in (*tensors, *weights)
     )
+
+
+def forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual tensors may be about)."""
+    return torch.autograd.forward_ad._current_level >= 0
 
 
 def input_gradients(losses_of, inputs: tuple[Tensor, ...], upstream: Tensor) -> tuple[Tensor, ...]:

@@ -11,8 +11,8 @@ compares them). A call takes it only when that equivalence is plain:
   ``"auto"`` or ``"cpp"`` (with the C++ extension loaded);
 * tensors: plain CPU ``(N, C)`` logits with ``C >= 2`` of a supported dtype, a contiguous ``(N,)``
   int64 target, no class weights and no mixed target;
-* context: eager (not compiling), no ``torch.func`` transform and no ``TorchDispatchMode`` active
-  (they see the op route's ops, as before).
+* context: eager (not compiling), no ``torch.func`` transform, no ``TorchDispatchMode`` and no
+  forward-mode AD level active (they see the op route's ops, or the composite, as before).
 
 Everything else, and every error, goes through the Python route. A double backward
 (``create_graph=True``) is the composite gradient of :mod:`lsr_fused.composite`, which the C++ node
@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import policy
+from . import composite, policy
 from ._validation import check_targets
 from .options import LossOptions
 
@@ -80,6 +80,7 @@ def _eager_context() -> bool:
         not torch.compiler.is_compiling()
         and torch._C._functorch.peek_interpreter_stack() is None
         and torch._C._len_torch_dispatch_stack() == 0
+        and not composite.forward_ad_active()
     )
 
 

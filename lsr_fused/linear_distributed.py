@@ -345,6 +345,7 @@ def _check(hidden, weight, bias, target, class_weight, fields, mix, chunk_size,
         hidden, weight, bias, target, class_weight, chunk_size, reduce_hidden_grad
     )
     policy.check_sharded_autograd(class_weight, "class_weight")
+    policy.refuse_forward_ad()
     resolved = policy.resolve_backend(options.backend, hidden.device, sharded=True)
     dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
     flat_target = policy.flat_targets(target)

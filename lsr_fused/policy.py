@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops
+from . import composite, ops
 from ._params import accumulation_dtype as accumulation_dtype  # the rule, re-exported
 from ._validation import is_dense
 from .errors import ArgumentTypeError, ArgumentValueError
@@ -236,6 +236,17 @@ def check_sharded_autograd(class_weight: Optional[Tensor], name: str) -> None:
         raise ArgumentValueError(
             f"{name} requires grad, which process_group= does not support (its gradient would "
             f"be silently missing); pass {name}.detach(), or call without process_group"
+        )
+
+
+def refuse_forward_ad() -> None:
+    """The vocabulary-parallel forms have no forward-mode AD (their autograd Functions have no
+    tangent formula): refused inside their agreement exchange, so that every rank raises, instead
+    of outputs that silently carry no tangent."""
+    if composite.forward_ad_active():
+        raise ArgumentValueError(
+            "forward-mode AD (a torch.autograd.forward_ad.dual_level) is not supported with "
+            "process_group=: the loss would carry no tangent; call without process_group"
         )
 
 

@@ -226,6 +226,9 @@ def _errors_task(rank: int, world_size: int) -> dict:
     attempt("target_range", logits, torch.full((4,), 11))
     attempt("targets_differ", logits, (target + rank) % 11)
     attempt("target_shape", logits, target[: 4 - rank])
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(logits, torch.ones_like(logits))
+        attempt("forward_ad", dual, target)
     attempt("valid", logits, target)  # the group still works after all of the above
     return outcomes
 
@@ -290,6 +293,7 @@ def test_bad_sharding_raises_on_every_rank(tmp_path_factory):
         "target_range": "target contains 11",
         "targets_differ": "different targets",
         "target_shape": "rejected their arguments",
+        "forward_ad": "forward-mode AD",
     }
     for name, fragment in expected.items():
         for rank, outcome in enumerate(outcomes):

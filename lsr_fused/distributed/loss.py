@@ -122,6 +122,7 @@ def _check(logits, target, weight, fields, mix_target, mix_lambda) -> _Checked:
     options = LossOptions(*fields)
     policy.check_tensors(logits, target, weight, spread, shard=True)
     policy.check_sharded_autograd(weight, "weight")
+    policy.refuse_forward_ad()
     resolved = policy.resolve_backend(options.backend, logits.device, sharded=True)
     flat_target = policy.flat_targets(target)
     acc = policy.accumulation_dtype(logits.dtype)
