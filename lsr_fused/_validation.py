@@ -29,11 +29,8 @@ def validation_enabled() -> bool:
 
 def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise ``ValueError`` naming the first target that is neither ``ignore_index`` nor a class."""
-    if target.device.type != "cpu" and not _validate_device_targets:
-        return
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        value = int(target[bad][0])
+    value = _first_out_of_range(target, target, num_classes, ignore_index)
+    if value is not None:
         raise TargetIndexError(
             f"target contains {value}, which is neither ignore_index ({ignore_index}) nor a class "
             f"index in [0, {num_classes})"
@@ -45,15 +42,22 @@ def check_mix_targets(
 ) -> None:
     """Raise ``ValueError`` naming the first ``mix_target`` that is not a class index where the
     element is not ignored (``target`` is ``ignore_index``: ``mix_target`` is not read there)."""
-    if mix_target.device.type != "cpu" and not _validate_device_targets:
-        return
-    bad = (target != ignore_index) & ((mix_target < 0) | (mix_target >= num_classes))
-    if bool(bad.any()):
-        value = int(mix_target[bad][0])
+    value = _first_out_of_range(mix_target, target, num_classes, ignore_index)
+    if value is not None:
         raise TargetIndexError(
             f"mix_target contains {value} where target is not ignore_index, which is not a "
             f"class index in [0, {num_classes})"
         )
+
+
+def _first_out_of_range(values: Tensor, target: Tensor, num_classes: int, ignore_index: int):
+    """The first of ``values`` outside ``[0, num_classes)`` where ``target`` is not
+    ``ignore_index``, or None (and None unexamined on a device unless validation is on: looking
+    synchronizes)."""
+    if values.device.type != "cpu" and not _validate_device_targets:
+        return None
+    bad = (target != ignore_index) & ((values < 0) | (values >= num_classes))
+    return int(values[bad][0]) if bool(bad.any()) else None
 
 
 def is_dense(tensor: Tensor, *, allow_gaps: bool = False) -> bool:

@@ -63,6 +63,8 @@ def _plain_tensors(logits: Tensor, target: Tensor) -> bool:
     return (
         type(logits) in _PLAIN_LOGITS
         and type(target) is Tensor
+        and logits.layout == torch.strided
+        and target.layout == torch.strided
         and logits.is_cpu
         and target.is_cpu
         and logits.ndim == 2

@@ -330,6 +330,17 @@ def _decline_on_cuda(logits: Tensor, params: RowParams, mix: object, stats: obje
             )
 
 
+def _kernel_options(params: RowParams, grad_logits, grad_guess, mix) -> tuple:
+    """The arguments the two ``lsr_fused_C`` kernels take in the same order (csrc/ops.cpp's
+    schemas): the scalars, the gradient output and its guess, the softcap and the mixed target."""
+    mix_target, mix_lambda = (None, None) if mix is None else mix
+    return (
+        float(params.target_extra), float(params.other_mass), float(params.z_loss),
+        int(params.ignore_index), grad_logits, grad_guess, float(params.softcap), mix_target,
+        mix_lambda,
+    )  # fmt: skip
+
+
 def forward(
     logits: Tensor,
     target: Tensor,
@@ -355,25 +366,11 @@ def forward(
     """
     _require()
     _decline_on_cuda(logits, params, mix, stats)
-    mix_target, mix_lambda = (None, None) if mix is None else mix
     stats_lse, stats_argmax = (None, None) if stats is None else stats
     loss, lse = torch.ops.lsr_fused_C.forward(
-        logits,
-        target,
-        weight,
-        weight_total,
-        float(params.target_extra),
-        float(params.other_mass),
-        float(params.z_loss),
-        int(params.ignore_index),
-        grad_logits,
-        grad_guess,
-        float(params.softcap),
-        mix_target,
-        mix_lambda,
-        stats_lse,
-        stats_argmax,
-    )
+        logits, target, weight, weight_total,
+        *_kernel_options(params, grad_logits, grad_guess, mix), stats_lse, stats_argmax,
+    )  # fmt: skip
     return loss, lse
 
 
@@ -396,21 +393,7 @@ def backward(
     forward wrote them."""
     _require()
     _decline_on_cuda(logits, params, mix, None)
-    mix_target, mix_lambda = (None, None) if mix is None else mix
     torch.ops.lsr_fused_C.backward(
-        grad_loss,
-        logits,
-        target,
-        weight,
-        weight_total,
-        lse,
-        float(params.target_extra),
-        float(params.other_mass),
-        float(params.z_loss),
-        int(params.ignore_index),
-        grad_logits,
-        grad_guess,
-        float(params.softcap),
-        mix_target,
-        mix_lambda,
-    )
+        grad_loss, logits, target, weight, weight_total, lse,
+        *_kernel_options(params, grad_logits, grad_guess, mix),
+    )  # fmt: skip
