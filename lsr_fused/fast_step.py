@@ -10,7 +10,7 @@ compares them). A call takes it only when that equivalence is plain:
 * options: ``reduction`` ``"mean"`` or ``"sum"``, no softcap, no statistics, not in place, backend
   ``"auto"`` or ``"cpp"`` (with the C++ extension loaded);
 * tensors: plain CPU ``(N, C)`` logits with ``C >= 2`` of a supported dtype, a contiguous ``(N,)``
-  int64 target, no class weights and no mixed target;
+  int64 target, class weights that need no gradient (or none), no mixed target;
 * context: eager (not compiling), no ``torch.func`` transform, no ``TorchDispatchMode`` and no
   forward-mode AD level active (they see the op route's ops, or the composite, as before).
 
@@ -77,6 +77,20 @@ def _plain_tensors(logits: Tensor, target: Tensor) -> bool:
     )
 
 
+def _plain_weight(weight, logits: Tensor) -> bool:
+    """Class weights the C++ route reads as the Python route does: a ``(C,)`` floating CPU
+    tensor that needs no gradient (one that does takes the composite path)."""
+    return (
+        type(weight) in _PLAIN_LOGITS
+        and weight.is_cpu
+        and weight.layout == torch.strided
+        and weight.is_floating_point()
+        and weight.ndim == 1
+        and weight.shape[0] == logits.shape[1]
+        and not weight.requires_grad
+    )
+
+
 def _eager_context() -> bool:
     return (
         not torch.compiler.is_compiling()
@@ -92,7 +106,7 @@ def train_step(
     """The reduced loss through ``lsr_fused_C::train_step`` when this call may take it (see the
     module docstring), else None (the caller takes the Python route)."""
     if not (
-        weight is None
+        (weight is None or _plain_weight(weight, logits))
         and mix_target is None
         and type(mix_lambda) in (float, int)
         and mix_lambda == 1
@@ -107,7 +121,7 @@ def train_step(
     params = options.row_params(logits.shape[1])
     try:
         return op(
-            logits, target, params.target_extra, params.other_mass, params.z_loss,
+            logits, target, weight, params.target_extra, params.other_mass, params.z_loss,
             params.ignore_index, options.reduction == "mean",
         )  # fmt: skip
     except ValueError:

@@ -262,17 +262,19 @@ def _(*args):
 # records the composite's ATen ops and the result is differentiable again.
 torch.library.define(
     "lsr_fused::composite_logits_grad",
-    "(Tensor grad_loss, Tensor logits, Tensor target, float[] params, int ignore_index) -> Tensor",
+    "(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, float[] params, "
+    "int ignore_index) -> Tensor",
 )
 
 
 @torch.library.impl("lsr_fused::composite_logits_grad", "CompositeImplicitAutograd")
-def _composite_logits_grad(grad_loss, logits, target, params, ignore_index):
-    """Gradient of ``sum(grad_loss * row_losses(logits))`` for ``(N, C)`` logits, no class
-    weights, as a graph (see :func:`lsr_fused.composite.input_gradients`)."""
+def _composite_logits_grad(grad_loss, logits, target, weight, params, ignore_index):
+    """Gradient of ``sum(grad_loss * row_losses(logits))`` for ``(N, C)`` logits and class
+    weights (or None) as the kernels read them, as a graph (see
+    :func:`lsr_fused.composite.input_gradients`)."""
     row_params = RowParams.unpacked(params, ignore_index)
     (grad_logits,) = composite.input_gradients(
-        lambda x: composite.row_losses(x, target, None, row_params), (logits,), grad_loss
+        lambda x: composite.row_losses(x, target, weight, row_params), (logits,), grad_loss
     )
     return grad_logits
 

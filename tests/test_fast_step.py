@@ -242,8 +242,41 @@ def test_modified_logits_raise_in_backward():
         loss.backward()
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_class_weights_same_bits(python_route, weight_dtype, reduction, dtype):
+    logits, target = _inputs(12, 10, dtype)
+    weight = (torch.rand(10, generator=torch.Generator().manual_seed(3)) + 0.5).to(weight_dtype)
+    strided_weight = torch.stack([weight, weight], 1)[:, 0]  # a strided view: read as values
+    for w in (weight, strided_weight):
+        options = dict(label_smoothing=0.1, weight=w, reduction=reduction, z_loss=1e-3)
+        loss, grad, grad_fn = _step(logits, target, 1.5, **options)
+        assert _is_fast(grad_fn)
+        with python_route():
+            ref_loss, ref_grad, _ = _step(logits, target, 1.5, **options)
+        _same_bits(loss, ref_loss)
+        _same_bits(grad, ref_grad)
+        expected = _dense(logits.double(), target, **{**options, "weight": w.double()})
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_class_weights_double_backward():
+    logits, target = _inputs(6, 5, torch.float64)
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+    leaf = logits.requires_grad_()
+    assert _is_fast(loss_fn(leaf, target, weight=weight).grad_fn)
+
+    def fn(x):
+        return loss_fn(x, target, 0.2, weight=weight, z_loss=0.1)
+
+    assert gradcheck(fn, (leaf,))
+    assert gradgradcheck(fn, (leaf,))
+
+
 CASES_NOT_TAKEN = {
-    "weight": dict(weight=torch.ones(10)),
+    "weight-requires-grad": dict(weight=torch.ones(10, requires_grad=True)),
+    "weight-wrong-width": dict(weight=torch.ones(9)),
     "reduction-none": dict(reduction="none"),
     "softcap": dict(softcap=5.0),
     "stats": dict(return_stats=True),
@@ -256,6 +289,10 @@ CASES_NOT_TAKEN = {
 @pytest.mark.parametrize("case", list(CASES_NOT_TAKEN))
 def test_other_options_take_the_python_route(case):
     logits, target = _inputs(8, 10, torch.float32)
+    if case == "weight-wrong-width":  # the Python route's error, not the C++ route's
+        with pytest.raises(ValueError, match=r"weight must have shape \(10,\)"):
+            loss_fn(logits.requires_grad_(), target, **CASES_NOT_TAKEN[case])
+        return
     loss = loss_fn(logits.requires_grad_(), target, **CASES_NOT_TAKEN[case])
     loss = loss[0] if isinstance(loss, tuple) else loss
     assert not _is_fast(loss.sum().grad_fn.next_functions[0][0] if loss.dim() else loss.grad_fn)
