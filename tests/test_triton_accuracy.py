@@ -209,6 +209,23 @@ def test_shard_kernels_on_a_two_dimensional_row_grid():
     torch.testing.assert_close(grad.reshape(12, 1, 40), flat_grad, rtol=0, atol=0)
 
 
+def test_row_grid_limits():
+    """The grid of the row kernels: (B, 1) for S == 1, (S, B) otherwise; beyond what a CUDA grid
+    or a 32-bit row index holds it raises instead of launching a wrong or failing grid."""
+    from lsr_fused.backends.triton_common import MAX_GRID_Y, row_grid
+
+    def view(*shape):  # no memory: an expanded scalar
+        return torch.empty(()).expand(*shape)
+
+    assert row_grid(view(5, 1, 8)) == (5, 1)
+    assert row_grid(view(5, 3, 8)) == (3, 5)
+    assert row_grid(view(MAX_GRID_Y, 7, 2)) == (7, MAX_GRID_Y)
+    with pytest.raises(RuntimeError, match="B <= 65535"):
+        row_grid(view(MAX_GRID_Y + 1, 2, 2))
+    with pytest.raises(RuntimeError, match="rows"):
+        row_grid(view(MAX_GRID_Y, 2**15 + 1, 2))
+
+
 def test_row_view_of_evenly_spaced_rows_is_one_dimension():
     """A (B, S, C) tensor passed as (B, C, S) has evenly spaced rows: one row dimension, no copy;
     and beyond 65535 batch entries an uneven S > 1 view becomes one too (the grid's limit)."""

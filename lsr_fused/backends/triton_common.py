@@ -71,8 +71,9 @@ def runtime_scalar(value, ACC: tl.constexpr):
     return (tl.zeros([], ACC) + value).to(ACC)
 
 
-# The second dimension of a CUDA grid holds at most this many programs.
+# The second dimension of a CUDA grid holds at most this many programs, the first 2**31 - 1.
 MAX_GRID_Y = 65535
+MAX_ROWS = 2**31 - 1
 
 
 def row_grid(rows_view: Tensor) -> tuple[int, int]:
@@ -88,6 +89,8 @@ def row_grid(rows_view: Tensor) -> tuple[int, int]:
         raise RuntimeError(
             f"lsr_fused: a (B, S, C) row view with S > 1 takes B <= {MAX_GRID_Y}, got B = {batch}"
         )
+    if batch * inner > MAX_ROWS:  # a row index is 32-bit, as a one-dimensional grid's would be
+        raise RuntimeError(f"lsr_fused: at most {MAX_ROWS} rows, got {batch * inner}")
     return inner, batch
 
 
