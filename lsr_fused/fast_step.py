@@ -105,13 +105,14 @@ def train_step(
 ) -> Optional[Tensor]:
     """The reduced loss through ``lsr_fused_C::train_step`` when this call may take it (see the
     module docstring), else None (the caller takes the Python route)."""
+    # In this order: the weight's test reads the logits' shape, which the tensors' test checks.
     if not (
-        (weight is None or _plain_weight(weight, logits))
+        _plain_options(options)
+        and _plain_tensors(logits, target)
+        and (weight is None or _plain_weight(weight, logits))
         and mix_target is None
         and type(mix_lambda) in (float, int)
         and mix_lambda == 1
-        and _plain_options(options)
-        and _plain_tensors(logits, target)
         and _eager_context()
     ):
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import dense_loss
+from torch import Tensor
 from torch.autograd import gradcheck, gradgradcheck
 
 import lsr_fused
@@ -317,6 +318,26 @@ def test_other_tensors_take_the_python_route(python_route, make):
     with python_route():
         ref = loss_fn(*make(logits, target))
     _same_bits(loss.detach(), ref)
+
+
+@pytest.mark.parametrize(
+    "logits",
+    [torch.randn(10), torch.randn(4, 10, 3), [[0.0] * 10] * 4, torch.randn(4, 10).int()],
+    ids=["1-D", "3-D", "list", "int"],
+)
+def test_weights_with_other_logits_fall_through(logits):
+    """With class weights, logits the C++ route does not take reach the Python route's answer or
+    its error (the weight's test must not read their shape first)."""
+    weight = torch.rand(10) + 0.5
+    target = torch.zeros(() if isinstance(logits, Tensor) and logits.dim() == 1 else 4).long()
+    if isinstance(logits, Tensor) and logits.dim() == 3:
+        target = torch.zeros(4, 3).long()
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        with pytest.raises(TypeError, match="logits must be"):
+            loss_fn(logits, target, weight=weight)
+        return
+    expected = _dense(logits.double(), target, weight=weight.double())
+    torch.testing.assert_close(loss_fn(logits, target, weight=weight).double(), expected)
 
 
 def test_transforms_and_compile_take_the_op_route():
