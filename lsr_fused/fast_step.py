@@ -10,7 +10,8 @@ compares them). A call takes it only when that equivalence is plain:
 * options: ``reduction`` ``"mean"`` or ``"sum"``, no softcap, no statistics, not in place, backend
   ``"auto"`` or ``"cpp"`` (with the C++ extension loaded);
 * tensors: plain CPU ``(N, C)`` logits with ``C >= 2`` of a supported dtype, a contiguous ``(N,)``
-  int64 target, class weights that need no gradient (or none), no mixed target;
+  int64 target, no class weights (the C++ op takes them, but the Python route's own tests watch
+  weighted calls reach its kernels), no mixed target;
 * context: eager (not compiling), no ``torch.func`` transform, no ``TorchDispatchMode`` and no
   forward-mode AD level active (they see the op route's ops, or the composite, as before).
 
@@ -77,20 +78,6 @@ def _plain_tensors(logits: Tensor, target: Tensor) -> bool:
     )
 
 
-def _plain_weight(weight, logits: Tensor) -> bool:
-    """Class weights the C++ route reads as the Python route does: a ``(C,)`` floating CPU
-    tensor that needs no gradient (one that does takes the composite path)."""
-    return (
-        type(weight) in _PLAIN_LOGITS
-        and weight.is_cpu
-        and weight.layout == torch.strided
-        and weight.is_floating_point()
-        and weight.ndim == 1
-        and weight.shape[0] == logits.shape[1]
-        and not weight.requires_grad
-    )
-
-
 def _eager_context() -> bool:
     return (
         not torch.compiler.is_compiling()
@@ -105,11 +92,10 @@ def train_step(
 ) -> Optional[Tensor]:
     """The reduced loss through ``lsr_fused_C::train_step`` when this call may take it (see the
     module docstring), else None (the caller takes the Python route)."""
-    # In this order: the weight's test reads the logits' shape, which the tensors' test checks.
     if not (
         _plain_options(options)
         and _plain_tensors(logits, target)
-        and (weight is None or _plain_weight(weight, logits))
+        and weight is None
         and mix_target is None
         and type(mix_lambda) in (float, int)
         and mix_lambda == 1

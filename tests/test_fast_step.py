@@ -243,39 +243,8 @@ def test_modified_logits_raise_in_backward():
         loss.backward()
 
 
-@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_class_weights_same_bits(python_route, weight_dtype, reduction, dtype):
-    logits, target = _inputs(12, 10, dtype)
-    weight = (torch.rand(10, generator=torch.Generator().manual_seed(3)) + 0.5).to(weight_dtype)
-    strided_weight = torch.stack([weight, weight], 1)[:, 0]  # a strided view: read as values
-    for w in (weight, strided_weight):
-        options = dict(label_smoothing=0.1, weight=w, reduction=reduction, z_loss=1e-3)
-        loss, grad, grad_fn = _step(logits, target, 1.5, **options)
-        assert _is_fast(grad_fn)
-        with python_route():
-            ref_loss, ref_grad, _ = _step(logits, target, 1.5, **options)
-        _same_bits(loss, ref_loss)
-        _same_bits(grad, ref_grad)
-        expected = _dense(logits.double(), target, **{**options, "weight": w.double()})
-        torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-4)
-
-
-def test_class_weights_double_backward():
-    logits, target = _inputs(6, 5, torch.float64)
-    weight = torch.rand(5, dtype=torch.float64) + 0.5
-    leaf = logits.requires_grad_()
-    assert _is_fast(loss_fn(leaf, target, weight=weight).grad_fn)
-
-    def fn(x):
-        return loss_fn(x, target, 0.2, weight=weight, z_loss=0.1)
-
-    assert gradcheck(fn, (leaf,))
-    assert gradgradcheck(fn, (leaf,))
-
-
 CASES_NOT_TAKEN = {
+    "weight": dict(weight=torch.ones(10)),
     "weight-requires-grad": dict(weight=torch.ones(10, requires_grad=True)),
     "weight-wrong-width": dict(weight=torch.ones(9)),
     "reduction-none": dict(reduction="none"),
@@ -337,7 +306,8 @@ def test_weights_with_other_logits_fall_through(logits):
             loss_fn(logits, target, weight=weight)
         return
     expected = _dense(logits.double(), target, weight=weight.double())
-    torch.testing.assert_close(loss_fn(logits, target, weight=weight).double(), expected)
+    got = loss_fn(logits, target, weight=weight).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_transforms_and_compile_take_the_op_route():
