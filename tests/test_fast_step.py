@@ -69,6 +69,19 @@ def _int(t):
     return {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
 
 
+def _same_bits_on_both_routes(run, python_route):
+    """``run() -> (loss, grad, grad_fn)`` on the C++ route (which it must take) and on the Python
+    route: the same bits for the loss and the gradient. Returns the C++ route's loss."""
+    loss, grad, grad_fn = run()
+    assert _is_fast(grad_fn)
+    with python_route():
+        ref_loss, ref_grad, ref_fn = run()
+    assert not _is_fast(ref_fn)
+    _same_bits(loss, ref_loss)
+    _same_bits(grad, ref_grad)
+    return loss
+
+
 OPTIONS = [
     dict(label_smoothing=0.1),
     dict(label_smoothing=0.0, reduction="sum"),
@@ -125,12 +138,7 @@ def test_strided_logits_same_bits(python_route, layout):
         loss.backward()
         return loss, leaf.grad, loss.grad_fn
 
-    loss, grad, grad_fn = run()
-    assert _is_fast(grad_fn)
-    with python_route():
-        ref_loss, ref_grad, _ = run()
-    _same_bits(loss, ref_loss)
-    _same_bits(grad, ref_grad)
+    loss = _same_bits_on_both_routes(run, python_route)
     expected = _dense(view_of(make_leaf(logits)).double(), target)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -145,12 +153,7 @@ def test_non_leaf_and_parameter_logits(python_route):
         loss.backward()
         return loss, weight.grad.clone(), loss.grad_fn
 
-    loss, grad, grad_fn = run()
-    assert _is_fast(grad_fn)
-    with python_route():
-        ref_loss, ref_grad, _ = run()
-    _same_bits(loss, ref_loss)
-    _same_bits(grad, ref_grad)
+    _same_bits_on_both_routes(run, python_route)
     parameter = torch.nn.Parameter(logits.clone())
     assert _is_fast(loss_fn(parameter, target).grad_fn)
 
