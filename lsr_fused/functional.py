@@ -11,11 +11,12 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from . import composite, fast_step, ops, policy
 from ._docs import extends_doc
 from ._validation import check_mix_targets, check_targets
-from .options import LossOptions, loss_options
+from .options import LossKeywords, LossOptions, loss_options, option_fields, shows_option_keywords
 from .policy import available_backends
 from .stats import LossStats, dense_row_stats, loss_stats
 
@@ -79,42 +80,27 @@ LOSS_DOC = r"""
 
 
 @extends_doc(LOSS_DOC)
+@shows_option_keywords()
 def label_smoothing_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    label_smoothing: float = 0.1,
-    *,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    weight: Optional[Tensor] = None,
-    spread: str = "all",
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    mix_target: Optional[Tensor] = None,
-    mix_lambda: Union[float, Tensor] = 1.0,
-    return_stats: bool = False,
-    inplace_backward: bool = False,
-    backend: str = "auto",
-    process_group: Optional[object] = None,
-) -> Union[Tensor, tuple[Tensor, LossStats]]:
+    logits: Tensor, target: Tensor, label_smoothing: float = 0.1, *,
+    weight: Optional[Tensor] = None, mix_target: Optional[Tensor] = None,
+    mix_lambda: Union[float, Tensor] = 1.0, process_group: Optional[object] = None,
+    **options: Unpack[LossKeywords],
+) -> Union[Tensor, tuple[Tensor, LossStats]]:  # fmt: skip
     """Label-smoothed cross-entropy fused with log-softmax (a drop-in for
-    ``F.cross_entropy(logits, target, label_smoothing=...)``)."""
+    ``F.cross_entropy(logits, target, label_smoothing=...)``); ``options`` are the keyword fields
+    of :class:`lsr_fused.LossOptions`."""
     if process_group is not None:
         # The sharded path checks its options inside a collective exchange, so that one rank's
         # bad argument raises on every rank instead of leaving the others waiting.
         from .distributed import sharded_label_smoothing_cross_entropy
 
         return sharded_label_smoothing_cross_entropy(
-            logits, target, label_smoothing, ignore_index=ignore_index, reduction=reduction,
-            weight=weight, spread=spread, z_loss=z_loss, softcap=softcap, mix_target=mix_target,
-            mix_lambda=mix_lambda, return_stats=return_stats, inplace_backward=inplace_backward,
-            backend=backend, process_group=process_group,
+            logits, target, label_smoothing, weight=weight, mix_target=mix_target,
+            mix_lambda=mix_lambda, process_group=process_group, **options,
         )  # fmt: skip
-    options = loss_options(
-        label_smoothing, ignore_index, reduction, spread, z_loss, softcap, return_stats,
-        inplace_backward, backend,
-    )  # fmt: skip
-    return loss_with_options(logits, target, options, weight, mix_target, mix_lambda)
+    fields = option_fields(label_smoothing, options, "label_smoothing_cross_entropy")
+    return loss_with_options(logits, target, loss_options(*fields), weight, mix_target, mix_lambda)
 
 
 def loss_with_options(

@@ -46,6 +46,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from . import composite, ops, policy
 from ._docs import extends_doc
@@ -68,7 +69,14 @@ from .linear_chunks import (
     rescale,
 )
 from .linear_chunks import chunk_bounds as _chunks
-from .options import LossOptions, loss_options
+from .options import (
+    HEAD_KEYWORDS,
+    HeadKeywords,
+    LossOptions,
+    loss_options,
+    option_fields,
+    shows_option_keywords,
+)
 from .policy import default_chunk_size
 from .stats import LossStats, loss_stats
 
@@ -476,51 +484,49 @@ LINEAR_DOC = r"""
 
 
 @extends_doc(LINEAR_DOC)
+@shows_option_keywords(HEAD_KEYWORDS)
 def linear_label_smoothing_cross_entropy(
-    hidden: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    label_smoothing: float = 0.1,
-    *,
-    bias: Optional[Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    class_weight: Optional[Tensor] = None,
-    spread: str = "all",
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    mix_target: Optional[Tensor] = None,
-    mix_lambda: Union[float, Tensor] = 1.0,
-    return_stats: bool = False,
-    chunk_size: Optional[int] = None,
-    backend: str = "auto",
-    process_group: Optional[object] = None,
-    reduce_hidden_grad: bool = True,
-) -> Union[Tensor, tuple[Tensor, LossStats]]:
+    hidden: Tensor, weight: Tensor, target: Tensor, label_smoothing: float = 0.1, *,
+    bias: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
+    mix_target: Optional[Tensor] = None, mix_lambda: Union[float, Tensor] = 1.0,
+    chunk_size: Optional[int] = None, process_group: Optional[object] = None,
+    reduce_hidden_grad: bool = True, **options: Unpack[HeadKeywords],
+) -> Union[Tensor, tuple[Tensor, LossStats]]:  # fmt: skip
     """Fused classifier + label-smoothed cross-entropy: the loss of
-    ``F.linear(hidden, weight, bias)`` without its ``(N, C)`` logits."""
-    # FSDP2 shards (DTensors outside their module's forward) become plain tensors: _dtensor.py.
-    weight, bias = gather_sharded_parameters(weight, bias, process_group)
+    ``F.linear(hidden, weight, bias)`` without its ``(N, C)`` logits; ``options`` are the keyword
+    fields of :class:`lsr_fused.LossOptions` but ``inplace_backward``."""
     if process_group is not None:
         # The classes are sharded over the group: checks run inside a collective exchange so that
         # one rank's bad argument raises on every rank instead of leaving the others waiting.
         from .linear_distributed import sharded_linear_label_smoothing_cross_entropy
 
+        weight, bias = gather_sharded_parameters(weight, bias, process_group)
         return sharded_linear_label_smoothing_cross_entropy(
-            hidden, weight, target, label_smoothing, bias=bias, ignore_index=ignore_index,
-            reduction=reduction, class_weight=class_weight, spread=spread, z_loss=z_loss,
-            softcap=softcap, mix_target=mix_target, mix_lambda=mix_lambda,
-            return_stats=return_stats, chunk_size=chunk_size, backend=backend,
-            process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
+            hidden, weight, target, label_smoothing, bias=bias, class_weight=class_weight,
+            mix_target=mix_target, mix_lambda=mix_lambda, chunk_size=chunk_size,
+            process_group=process_group, reduce_hidden_grad=reduce_hidden_grad, **options,
         )  # fmt: skip
-    options = loss_options(label_smoothing, ignore_index, reduction, spread, z_loss, softcap,
-                           return_stats, False, backend)  # fmt: skip
-    autocast = check_head(
-        hidden, weight, bias, target, class_weight, chunk_size, reduce_hidden_grad
-    )
-    _check_classes(weight, spread)
+    fields = option_fields(label_smoothing, options, "linear_label_smoothing_cross_entropy",
+                           HEAD_KEYWORDS)  # fmt: skip
+    head_options = loss_options(*fields)
+    policy.check_reduce_hidden_grad(reduce_hidden_grad)
+    return head_with_options(hidden, weight, target, head_options, bias, class_weight,
+                             (mix_target, mix_lambda), chunk_size)  # fmt: skip
+
+
+def head_with_options(
+    hidden: Tensor, weight: Tensor, target: Tensor, options: LossOptions, bias: Optional[Tensor],
+    class_weight: Optional[Tensor], mix: tuple, chunk_size: Optional[int],
+) -> Union[Tensor, tuple[Tensor, LossStats]]:  # fmt: skip
+    """:func:`linear_label_smoothing_cross_entropy` of one process with its options already made
+    (the module's call); ``mix`` = ``(mix_target, mix_lambda)``."""
+    # FSDP2 shards (DTensors outside their module's forward) become plain tensors: _dtensor.py.
+    weight, bias = gather_sharded_parameters(weight, bias, None)
+    autocast = check_head(hidden, weight, bias, target, class_weight, chunk_size, True)
+    _check_classes(weight, options.spread)
     features = weight.shape[1]
-    backend = policy.resolve_backend(backend, hidden.device)
+    backend = policy.resolve_backend(options.backend, hidden.device)
+    mix_target, mix_lambda = mix
     lam = mix_lambda if isinstance(mix_lambda, Tensor) else None
     if features == 0 or composite.wants_composite(hidden, weight, bias, lam,
                                                   weights=(class_weight, lam)):  # fmt: skip
@@ -530,8 +536,7 @@ def linear_label_smoothing_cross_entropy(
         return loss_with_options(logits, target, options.replace(backend=backend), class_weight,
                                  mix_target, mix_lambda)  # fmt: skip
     hidden, weight, bias = matmul_inputs(hidden, weight, bias, autocast)
-    return _fused(hidden, weight, bias, target, class_weight, options, chunk_size, backend,
-                  (mix_target, mix_lambda))  # fmt: skip
+    return _fused(hidden, weight, bias, target, class_weight, options, chunk_size, backend, mix)
 
 
 def _check_classes(weight: Tensor, spread: str) -> None:

@@ -55,8 +55,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from typing_extensions import Unpack
 
-from . import policy
+from . import linear_chunks, policy
 from ._validation import check_mix_targets
 from .distributed.agreement import (
     NEWER_OPTION_FIELDS,
@@ -80,19 +81,7 @@ from .distributed.shard_math import (
     row_terms,
     shard_kernels,
 )
-from .linear_chunks import (
-    ChunkLoop,
-    Grads,
-    Needs,
-    check_head,
-    expected_upstream,
-    final_dtypes,
-    grads_or_none,
-    matmul_inputs,
-    needs_of,
-    rescale,
-)
-from .options import LossOptions
+from .options import HEAD_KEYWORDS, HeadKeywords, LossOptions, option_fields, shows_option_keywords
 from .stats import loss_stats
 
 __all__ = ["sharded_linear_label_smoothing_cross_entropy"]
@@ -125,7 +114,7 @@ class _Setup(NamedTuple):
     ignore_index: int
     chunk: int
     reduce_hidden_grad: bool
-    needs: Needs
+    needs: linear_chunks.Needs
     softcap: float  # 0.0: off
     stats: bool
     offset: int  # this rank's first class
@@ -177,7 +166,7 @@ class _Out(NamedTuple):
     argmax: Optional[Tensor]
 
 
-class _Loop(ChunkLoop):
+class _Loop(linear_chunks.ChunkLoop):
     """The chunk loop of one call on this rank's classes, with the sharded statistics, their
     all-reduce and the shard gradient as its row step; with ``grad_guess`` (the upstream gradient
     of every row), forward also writes the gradient."""
@@ -249,15 +238,17 @@ class _Loop(ChunkLoop):
                      softcap=self.setup.softcap, local_mix_target=rows.local_mix)  # fmt: skip
         return ()
 
-    def finish_gradients(self, grads: Grads) -> None:
+    def finish_gradients(self, grads: linear_chunks.Grads) -> None:
         """Sum hidden's gradient over the group, when asked (the same decision on every rank)."""
         if self.setup.needs[0] and self.setup.reduce_hidden_grad and self.rows:
             dist.all_reduce(grads.hidden, op=dist.ReduceOp.SUM, group=self.setup.group)
 
-    def outputs(self, grads: Grads) -> tuple:
+    def outputs(self, grads: linear_chunks.Grads) -> tuple:
         """Autograd's outputs: the gradients in the inputs' dtypes, None for the rest."""
-        grads = final_dtypes(grads, self.setup.needs, self.hidden, self.weight, self.bias)
-        return (*grads_or_none(grads, self.setup.needs), None, None)  # inputs, setup
+        grads = linear_chunks.final_dtypes(
+            grads, self.setup.needs, self.hidden, self.weight, self.bias
+        )
+        return (*linear_chunks.grads_or_none(grads, self.setup.needs), None, None)  # inputs, setup
 
 
 def _split(outputs: tuple) -> _Out:
@@ -312,7 +303,7 @@ class _ShardedLinear(torch.autograd.Function):
         upstream = grad_out.to(terms.lse.dtype)
         grads, ctx.grads = ctx.grads, None
         if grads is not None:
-            rescale(grads, setup.needs, upstream, inputs.grad_guess)
+            linear_chunks.rescale(grads, setup.needs, upstream, inputs.grad_guess)
             return loop.outputs(grads)
         rows = _Rows(None, inputs.local_target, upstream.reshape(-1).expand(loop.rows), terms,
                      local_mix=inputs.local_mix, masses=masses)  # fmt: skip
@@ -341,7 +332,7 @@ def _check(hidden, weight, bias, target, class_weight, fields, mix, chunk_size,
     # option checks raise OverflowError instead of naming the argument).
     check_exchange_values(label_smoothing, ignore_index, z_loss, chunk_size)
     options = LossOptions(*fields)
-    autocast = check_head(
+    autocast = linear_chunks.check_head(
         hidden, weight, bias, target, class_weight, chunk_size, reduce_hidden_grad
     )
     policy.check_sharded_autograd(class_weight, "class_weight")
@@ -395,7 +386,7 @@ def _apply(hidden, weight, bias, inputs: _Inputs, setup: _Setup, reduction: str,
         # sends (1 for sum, 1 / denominator for mean), scaled in backward by the real one.
         acc = policy.accumulation_dtype(hidden.dtype)
         mean_of = denominator if reduction == "mean" else None
-        grad_guess = expected_upstream(acc, hidden.device, mean_of)
+        grad_guess = linear_chunks.expected_upstream(acc, hidden.device, mean_of)
         inputs = inputs._replace(grad_guess=grad_guess)
         loss_sum, lse, argmax = _ShardedLinear.apply(hidden, weight, bias, inputs, setup)
         loss = policy.reduce(loss_sum.reshape(1), target_shape, reduction, denominator)
@@ -404,33 +395,19 @@ def _apply(hidden, weight, bias, inputs: _Inputs, setup: _Setup, reduction: str,
     return policy.reduce(loss, target_shape, reduction, denominator), lse, argmax
 
 
+@shows_option_keywords(HEAD_KEYWORDS)
 def sharded_linear_label_smoothing_cross_entropy(
-    hidden: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    label_smoothing: float = 0.1,
-    *,
-    bias: Optional[Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    class_weight: Optional[Tensor] = None,
-    spread: str = "all",
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    mix_target: Optional[Tensor] = None,
-    mix_lambda=1.0,
-    return_stats: bool = False,
-    chunk_size: Optional[int] = None,
-    backend: str = "auto",
-    process_group=None,
-    reduce_hidden_grad: bool = True,
-):
+    hidden: Tensor, weight: Tensor, target: Tensor, label_smoothing: float = 0.1, *,
+    bias: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
+    mix_target: Optional[Tensor] = None, mix_lambda=1.0, chunk_size: Optional[int] = None,
+    process_group=None, reduce_hidden_grad: bool = True, **options: Unpack[HeadKeywords],
+):  # fmt: skip
     """The fused classifier + loss with ``weight``/``bias``/``class_weight`` holding this rank's
     class slice; see the module docstring. Raises ``ValueError`` on every rank of the group when
     ranks disagree or one rank's arguments are invalid."""
     group = resolve_group(process_group)
-    fields = (label_smoothing, ignore_index, reduction, spread, z_loss, softcap, return_stats,
-              False, backend)  # fmt: skip
+    fields = option_fields(label_smoothing, options, "sharded_linear_label_smoothing_cross_entropy",
+                           HEAD_KEYWORDS)  # fmt: skip
     checked, local_error = run_checks(
         _check, hidden, weight, bias, target, class_weight, fields, (mix_target, mix_lambda),
         chunk_size, reduce_hidden_grad,
@@ -440,7 +417,7 @@ def sharded_linear_label_smoothing_cross_entropy(
         group, description, local_error, fields[:5], device_of=hidden,
         extra_fields=_EXTRA_FIELDS, renames=_RENAMES, caller=_CALLER,
     )  # fmt: skip
-    hidden, weight, bias = matmul_inputs(hidden, weight, bias, checked.autocast)
+    hidden, weight, bias = linear_chunks.matmul_inputs(hidden, weight, bias, checked.autocast)
     if chunk_size is None:
         # The same on every rank: the memory rule for the widest shard.
         rows = checked.flat_target.shape[0]
@@ -486,9 +463,10 @@ def _sharded(hidden, weight, bias, checked: _Checked, class_weight, shard: _Shar
         denominator = counted.sum(dtype=acc)
     inputs = inputs._replace(class_weight=class_weight, total_weight=total_weight)
     params = options.row_params(shard.num_classes)
+    needs = linear_chunks.needs_of(flat_hidden, weight, bias)
     setup = _Setup(shard.group, shard.backend, shard.num_classes,
                    (params.target_extra, params.other_mass), params.z_loss, params.ignore_index,
-                   shard.chunk, reduce_hidden_grad, needs_of(flat_hidden, weight, bias),
+                   shard.chunk, reduce_hidden_grad, needs,
                    params.softcap, options.return_stats, shard.offset)  # fmt: skip
     loss, lse, argmax = _apply(flat_hidden, weight, bias, inputs, setup, options.reduction,
                                denominator, target_shape)  # fmt: skip

@@ -7,12 +7,21 @@ import dataclasses
 from typing import Optional, Union
 
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from ._docs import extends_doc
 from .errors import ArgumentValueError
 from .functional import LOSS_DOC, label_smoothing_cross_entropy, loss_with_options
-from .linear import LINEAR_DOC, linear_label_smoothing_cross_entropy
-from .options import LossOptions
+from .linear import LINEAR_DOC, head_with_options, linear_label_smoothing_cross_entropy
+from .options import (
+    HEAD_KEYWORDS,
+    LOSS_KEYWORDS,
+    HeadKeywords,
+    LossKeywords,
+    LossOptions,
+    option_fields,
+    shows_option_keywords,
+)
 from .policy import check_chunk_size, check_reduce_hidden_grad
 from .stats import LossStats
 
@@ -30,19 +39,24 @@ def _option_property(name: str) -> property:
 
 
 class _WithLossOptions(nn.Module):
-    """A module whose loss options are one :class:`LossOptions` (``self.options``), each also an
-    attribute that re-checks on assignment."""
+    """A module whose loss options are one :class:`LossOptions` (``self.options``): its
+    constructor's ``**options`` (those in ``OPTION_KEYWORDS``), each also an attribute that
+    re-checks on assignment."""
 
+    OPTION_KEYWORDS: frozenset[str]
     options: LossOptions
 
-    label_smoothing = _option_property("label_smoothing")
-    ignore_index = _option_property("ignore_index")
-    reduction = _option_property("reduction")
-    spread = _option_property("spread")
-    z_loss = _option_property("z_loss")
-    softcap = _option_property("softcap")
-    return_stats = _option_property("return_stats")
-    backend = _option_property("backend")
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "OPTION_KEYWORDS" not in cls.__dict__:
+            return  # a user's subclass: its attributes and signature are its own
+        for name in ("label_smoothing", *sorted(cls.OPTION_KEYWORDS)):
+            setattr(cls, name, _option_property(name))
+        shows_option_keywords(cls.OPTION_KEYWORDS)(cls.__init__)
+
+    def _set_options(self, label_smoothing, keywords: dict) -> None:
+        fields = option_fields(label_smoothing, keywords, type(self).__name__, self.OPTION_KEYWORDS)
+        self.options = LossOptions(*fields)
 
 
 @extends_doc(LOSS_DOC)
@@ -52,26 +66,14 @@ class LabelSmoothingCE(_WithLossOptions):
     :class:`lsr_fused.LossOptions` (``module.options``), checked here; each is also an attribute
     (``module.label_smoothing = 0.2`` re-checks)."""
 
+    OPTION_KEYWORDS = LOSS_KEYWORDS
+
     def __init__(
-        self,
-        label_smoothing: float = 0.1,
-        *,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        weight: Optional[Tensor] = None,
-        spread: str = "all",
-        z_loss: float = 0.0,
-        softcap: Optional[float] = None,
-        return_stats: bool = False,
-        inplace_backward: bool = False,
-        backend: str = "auto",
-        process_group: Optional[object] = None,
-    ) -> None:
+        self, label_smoothing: float = 0.1, *, weight: Optional[Tensor] = None,
+        process_group: Optional[object] = None, **options: Unpack[LossKeywords],
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.options = LossOptions(
-            label_smoothing, ignore_index, reduction, spread, z_loss, softcap, return_stats,
-            inplace_backward, backend,
-        )  # fmt: skip
+        self._set_options(label_smoothing, options)
         self.process_group = process_group
         # A buffer, like nn.CrossEntropyLoss's, so .to(device) and state_dict carry the weights.
         self.register_buffer("weight", weight)
@@ -79,8 +81,6 @@ class LabelSmoothingCE(_WithLossOptions):
             raise ArgumentValueError(
                 "weight must be a 1-D tensor with one entry per class, or None"
             )
-
-    inplace_backward = _option_property("inplace_backward")
 
     def forward(
         self,
@@ -93,10 +93,9 @@ class LabelSmoothingCE(_WithLossOptions):
             return loss_with_options(
                 logits, target, self.options, self.weight, mix_target, mix_lambda
             )
-        fields = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(LossOptions)}
         return label_smoothing_cross_entropy(
             logits, target, weight=self.weight, mix_target=mix_target, mix_lambda=mix_lambda,
-            process_group=self.process_group, **fields,
+            process_group=self.process_group, **self.options.keywords(),
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -121,27 +120,15 @@ class LinearLabelSmoothingCE(_WithLossOptions):
     are this rank's slice of the classes.
     """
 
+    OPTION_KEYWORDS = HEAD_KEYWORDS
+
     def __init__(
-        self,
-        label_smoothing: float = 0.1,
-        *,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        class_weight: Optional[Tensor] = None,
-        spread: str = "all",
-        z_loss: float = 0.0,
-        softcap: Optional[float] = None,
-        return_stats: bool = False,
-        chunk_size: Optional[int] = None,
-        backend: str = "auto",
-        process_group: Optional[object] = None,
-        reduce_hidden_grad: bool = True,
-    ) -> None:
+        self, label_smoothing: float = 0.1, *, class_weight: Optional[Tensor] = None,
+        chunk_size: Optional[int] = None, process_group: Optional[object] = None,
+        reduce_hidden_grad: bool = True, **options: Unpack[HeadKeywords],
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.options = LossOptions(
-            label_smoothing, ignore_index, reduction, spread, z_loss, softcap, return_stats,
-            False, backend,
-        )  # fmt: skip
+        self._set_options(label_smoothing, options)
         check_reduce_hidden_grad(reduce_hidden_grad)
         check_chunk_size(chunk_size)
         if class_weight is not None and (
@@ -164,15 +151,15 @@ class LinearLabelSmoothingCE(_WithLossOptions):
         mix_target: Optional[Tensor] = None,
         mix_lambda: Union[float, Tensor] = 1.0,
     ) -> Union[Tensor, tuple[Tensor, LossStats]]:
-        options = self.options
+        if self.process_group is None:
+            mix = (mix_target, mix_lambda)
+            return head_with_options(hidden, weight, target, self.options, bias,
+                                     self.class_weight, mix, self.chunk_size)  # fmt: skip
         return linear_label_smoothing_cross_entropy(
-            hidden, weight, target, options.label_smoothing, bias=bias,
-            ignore_index=options.ignore_index, reduction=options.reduction,
-            class_weight=self.class_weight, spread=options.spread, z_loss=options.z_loss,
-            softcap=options.softcap, mix_target=mix_target, mix_lambda=mix_lambda,
-            return_stats=options.return_stats, chunk_size=self.chunk_size,
-            backend=options.backend, process_group=self.process_group,
-            reduce_hidden_grad=self.reduce_hidden_grad,
+            hidden, weight, target, bias=bias, class_weight=self.class_weight,
+            mix_target=mix_target, mix_lambda=mix_lambda, chunk_size=self.chunk_size,
+            process_group=self.process_group, reduce_hidden_grad=self.reduce_hidden_grad,
+            **self.options.keywords(HEAD_KEYWORDS),
         )  # fmt: skip
 
     def extra_repr(self) -> str:

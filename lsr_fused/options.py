@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
-from typing import Optional
+from collections.abc import Callable
+from typing import Optional, TypedDict, TypeVar
 
 import torch
 
@@ -108,6 +110,77 @@ class LossOptions:
     def replace(self, **changes) -> LossOptions:
         """A copy with ``changes`` applied (and checked)."""
         return dataclasses.replace(self, **changes)
+
+    def keywords(self, names: frozenset[str] = frozenset()) -> dict:
+        """The fields as the keyword arguments of an entry point: ``label_smoothing`` and the
+        fields in ``names`` (default: every field)."""
+        return {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if not names or field.name in names or field.name == "label_smoothing"
+        }
+
+
+class HeadKeywords(TypedDict, total=False):
+    """The options every entry point takes as ``**options`` (the :class:`LossOptions` fields but
+    ``label_smoothing``, which is positional, and ``inplace_backward``): for static checkers."""
+
+    ignore_index: int
+    reduction: str
+    spread: str
+    z_loss: float
+    softcap: Optional[float]
+    return_stats: bool
+    backend: str
+
+
+class LossKeywords(HeadKeywords, total=False):
+    """:class:`HeadKeywords` and ``inplace_backward``: the options of the loss (not of the fused
+    head, whose gradient never has a logits-sized buffer to overwrite)."""
+
+    inplace_backward: bool
+
+
+# (name, default) of every field after label_smoothing, in the dataclass's order.
+_KEYWORD_DEFAULTS = tuple((f.name, f.default) for f in dataclasses.fields(LossOptions))[1:]
+LOSS_KEYWORDS = frozenset(name for name, _ in _KEYWORD_DEFAULTS)
+HEAD_KEYWORDS = LOSS_KEYWORDS - {"inplace_backward"}
+
+
+def option_fields(
+    label_smoothing, keywords: dict, caller: str, allowed: frozenset[str] = LOSS_KEYWORDS
+) -> tuple:
+    """The positional fields of :class:`LossOptions` from an entry point's ``label_smoothing`` and
+    ``**options`` (defaults filled in, values not yet checked). A name outside ``allowed`` is a
+    ``TypeError``, as Python raises for an unknown keyword."""
+    for name in keywords:
+        if name not in allowed:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+    return (label_smoothing, *[keywords.get(name, default) for name, default in _KEYWORD_DEFAULTS])
+
+
+_Function = TypeVar("_Function", bound=Callable)
+
+
+def shows_option_keywords(allowed: frozenset[str] = LOSS_KEYWORDS) -> Callable:
+    """Decorator: the signature of a function (or ``__init__``) taking ``**options`` shows them as
+    the keyword-only parameters they stand for, with their :class:`LossOptions` defaults and
+    types, for ``inspect.signature``, ``help()`` and IDEs that read it."""
+
+    def attach(function: _Function) -> _Function:
+        signature = inspect.signature(function)
+        kept = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        hints = LossOptions.__annotations__
+        shown = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                              annotation=hints[name])
+            for name, default in _KEYWORD_DEFAULTS
+            if name in allowed
+        ]  # fmt: skip
+        function.__signature__ = signature.replace(parameters=kept + shown)
+        return function
+
+    return attach
 
 
 @functools.lru_cache(maxsize=512, typed=True)

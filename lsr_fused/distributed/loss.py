@@ -7,33 +7,15 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from .. import policy
 from .._docs import extends_doc
 from .._params import smoothing_masses
 from .._validation import check_mix_targets
-from ..options import LossOptions
+from ..options import LossKeywords, LossOptions, option_fields, shows_option_keywords
 from ..stats import loss_stats
-from .agreement import (
-    NEWER_OPTION_FIELDS,
-    ShardInput,
-    agree,
-    check_exchange_values,
-    describe,
-    newer_option_values,
-    resolve_group,
-    run_checks,
-)
-from .shard_math import (
-    all_reduce_stats,
-    global_argmax,
-    grad_coefs,
-    local_targets,
-    mix_masses,
-    no_rows_stats,
-    row_terms,
-    shard_kernels,
-)
+from . import agreement, shard_math
 
 __all__ = ["sharded_label_smoothing_cross_entropy"]
 
@@ -60,7 +42,7 @@ class _ShardedRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, flat_target, local_target, weight, mix_target, local_mix, lam, setup):
-        stats_fn, _ = shard_kernels(setup.backend)
+        stats_fn, _ = shard_math.shard_kernels(setup.backend)
         acc = policy.accumulation_dtype(rows.dtype)
         num_rows = flat_target.numel()
         stats = torch.empty(6 if mix_target is None else 8, num_rows, dtype=acc, device=rows.device)
@@ -72,19 +54,20 @@ class _ShardedRows(torch.autograd.Function):
             argmax_out = argmax if setup.stats else None
             stats_fn(rows, local_target, weight, stats, softcap=setup.softcap,
                      local_mix_target=local_mix, argmax_out=argmax_out)  # fmt: skip
-            reduced = all_reduce_stats(stats, local_target, shard_weight, extras, setup.group,
-                                       local_mix_target=local_mix)  # fmt: skip
+            reduced = shard_math.all_reduce_stats(
+                stats, local_target, shard_weight, extras, setup.group, local_mix_target=local_mix
+            )
             if setup.stats:
-                argmax = global_argmax(stats[0], argmax, setup.offset, setup.group)
+                argmax = shard_math.global_argmax(stats[0], argmax, setup.offset, setup.group)
         else:
-            reduced = no_rows_stats(stats, extras)
+            reduced = shard_math.no_rows_stats(stats, extras)
         total_weight = float(setup.num_classes) if weight is None else reduced.extras[0]
         masses = None
         if mix_target is not None:
-            masses = mix_masses(reduced, flat_target, setup.ignore_index, lam)
+            masses = shard_math.mix_masses(reduced, flat_target, setup.ignore_index, lam)
         scalars = (setup.num_classes, setup.masses, setup.z_loss, setup.ignore_index)
         mix = None if masses is None else (mix_target, masses)
-        terms = row_terms(reduced, total_weight, flat_target, scalars, mix=mix)
+        terms = shard_math.row_terms(reduced, total_weight, flat_target, scalars, mix=mix)
         lse = terms.lse if setup.stats else terms.lse.new_empty(0)
         ctx.mark_non_differentiable(terms.target_weight, lse, argmax)
         ctx.save_for_backward(rows, local_target, weight, local_mix, masses, *terms[1:])
@@ -96,8 +79,10 @@ class _ShardedRows(torch.autograd.Function):
         policy.refuse_double_backward("the vocabulary-parallel loss (process_group=)")
         rows, local_target, weight, local_mix, masses, *terms = ctx.saved_tensors
         setup = ctx.setup
-        _, grad_fn = shard_kernels(setup.backend)
-        coefs = grad_coefs(grad_loss, *terms, setup.masses, setup.z_loss, mix_masses=masses)
+        _, grad_fn = shard_math.shard_kernels(setup.backend)
+        coefs = shard_math.grad_coefs(
+            grad_loss, *terms, setup.masses, setup.z_loss, mix_masses=masses
+        )
         grad_rows = rows if setup.inplace else torch.empty_like(rows)
         grad_fn(rows, local_target, weight, coefs, grad_rows, softcap=setup.softcap,
                 local_mix_target=local_mix)  # fmt: skip
@@ -116,9 +101,9 @@ class _Checked(NamedTuple):
 
 
 def _check(logits, target, weight, fields, mix_target, mix_lambda) -> _Checked:
-    """Every local check, then :func:`describe`; raises what a check raises."""
+    """Every local check, then :func:`agreement.describe`; raises what a check raises."""
     label_smoothing, ignore_index, _, spread, z_loss = fields[:5]
-    check_exchange_values(label_smoothing, ignore_index, z_loss)
+    agreement.check_exchange_values(label_smoothing, ignore_index, z_loss)
     options = LossOptions(*fields)
     policy.check_tensors(logits, target, weight, spread, shard=True)
     policy.check_sharded_autograd(weight, "weight")
@@ -129,9 +114,11 @@ def _check(logits, target, weight, fields, mix_target, mix_lambda) -> _Checked:
     mix = policy.mix_inputs(mix_target, mix_lambda, target, acc)
     policy.check_sharded_autograd(mix_lambda if isinstance(mix_lambda, Tensor) else None,
                                   "mix_lambda")  # fmt: skip
-    extra = newer_option_values(options, mix[0], mix_lambda)
-    shard = ShardInput.of_logits(logits)
-    description = describe(shard, flat_target, target.shape, weight is not None, fields[:5], extra)
+    extra = agreement.newer_option_values(options, mix[0], mix_lambda)
+    shard = agreement.ShardInput.of_logits(logits)
+    description = agreement.describe(
+        shard, flat_target, target.shape, weight is not None, fields[:5], extra
+    )
     return _Checked(description, resolved, options, flat_target, mix)
 
 
@@ -142,12 +129,12 @@ def _mean_denominator(counted: Tensor, target_weight: Tensor, weight, acc: torch
     return counted.sum(dtype=acc) if weight is None else (target_weight * counted).sum()
 
 
-def _setup(group, checked: _Checked, agreement, inplace: bool) -> _Setup:
+def _setup(group, checked: _Checked, agreed, inplace: bool) -> _Setup:
     options = checked.options
-    num_classes = agreement.num_classes
+    num_classes = agreed.num_classes
     masses = smoothing_masses(float(options.label_smoothing), num_classes, options.spread)
     softcap = 0.0 if options.softcap is None else float(options.softcap)
-    return _Setup(group, checked.backend, num_classes, agreement.offset, masses,
+    return _Setup(group, checked.backend, num_classes, agreed.offset, masses,
                   float(options.z_loss), options.ignore_index, softcap, options.return_stats,
                   inplace)  # fmt: skip
 
@@ -183,48 +170,37 @@ SHARDED_DOC = r"""
 
 
 @extends_doc(SHARDED_DOC)
+@shows_option_keywords()
 def sharded_label_smoothing_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    label_smoothing: float = 0.1,
-    *,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    weight: Optional[Tensor] = None,
-    spread: str = "all",
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    mix_target: Optional[Tensor] = None,
-    mix_lambda=1.0,
-    return_stats: bool = False,
-    inplace_backward: bool = False,
-    backend: str = "auto",
-    process_group=None,
-):
+    logits: Tensor, target: Tensor, label_smoothing: float = 0.1, *,
+    weight: Optional[Tensor] = None, mix_target: Optional[Tensor] = None, mix_lambda=1.0,
+    process_group=None, **options: Unpack[LossKeywords],
+):  # fmt: skip
     """Label-smoothed cross-entropy of logits sharded along the classes over ``process_group``."""
-    group = resolve_group(process_group)
-    fields = (label_smoothing, ignore_index, reduction, spread, z_loss, softcap, return_stats,
-              inplace_backward, backend)  # fmt: skip
-    checked, local_error = run_checks(_check, logits, target, weight, fields, mix_target,
-                                      mix_lambda)  # fmt: skip
-    agreement = agree(
+    group = agreement.resolve_group(process_group)
+    fields = option_fields(label_smoothing, options, "sharded_label_smoothing_cross_entropy")
+    checked, local_error = agreement.run_checks(
+        _check, logits, target, weight, fields, mix_target, mix_lambda
+    )
+    agreed = agreement.agree(
         group, None if checked is None else checked.description, local_error, fields[:5],
-        device_of=logits, extra_fields=NEWER_OPTION_FIELDS,
+        device_of=logits, extra_fields=agreement.NEWER_OPTION_FIELDS,
     )  # fmt: skip
     options, flat_target, (flat_mix, lam) = checked.options, checked.flat_target, checked.mix
     rows = policy.row_view(logits)
     if flat_mix is not None:
         # The same mix_target on every rank (checksums agreed): every rank raises alike.
-        check_mix_targets(flat_target, flat_mix, agreement.num_classes, options.ignore_index)
+        check_mix_targets(flat_target, flat_mix, agreed.num_classes, options.ignore_index)
     acc = policy.accumulation_dtype(logits.dtype)
     if weight is not None:
         weight = weight.to(acc).contiguous()
-    local_target = local_targets(flat_target, agreement.offset, rows.shape[-1])
-    local_mix = None if flat_mix is None else local_targets(flat_mix, agreement.offset,
-                                                             rows.shape[-1])  # fmt: skip
+    local_target = shard_math.local_targets(flat_target, agreed.offset, rows.shape[-1])
+    local_mix = None
+    if flat_mix is not None:
+        local_mix = shard_math.local_targets(flat_mix, agreed.offset, rows.shape[-1])
     # In place needs storage we own: a leaf's, or a view of a leaf's, is the caller's.
     inplace = options.inplace_backward and policy.may_overwrite(logits)
-    setup = _setup(group, checked, agreement, inplace)
+    setup = _setup(group, checked, agreed, inplace)
     loss, target_weight, lse, argmax = _ShardedRows.apply(
         rows, flat_target, local_target, weight, flat_mix, local_mix, lam, setup
     )
