@@ -104,13 +104,9 @@ def label_smoothing_cross_entropy(
 
 
 def loss_with_options(
-    logits: Tensor,
-    target: Tensor,
-    options: LossOptions,
-    weight: Optional[Tensor] = None,
-    mix_target: Optional[Tensor] = None,
-    mix_lambda: Union[float, Tensor] = 1.0,
-) -> Union[Tensor, tuple[Tensor, LossStats]]:
+    logits: Tensor, target: Tensor, options: LossOptions, weight: Optional[Tensor] = None,
+    mix_target: Optional[Tensor] = None, mix_lambda: Union[float, Tensor] = 1.0,
+) -> Union[Tensor, tuple[Tensor, LossStats]]:  # fmt: skip
     """:func:`label_smoothing_cross_entropy` with its options already made (the module's call)."""
     loss = fast_step.train_step(logits, target, options, weight, mix_target, mix_lambda)
     if loss is not None:

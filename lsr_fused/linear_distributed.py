@@ -405,9 +405,9 @@ def sharded_linear_label_smoothing_cross_entropy(
     """The fused classifier + loss with ``weight``/``bias``/``class_weight`` holding this rank's
     class slice; see the module docstring. Raises ``ValueError`` on every rank of the group when
     ranks disagree or one rank's arguments are invalid."""
-    group = resolve_group(process_group)
     fields = option_fields(label_smoothing, options, "sharded_linear_label_smoothing_cross_entropy",
                            HEAD_KEYWORDS)  # fmt: skip
+    group = resolve_group(process_group)
     checked, local_error = run_checks(
         _check, hidden, weight, bias, target, class_weight, fields, (mix_target, mix_lambda),
         chunk_size, reduce_hidden_grad,

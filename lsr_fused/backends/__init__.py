@@ -1,6 +1,7 @@
 """Backends: one module per way of running the fused row kernels.
 
-Every backend implements the same two functions over a *row view* of the logits:
+Every backend implements the same two functions over a *row view* of the logits (typed once, as
+:class:`lsr_fused.backends.contract.RowBackend`; the shard kernels as ``ShardBackend``):
 
 ``forward(logits, target, weight, weight_total, params) -> (loss, lse)``
     logits: ``(B, S, C)`` float16/bfloat16/float32/float64, any strides; row index ``b * S + s``.

@@ -1,4 +1,5 @@
-"""The compiled backend: the row kernels of ``csrc/`` exposed as ``torch.ops.lsr_fused_C.*``.
+"""The compiled backend: the row kernels of ``csrc/`` exposed as ``torch.ops.lsr_fused_C.*``
+(:class:`lsr_fused.backends.contract.RowBackend`, whose parameter types are written there).
 
 Loading is lazy (nothing happens when :mod:`lsr_fused` is imported) and happens once, on the first
 call to :func:`is_available`, :func:`unavailable_reason`, :func:`forward` or :func:`backward`:
@@ -341,18 +342,8 @@ def _kernel_options(params: RowParams, grad_logits, grad_guess, mix) -> tuple:
     )  # fmt: skip
 
 
-def forward(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    weight_total: Tensor | None,
-    params: RowParams,
-    grad_logits: Tensor | None = None,
-    grad_guess: Tensor | None = None,
-    *,
-    mix: tuple[Tensor, Tensor] | None = None,
-    stats: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
+def forward(logits, target, weight, weight_total, params, grad_logits=None, grad_guess=None, *,
+            mix=None, stats=None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Per-row loss and saved lse of ``(B, S, C)`` logits (the contract of
     :mod:`lsr_fused.backends`); with ``grad_logits`` and ``grad_guess`` also the gradient for
     upstream ``grad_guess`` (CPU only).
@@ -374,19 +365,8 @@ def forward(
     return loss, lse
 
 
-def backward(
-    grad_loss: Tensor,
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    weight_total: Tensor | None,
-    lse: Tensor,
-    params: RowParams,
-    grad_logits: Tensor,
-    grad_guess: Tensor | None = None,
-    *,
-    mix: tuple[Tensor, Tensor] | None = None,
-) -> None:
+def backward(grad_loss, logits, target, weight, weight_total, lse, params, grad_logits,
+             grad_guess=None, *, mix=None) -> None:  # fmt: skip
     """Writes the gradient of :func:`forward`'s per-row loss for upstream ``grad_loss`` into
     ``grad_logits`` (which may be ``logits``); ``params.softcap`` and ``mix`` as in
     :func:`forward`. With ``grad_guess``, rows whose ``grad_loss`` equals it are left as the

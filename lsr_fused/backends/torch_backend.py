@@ -1,4 +1,6 @@
 """The pure-PyTorch backend: the fused row math written with ATen ops, processed in row chunks.
+It implements both contracts of :mod:`lsr_fused.backends.contract` (their parameter types are
+written there): ``RowBackend`` and, for the vocabulary-parallel loss, ``ShardBackend``.
 
 It is the fallback where no compiled kernel is available, not the test oracle (the tests carry their
 own dense reference). Chunking bounds its temporaries to ``_CHUNK_ELEMENTS`` elements whatever the
@@ -221,18 +223,8 @@ def _write_rows(grad_logits: Tensor, grad: Tensor, outer_start: int, outer_stop:
     )
 
 
-def forward(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    weight_total: Tensor | None,
-    params: RowParams,
-    grad_logits: Tensor | None = None,
-    grad_guess: Tensor | None = None,
-    *,
-    mix: tuple[Tensor, Tensor] | None = None,
-    stats: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
+def forward(logits, target, weight, weight_total, params, grad_logits=None, grad_guess=None, *,
+            mix=None, stats=None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Per-row loss and the saved (shifted) log-sum-exp of lsr_fused.backends.
 
     ``mix``: ``(y2 (rows,) int64, lam (rows,) accumulation dtype, any stride)``. ``stats``:
@@ -265,19 +257,8 @@ def forward(
     return loss, lse
 
 
-def backward(
-    grad_loss: Tensor,
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    weight_total: Tensor | None,
-    lse: Tensor,
-    params: RowParams,
-    grad_logits: Tensor,
-    grad_guess: Tensor | None = None,
-    *,
-    mix: tuple[Tensor, Tensor] | None = None,
-) -> None:
+def backward(grad_loss, logits, target, weight, weight_total, lse, params, grad_logits,
+             grad_guess=None, *, mix=None) -> None:  # fmt: skip
     """Write ``grad_loss * d loss / d logits`` into ``grad_logits``; ``lse`` is forward's saved
     value (``r`` is recomputed from the logits, before ``grad_logits`` may overwrite them).
     ``mix`` as for :func:`forward`. ``grad_guess`` is accepted for the common signature and not
@@ -326,16 +307,8 @@ def _local_pick(centred: Tensor, local_target: Tensor, weight: Optional[Tensor])
     return logit, torch.where(here, weight.gather(0, safe.squeeze(-1)), 0.0)
 
 
-def shard_stats(
-    logits: Tensor,
-    local_target: Tensor,
-    weight: Optional[Tensor],
-    out: Tensor,
-    *,
-    softcap: float = 0.0,
-    local_mix_target: Optional[Tensor] = None,
-    argmax_out: Optional[Tensor] = None,
-) -> None:
+def shard_stats(logits, local_target, weight, out, *, softcap=0.0, local_mix_target=None,
+                argmax_out=None) -> None:  # fmt: skip
     """Fill ``out`` ``(6, rows)`` (accumulation dtype) with this shard's per-row statistics.
 
     With ``m`` the row's max over the shard and ``r`` the shard's reference, chosen by the rule of
@@ -391,16 +364,8 @@ def _scatter_local(grad: Tensor, local_target: Tensor, coef: Tensor) -> None:
     grad.scatter_add_(-1, safe, torch.where(here.unsqueeze(-1), -coef, 0.0))
 
 
-def shard_grad(
-    logits: Tensor,
-    local_target: Tensor,
-    weight: Optional[Tensor],
-    coefs: Tensor,
-    grad_logits: Tensor,
-    *,
-    softcap: float = 0.0,
-    local_mix_target: Optional[Tensor] = None,
-) -> None:
+def shard_grad(logits, local_target, weight, coefs, grad_logits, *, softcap=0.0,
+               local_mix_target=None) -> None:  # fmt: skip
     """Write ``exp((x_i - r) - lse_r) A - B w_i - T [i == local_target]`` per row into
     ``grad_logits`` (same strides as ``logits``, possibly ``logits`` itself).
 

@@ -8,7 +8,8 @@ end); a backward row whose reference is the max (``x_0`` not finite, or more tha
 max) costs one more read, to find that max again before any store.
 
 Runs compiled on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
-The math and the calling contract are documented once, in :mod:`lsr_fused.backends`.
+The math is documented once, in :mod:`lsr_fused.backends`, and the calling contract (with its
+parameter types) in :class:`lsr_fused.backends.contract.RowBackend`.
 
 Issue 22's options are constexpr switches (SOFTCAP: ``params.softcap``; MIXED: ``mix=``; STATS:
 ``stats=``), so that a call without them compiles to the unchanged kernels: their per-row pointers
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._params import RowParams, accumulation_dtype
+from .._params import accumulation_dtype
 from . import FIRST_LOGIT_MAX_GAP
 from .triton_common import (
     FP_FUSION,
@@ -360,18 +361,8 @@ def _stats_args(stats, rows: int, acc_dtype: torch.dtype):
     return lse_out, argmax_out
 
 
-def forward(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    weight_total: Tensor | None,
-    params: RowParams,
-    grad_logits: Tensor | None = None,
-    grad_guess: Tensor | None = None,
-    *,
-    mix: tuple[Tensor, Tensor] | None = None,
-    stats: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
+def forward(logits, target, weight, weight_total, params, grad_logits=None, grad_guess=None, *,
+            mix=None, stats=None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Per-row ``(loss, saved lse)`` (the contract of :mod:`lsr_fused.backends`), of the logits
     read as ``c tanh(x / c)`` where ``params.softcap = c > 0``.
 
@@ -416,19 +407,8 @@ def forward(
     return loss, lse
 
 
-def backward(
-    grad_loss: Tensor,
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    weight_total: Tensor | None,
-    lse: Tensor,
-    params: RowParams,
-    grad_logits: Tensor,
-    grad_guess: Tensor | None = None,
-    *,
-    mix: tuple[Tensor, Tensor] | None = None,
-) -> None:
+def backward(grad_loss, logits, target, weight, weight_total, lse, params, grad_logits,
+             grad_guess=None, *, mix=None) -> None:  # fmt: skip
     """Write the gradient of ``sum(grad_loss * loss)`` into ``grad_logits`` (the contract of
     :mod:`lsr_fused.backends`; softcap and ``mix`` as in :func:`forward`, which gave ``lse``)."""
     batch, inner, num_classes = logits.shape

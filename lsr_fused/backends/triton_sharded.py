@@ -1,4 +1,5 @@
-"""Triton kernels of the class-sharded (vocabulary-parallel) loss: see :mod:`lsr_fused.distributed`.
+"""Triton kernels of the class-sharded (vocabulary-parallel) loss: see :mod:`lsr_fused.distributed`;
+the calling contract is :class:`lsr_fused.backends.contract.ShardBackend`.
 
 Two passes over this rank's ``(B, S, C_local)`` row view, one program per row, both free of host
 synchronisation. Each row's shard reference ``r_k`` follows the rule of :mod:`lsr_fused.backends`
@@ -240,16 +241,8 @@ def _check_table(name: str, table: Tensor, rows: int, num_rows: int, mixed: bool
         )
 
 
-def shard_stats(
-    logits: Tensor,
-    local_target: Tensor,
-    weight: Optional[Tensor],
-    out: Tensor,
-    *,
-    softcap: float = 0.0,
-    local_mix_target: Optional[Tensor] = None,
-    argmax_out: Optional[Tensor] = None,
-) -> None:
+def shard_stats(logits, local_target, weight, out, *, softcap=0.0, local_mix_target=None,
+                argmax_out=None) -> None:  # fmt: skip
     """Fill ``out`` ``(6, rows)`` (accumulation dtype, contiguous) with the per-row shard
     statistics ``(m_k, s_k, sum_c w_c (x_c - r_k), x_y - r_k, w_y, r_k)``; ``local_target``
     ``(rows,)`` int64 holds ``y - offset`` or -1 (not here). An empty shard gives
@@ -290,16 +283,8 @@ def shard_stats(
     # fmt: on
 
 
-def shard_grad(
-    logits: Tensor,
-    local_target: Tensor,
-    weight: Optional[Tensor],
-    coefs: Tensor,
-    grad_logits: Tensor,
-    *,
-    softcap: float = 0.0,
-    local_mix_target: Optional[Tensor] = None,
-) -> None:
+def shard_grad(logits, local_target, weight, coefs, grad_logits, *, softcap=0.0,
+               local_mix_target=None) -> None:  # fmt: skip
     """Write this shard's gradient into ``grad_logits`` (the logits' shape and class stride; may
     be ``logits``) from the per-row ``coefs`` ``(5, rows)`` = ``(lse_k, A, B, T, r_k)``
     (accumulation dtype, contiguous): ``r_k`` is this shard's reference as :func:`shard_stats`

@@ -177,8 +177,8 @@ def sharded_label_smoothing_cross_entropy(
     process_group=None, **options: Unpack[LossKeywords],
 ):  # fmt: skip
     """Label-smoothed cross-entropy of logits sharded along the classes over ``process_group``."""
-    group = agreement.resolve_group(process_group)
     fields = option_fields(label_smoothing, options, "sharded_label_smoothing_cross_entropy")
+    group = agreement.resolve_group(process_group)
     checked, local_error = agreement.run_checks(
         _check, logits, target, weight, fields, mix_target, mix_lambda
     )
