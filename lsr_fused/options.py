@@ -143,6 +143,7 @@ class LossKeywords(HeadKeywords, total=False):
 
 # (name, default) of every field after label_smoothing, in the dataclass's order.
 _KEYWORD_DEFAULTS = tuple((f.name, f.default) for f in dataclasses.fields(LossOptions))[1:]
+_DEFAULT_VALUES = tuple(default for _, default in _KEYWORD_DEFAULTS)
 LOSS_KEYWORDS = frozenset(name for name, _ in _KEYWORD_DEFAULTS)
 HEAD_KEYWORDS = LOSS_KEYWORDS - {"inplace_backward"}
 
@@ -153,6 +154,8 @@ def option_fields(
     """The positional fields of :class:`LossOptions` from an entry point's ``label_smoothing`` and
     ``**options`` (defaults filled in, values not yet checked). A name outside ``allowed`` is a
     ``TypeError``, as Python raises for an unknown keyword."""
+    if not keywords:
+        return (label_smoothing, *_DEFAULT_VALUES)
     for name in keywords:
         if name not in allowed:
             raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
