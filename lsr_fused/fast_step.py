@@ -10,8 +10,10 @@ compares them). A call takes it only when that equivalence is plain:
 * options: ``reduction`` ``"mean"`` or ``"sum"``, no softcap, no statistics, not in place, backend
   ``"auto"`` or ``"cpp"`` (with the C++ extension loaded);
 * tensors: plain CPU ``(N, C)`` logits with ``C >= 2`` of a supported dtype, a contiguous ``(N,)``
-  int64 target, no class weights (the C++ op takes them, but the Python route's own tests watch
-  weighted calls reach its kernels), no mixed target;
+  int64 target, no class weights, no mixed target. (The op takes class weights that need no
+  gradient, and ``test_fast_step.py`` holds them to the Python route's bits by calling it
+  directly; calls keep them on the Python route, whose own tests watch weighted calls reach its
+  kernels.)
 * context: eager (not compiling), no ``torch.func`` transform, no ``TorchDispatchMode`` and no
   forward-mode AD level active (they see the op route's ops, or the composite, as before).
 

@@ -331,3 +331,38 @@ def test_module_takes_the_route(python_route):
     assert _is_fast(loss.grad_fn)
     with python_route():
         _same_bits(loss.detach(), module(logits, target))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_op_with_class_weights_same_bits_as_python_route(dtype, reduction):
+    # The route sends no weighted call to the op (test_parity watches those reach the Python
+    # route's kernels), but the op's schema takes weights: they must give the Python route's bits.
+    logits, target = _inputs(64, 12, dtype, seed=3)
+    weight = (
+        torch.rand(12, dtype=torch.float64).to(dtype if dtype != torch.bfloat16 else torch.float32)
+        + 0.1
+    )
+    options = lsr_fused.LossOptions(0.2, reduction=reduction, z_loss=1e-3)
+    params = options.row_params(12)
+    leaf = logits.detach().clone().requires_grad_()
+    loss = fast_step._train_step_op()(
+        leaf, target, weight, params.target_extra, params.other_mass, params.z_loss,
+        params.ignore_index, reduction == "mean",
+    )  # fmt: skip
+    loss.backward()
+    assert _is_fast(loss.grad_fn)
+    ref_loss, ref_grad, ref_fn = _step(logits, target, weight=weight, **options.keywords())
+    assert not _is_fast(ref_fn)
+    _same_bits(loss, ref_loss)
+    _same_bits(leaf.grad, ref_grad)
+    expected = _dense(logits.double(), target, 0.2, weight=weight.double(), reduction=reduction,
+                      z_loss=1e-3)  # fmt: skip
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_op_refuses_class_weights_that_need_a_gradient():
+    logits, target = _inputs(4, 5, torch.float32)
+    weight = torch.ones(5, requires_grad=True)
+    with pytest.raises(ValueError, match="class weights that need no gradient"):
+        fast_step._train_step_op()(logits, target, weight, 0.9, 0.02, 0.0, -100, True)
