@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .._params import RowParams, accumulation_dtype
+from .._row_math import gradient_coefs, smoothed_row_loss
 from . import FIRST_LOGIT_MAX_GAP
 
 _CHUNK_ELEMENTS = 1 << 22
@@ -171,19 +172,19 @@ def _chunk_loss(z: Tensor, terms: _Terms, weight: Tensor | None, params: RowPara
     shifted = z - reference
     row_lse = shifted.exp().sum(dim=-1).log()
     row_lse = torch.where(shifted.amax(dim=-1) == float("inf"), float("nan"), row_lse)
-    row_loss = terms.total_mass * row_lse
-    if params.other_mass != 0.0:
-        # Skipped when b == 0 so that a masked (-inf) logit does not turn 0 * inf into NaN.
-        weighted_sum = shifted.sum(dim=-1) if weight is None else shifted @ weight
-        row_loss = row_loss - params.other_mass * weighted_sum
-    if params.target_extra != 0.0:
-        for index, mass, share in terms.picks:
-            row_loss = row_loss - params.target_extra * mass * _picked_logit(shifted, index, share)
     absolute_lse = row_lse + reference.squeeze(-1)
-    if params.z_loss != 0.0:
-        row_loss = row_loss + params.z_loss * absolute_lse * absolute_lse
-    row_loss = torch.where(terms.ignored, 0.0, row_loss)
-    row_loss = torch.where(terms.invalid, float("nan"), row_loss)
+
+    def weighted_sum() -> Tensor:
+        return shifted.sum(dim=-1) if weight is None else shifted @ weight
+
+    def target_term() -> Tensor:
+        parts = [mass * _picked_logit(shifted, index, share) for index, mass, share in terms.picks]
+        return params.target_extra * (parts[0] if len(parts) == 1 else parts[0] + parts[1])
+
+    row_loss = smoothed_row_loss(
+        terms.total_mass, row_lse, absolute_lse, (params.target_extra, params.other_mass),
+        params.z_loss, weighted_sum, target_term, terms.ignored, terms.invalid,
+    )  # fmt: skip
     return row_loss, row_lse, absolute_lse, from_first.squeeze(-1)
 
 
@@ -199,19 +200,39 @@ def _saved_lse(row_lse: Tensor, from_first: Tensor) -> Tensor:
 def _chunk_grad(chunk: Tensor, z: Tensor, terms: _Terms, reference: Tensor, row_lse: Tensor,
                 upstream: Tensor, weight: Tensor | None, params: RowParams) -> Tensor:  # fmt: skip
     """``upstream * d loss / d x`` ``(rows, C)`` of a chunk, from ``(r, lse_r)`` ``(rows, 1)``:
-    ``dz_i = softmax_i (S + 2 z (r + lse_r)) - b w_i - (a - b) sum_picks mass [i == index]``,
-    times ``dz/dx`` with a softcap. Reads ``chunk`` (the logits) before returning, never after."""
-    softmax_scale = terms.total_mass.unsqueeze(-1) + 2.0 * params.z_loss * (row_lse + reference)
-    grad = (z - reference).sub_(row_lse).exp_().mul_(softmax_scale)
-    if params.other_mass != 0.0:
-        grad.sub_(params.other_mass if weight is None else params.other_mass * weight)
-    for index, mass, _ in terms.picks:
-        grad.scatter_add_(-1, index, (-params.target_extra * mass).unsqueeze(-1))
-    row_scale = torch.where(terms.ignored, 0.0, upstream.to(z.dtype))
-    row_scale = torch.where(terms.invalid, float("nan"), row_scale)
-    grad.mul_(row_scale.unsqueeze(-1))
-    if params.softcap > 0.0:
-        grad.mul_(_softcap_slope(chunk, z.dtype, params.softcap))
+    the coefficients of :func:`lsr_fused._row_math.gradient_coefs` for the chunk's picks, applied
+    by :func:`_gradient_rows`. Reads ``chunk`` (the logits) before returning, never after."""
+    absolute_lse = (row_lse + reference).squeeze(-1)
+    masses = (params.target_extra, params.other_mass)
+    scale, other, target_coefs = gradient_coefs(
+        upstream, terms.total_mass, absolute_lse, masses, params.z_loss,
+        tuple(mass for _, mass, _ in terms.picks), terms.ignored, terms.invalid,
+    )  # fmt: skip
+    picks = [(index.squeeze(-1), coef.unsqueeze(-1))
+             for (index, _, _), coef in zip(terms.picks, target_coefs, strict=True)]  # fmt: skip
+    other = None if params.other_mass == 0.0 else other.unsqueeze(-1)
+    return _gradient_rows(chunk, z, reference, row_lse, scale.unsqueeze(-1), other, weight, picks,
+                          params.softcap)  # fmt: skip
+
+
+def _gradient_rows(chunk: Tensor, z: Tensor, reference: Tensor, shifted_lse: Tensor,
+                   scale: Tensor, other: Tensor | None, weight: Tensor | None, picks,
+                   softcap: float) -> Tensor:  # fmt: skip
+    """``exp((z_i - r) - lse_r) A - B w_i - sum_k T_k [i == t_k]`` ``(rows, C)`` for a chunk of
+    (capped) logits ``z``, times ``dz/dx`` under a softcap: the one dense gradient of the local
+    and the shard passes. ``r``, ``lse_r``, ``A`` = ``scale`` and ``B`` = ``other`` (None: 0) are
+    ``(rows, 1)``; ``picks`` holds ``(t_k (rows,), T_k (rows, 1))``, ``t_k`` -1 on rows whose
+    target is not among these classes."""
+    grad = (z - reference).sub_(shifted_lse).exp_().mul_(scale)
+    if other is not None:
+        if weight is None:
+            grad.sub_(other)
+        else:
+            grad.addcmul_(other, weight, value=-1.0)
+    for index, coef in picks:
+        _scatter_local(grad, index, coef)
+    if softcap > 0.0:
+        grad.mul_(_softcap_slope(chunk, z.dtype, softcap))
     return grad
 
 
@@ -382,15 +403,8 @@ def shard_grad(logits, local_target, weight, coefs, grad_logits, *, softcap=0.0,
     for start, stop, outer_start, outer_stop, chunk in _row_chunks(logits):
         z = _capped(chunk, coefs.dtype, softcap)
         lse, scale, other, target_coef, reference = (c[start:stop].unsqueeze(-1) for c in coefs[:5])
-        centred = z - reference
-        grad = (centred - lse).exp_().mul_(scale)
-        if weight is None:
-            grad.sub_(other)
-        else:
-            grad.addcmul_(other, weight, value=-1.0)
-        _scatter_local(grad, local_target[start:stop], target_coef)
+        picks = [(local_target[start:stop], target_coef)]
         if local_mix_target is not None:
-            _scatter_local(grad, local_mix_target[start:stop], coefs[5, start:stop].unsqueeze(-1))
-        if softcap > 0.0:
-            grad.mul_(_softcap_slope(chunk, coefs.dtype, softcap))
+            picks.append((local_mix_target[start:stop], coefs[5, start:stop].unsqueeze(-1)))
+        grad = _gradient_rows(chunk, z, reference, lse, scale, other, weight, picks, softcap)
         _write_rows(grad_logits, grad, outer_start, outer_stop)

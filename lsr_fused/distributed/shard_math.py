@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
+from .._row_math import gradient_coefs, smoothed_row_loss
 
 
 def shard_kernels(backend: str):
@@ -146,20 +147,15 @@ def row_terms(reduced: ReducedStats, total_weight, flat_target: Tensor, setup_sc
     shifted_lse = torch.log(sum_exp)
     lse = reduced.shift + shifted_lse
     total_mass = other_mass * total_weight + target_extra * target_weight
-    loss = total_mass * shifted_lse
-    # As on one device: a term whose coefficient is 0 is dropped, not multiplied by inf.
-    if other_mass != 0.0:
-        loss = loss - other_mass * weighted_sum
-    if target_extra != 0.0:
-        loss = loss - _target_term(target_extra, target_weight, reduced.sums, mix)
-    if z_loss != 0.0:
-        loss = loss + z_loss * lse * lse
     ignored = flat_target == ignore_index
     in_range = _in_range(flat_target, num_classes)
     if mix is not None:
         in_range = in_range & _in_range(mix[0], num_classes)
-    loss = torch.where(in_range, loss, float("nan"))
-    loss = torch.where(ignored, 0.0, loss)
+    # As on one device (the same function): a term whose coefficient is 0 is dropped.
+    loss = smoothed_row_loss(
+        total_mass, shifted_lse, lse, (target_extra, other_mass), z_loss, lambda: weighted_sum,
+        lambda: _target_term(target_extra, target_weight, reduced.sums, mix), ignored, ~in_range,
+    )  # fmt: skip
     shard_lse = (reduced.shift - reduced.reference) + shifted_lse
     return RowTerms(
         loss, lse, shard_lse, reduced.reference, total_mass, target_weight.clone(), ignored,
@@ -192,21 +188,12 @@ def grad_coefs(upstream: Tensor, lse, shard_lse, reference, total_mass, target_w
     ``mix_masses``: the ``(2, rows)`` ``(lam w_y1, (1 - lam) w_y2)`` of :func:`mix_masses` (then
     ``target_weight`` is not read): ``(6, rows)``, ``T = g (a - b) lam w_y1`` and row 5
     ``T2 = g (a - b) (1 - lam) w_y2``, the coefficient of ``[i == y2]``."""
-    target_extra, other_mass = masses
-    upstream = upstream.to(lse.dtype)
-    upstream = torch.where(in_range, upstream, float("nan"))
-    upstream = torch.where(ignored, 0.0, upstream)
     first_mass = target_weight if mix_masses is None else mix_masses[0]
-    coefs = [
-        shard_lse,
-        upstream * (total_mass + 2.0 * z_loss * lse),
-        upstream * other_mass,
-        upstream * (target_extra * first_mass),
-        reference,
-    ]
-    if mix_masses is not None:
-        coefs.append(upstream * (target_extra * mix_masses[1]))
-    return torch.stack(coefs)
+    pick_masses = (first_mass,) if mix_masses is None else (first_mass, mix_masses[1])
+    scale, other, target_coefs = gradient_coefs(
+        upstream, total_mass, lse, masses, z_loss, pick_masses, ignored, ~in_range
+    )
+    return torch.stack([shard_lse, scale, other, target_coefs[0], reference, *target_coefs[1:]])
 
 
 def global_argmax(shard_max: Tensor, local_argmax: Tensor, offset: int, group) -> Tensor:
