@@ -205,4 +205,4 @@ def loss_options(*fields) -> LossOptions:
         return LossOptions(*fields)
 
 
-__all__ = ["LossOptions"]
+__all__ = ["HeadKeywords", "LossKeywords", "LossOptions"]
