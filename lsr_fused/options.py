@@ -111,13 +111,13 @@ class LossOptions:
         """A copy with ``changes`` applied (and checked)."""
         return dataclasses.replace(self, **changes)
 
-    def keywords(self, names: frozenset[str] = frozenset()) -> dict:
+    def keywords(self, names: Optional[frozenset[str]] = None) -> dict:
         """The fields as the keyword arguments of an entry point: ``label_smoothing`` and the
-        fields in ``names`` (default: every field)."""
+        fields in ``names`` (None: every field)."""
         return {
             field.name: getattr(self, field.name)
             for field in dataclasses.fields(self)
-            if not names or field.name in names or field.name == "label_smoothing"
+            if names is None or field.name in names or field.name == "label_smoothing"
         }
 
 

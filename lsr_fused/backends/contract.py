@@ -3,9 +3,9 @@
 :class:`RowBackend` is what the torch, C++ and Triton backends provide for the local loss,
 :class:`ShardBackend` what the torch and Triton shard kernels provide for the vocabulary-parallel
 loss (the math of both is in :mod:`lsr_fused.backends`). A backend module spells these parameter
-lists on one or two lines each and refers here for their meaning; ``tests/test_contract.py`` checks
-that every backend's functions take exactly these parameters (names, kinds and defaults), so a
-backend cannot drift from the contract without a failing test.
+lists on one or two lines each and refers here for their meaning; ``tests/test_signatures.py``
+checks that every backend's functions take exactly these parameters (names, kinds and defaults),
+so a backend cannot drift from the contract without a failing test.
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ def _chunk_loss(z: Tensor, terms: _Terms, weight: Tensor | None, params: RowPara
 
     def target_term() -> Tensor:
         parts = [mass * _picked_logit(shifted, index, share) for index, mass, share in terms.picks]
-        return params.target_extra * (parts[0] if len(parts) == 1 else parts[0] + parts[1])
+        return params.target_extra * sum(parts[1:], parts[0])
 
     row_loss = smoothed_row_loss(
         terms.total_mass, row_lse, absolute_lse, (params.target_extra, params.other_mass),
